@@ -1,0 +1,177 @@
+"""Answer extraction and equivalence.
+
+``canonical`` maps an answer string to a key so that ``2``, ``2.0``, ``\\frac{4}{2}``, ``4/2`` and
+``\\boxed{2}`` share one key; equal keys mean equal answers. When keys differ and either side is not a plain
+number, :class:`AnswerComparer` asks Math-Verify, off the calling thread and under a time bound (Math-Verify's
+own ``signal.alarm`` timeout only works on the main thread, so it is switched off and the bound is enforced
+here with a worker thread).
+"""
+
+from __future__ import annotations
+
+import re
+import threading
+from concurrent.futures import ThreadPoolExecutor
+from concurrent.futures import TimeoutError as FutureTimeout
+from fractions import Fraction
+from functools import lru_cache
+
+_BOXED_OPENERS = ("\\boxed{", "\\fbox{", "\\boxed {")
+
+
+def find_boxed(text: str) -> list[str]:
+    """Contents of every ``\\boxed{...}`` in ``text`` (balanced braces); unterminated ones are skipped."""
+    found: list[str] = []
+    start = 0
+    while True:
+        hits = [(text.find(opener, start), opener) for opener in _BOXED_OPENERS]
+        hits = [(index, opener) for index, opener in hits if index >= 0]
+        if not hits:
+            return found
+        index, opener = min(hits)
+        body_start = index + len(opener)
+        depth = 1
+        position = body_start
+        while position < len(text) and depth:
+            char = text[position]
+            if char == "{":
+                depth += 1
+            elif char == "}":
+                depth -= 1
+            position += 1
+        if depth:
+            return found
+        found.append(text[body_start : position - 1].strip())
+        start = position
+
+
+def last_boxed(text: str) -> str | None:
+    """The last ``\\boxed{...}`` content of ``text``, or None."""
+    boxes = find_boxed(text)
+    return boxes[-1] if boxes else None
+
+
+_TEXT_WRAPPERS = re.compile(r"\\(?:text|textbf|mathrm|mathbf|textit|mbox|operatorname)\s*\{([^{}]*)\}")
+_UNIT_WORDS = re.compile(
+    r"\s*(?:\\[,;!]\s*)*(?:units?|square\s+units|sq\.?\s*units|miles?|mph|km|kilometers?|meters?|cm|mm|inches|inch|"
+    r"feet|foot|ft|hours?|hrs?|minutes?|mins?|seconds?|secs?|days?|weeks?|months?|years?|dollars?|cents?|"
+    r"degrees?|people|students?|ways|pounds?|kg|grams?|g|liters?|cups?|apples?|marbles?|points?|"
+    r"numbers?|integers?|times|percent|pages?|books?|boxes|eggs?|cookies?)\b\.?\s*$",
+    re.IGNORECASE,
+)
+_NUMBER = re.compile(r"^[-+]?(?:\d{1,3}(?:,\d{3})+|\d+)?(?:\.\d+)?$")
+_FRACTION = re.compile(r"^([-+]?)\\[dt]?frac\{([-+]?\d+)\}\{([-+]?\d+)\}$")
+_SIMPLE_FRACTION = re.compile(r"^([-+]?\d+)\s*/\s*(\d+)$")
+_CHOICE = re.compile(r"^\(?([A-E])\)?$")
+
+
+def _strip_wrappers(answer: str) -> str:
+    text = answer.strip()
+    boxed = last_boxed(text)
+    if boxed is not None:
+        text = boxed
+    for _ in range(3):
+        text = text.strip().rstrip(".").strip()
+        for left, right in (("$", "$"), ("\\(", "\\)"), ("\\[", "\\]")):
+            if text.startswith(left) and text.endswith(right) and len(text) > len(left) + len(right):
+                text = text[len(left) : len(text) - len(right)].strip()
+    text = _TEXT_WRAPPERS.sub(r"\1", text)
+    text = text.replace("\\left", "").replace("\\right", "").replace("\\displaystyle", "")
+    text = text.replace("\\dfrac", "\\frac").replace("\\tfrac", "\\frac")
+    text = text.replace("^\\circ", "").replace("^{\\circ}", "").replace("°", "").replace("\\%", "").replace("%", "")
+    text = text.replace("\\$", "").replace("\\!", "").replace("\\,", "").replace("\\ ", " ")
+    text = re.sub(r"^[a-zA-Z]\s*=\s*(?=[-+\d\\(])", "", text)  # "x = 5" -> "5"
+    text = _UNIT_WORDS.sub("", text)
+    return text.strip().rstrip(".").strip()
+
+
+def _as_fraction(text: str) -> Fraction | None:
+    compact = text.replace(" ", "")
+    if _NUMBER.match(compact) and any(ch.isdigit() for ch in compact):
+        return Fraction(compact.replace(",", ""))
+    match = _FRACTION.match(compact)
+    if match and int(match.group(3)) != 0:
+        value = Fraction(int(match.group(2)), int(match.group(3)))
+        return -value if match.group(1) == "-" else value
+    match = _SIMPLE_FRACTION.match(compact)
+    if match and int(match.group(2)) != 0:
+        return Fraction(int(match.group(1)), int(match.group(2)))
+    return None
+
+
+@lru_cache(maxsize=4096)
+def canonical(answer: str) -> str:
+    """A normalized key: numbers as reduced fractions, choices as a capital letter, else compact LaTeX."""
+    text = _strip_wrappers(answer)
+    value = _as_fraction(text)
+    if value is not None:
+        return str(value)
+    choice = _CHOICE.match(text)
+    if choice:
+        return choice.group(1)
+    return re.sub(r"\s+", "", text)
+
+
+def is_numeric_key(key: str) -> bool:
+    """True when a canonical key is a plain rational number."""
+    return bool(re.fullmatch(r"-?\d+(?:/\d+)?", key))
+
+
+class AnswerComparer:
+    """Decides answer equivalence: canonical keys first, Math-Verify (time-bounded, off-thread) second.
+
+    One comparer may be shared by many controllers; results are cached by key pair. A comparison that
+    exceeds ``timeout_seconds`` counts as "not equal" (the stuck worker thread is abandoned; the executor
+    then gets a fresh thread so later comparisons are not blocked behind it).
+    """
+
+    def __init__(self, timeout_seconds: float = 2.0) -> None:
+        self.timeout_seconds = timeout_seconds
+        self._cache: dict[tuple[str, str], bool] = {}
+        self._lock = threading.Lock()
+        self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="math-verify")
+        self.timeouts = 0
+
+    def equal(self, first: str, second: str) -> bool:
+        """Whether two answers are the same mathematical object."""
+        key_a, key_b = canonical(first), canonical(second)
+        if key_a == key_b:
+            return True
+        if not key_a or not key_b:
+            return False
+        if is_numeric_key(key_a) and is_numeric_key(key_b):
+            return False
+        pair = (key_a, key_b) if key_a <= key_b else (key_b, key_a)
+        with self._lock:
+            if pair in self._cache:
+                return self._cache[pair]
+        result = self._verify_bounded(first, second)
+        with self._lock:
+            self._cache[pair] = result
+        return result
+
+    def _verify_bounded(self, first: str, second: str) -> bool:
+        future = self._executor.submit(_math_verify_equal, first, second)
+        try:
+            return future.result(timeout=self.timeout_seconds)
+        except FutureTimeout:
+            self.timeouts += 1
+            self._executor.shutdown(wait=False, cancel_futures=True)
+            self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="math-verify")
+            return False
+
+
+def _as_latex(answer: str) -> str:
+    text = _strip_wrappers(answer)
+    return f"${text}$"
+
+
+def _math_verify_equal(first: str, second: str) -> bool:
+    """Math-Verify equivalence with its signal-based timeouts disabled (we bound time ourselves)."""
+    from math_verify import parse, verify  # heavy import (sympy), only when needed
+
+    gold = parse(_as_latex(first), parsing_timeout=None)  # type: ignore[arg-type]
+    target = parse(_as_latex(second), parsing_timeout=None)  # type: ignore[arg-type]
+    if not gold or not target:
+        return False
+    return bool(verify(gold, target, timeout_seconds=None))

@@ -1,0 +1,221 @@
+"""Stop policies: configs (frozen dataclasses parsed from plain dicts) and their per-request runtime.
+
+Every policy honours ``min_thinking_tokens`` (never stop earlier; a stop that becomes due earlier waits)
+and ``max_thinking_tokens`` (always stop there). Answer policies stop only on an answer: text that never
+reaches an answer is never stopped by them (only a token budget can stop it).
+
+- ``fcs_reflection`` (default): the first solution plus one confirming reflection. Stop as soon as a solution
+  that follows a reflection reaches the same answer as the solution before it; if it reaches a different
+  answer, keep going until two consecutive solutions agree.
+- ``first_answer``: stop at the first answer.
+- ``consistency`` (``k``): stop when ``k`` consecutive solutions agree (``k=2`` behaves as ``fcs_reflection``).
+- ``budget`` (``max_thinking_tokens``): stop at a hard budget only.
+- ``off``: never stop (``max_thinking_tokens``, if given, still applies).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass
+from typing import Any, ClassVar
+
+from controller.detector import ANSWER, Event
+
+Equal = Callable[[str, str], bool]
+
+
+class PolicyError(ValueError):
+    """A bad policy name or argument; ``field`` names the offending field."""
+
+    def __init__(self, field: str, message: str) -> None:
+        super().__init__(f"{field}: {message}")
+        self.field = field
+        self.message = message
+
+
+@dataclass(frozen=True)
+class PolicyConfig:
+    """Arguments every policy takes. Invariant: 0 <= min_thinking_tokens, and min <= max when max is set."""
+
+    name: ClassVar[str] = "off"
+    min_thinking_tokens: int = 0
+    max_thinking_tokens: int | None = None
+
+    def __post_init__(self) -> None:
+        if self.min_thinking_tokens < 0:
+            raise PolicyError("min_thinking_tokens", "must be >= 0")
+        if self.max_thinking_tokens is not None:
+            if self.max_thinking_tokens < 1:
+                raise PolicyError("max_thinking_tokens", "must be >= 1")
+            if self.max_thinking_tokens < self.min_thinking_tokens:
+                raise PolicyError("max_thinking_tokens", "must be >= min_thinking_tokens")
+
+    @property
+    def stops_on_answers(self) -> bool:
+        return False
+
+    def as_dict(self) -> dict[str, Any]:
+        return {"policy": self.name, **dataclasses.asdict(self)}
+
+
+@dataclass(frozen=True)
+class OffConfig(PolicyConfig):
+    name: ClassVar[str] = "off"
+
+
+@dataclass(frozen=True)
+class FirstAnswerConfig(PolicyConfig):
+    name: ClassVar[str] = "first_answer"
+
+    @property
+    def stops_on_answers(self) -> bool:
+        return True
+
+
+@dataclass(frozen=True)
+class ConsistencyConfig(PolicyConfig):
+    name: ClassVar[str] = "consistency"
+    k: int = 3
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        if self.k < 2:
+            raise PolicyError("k", "must be >= 2")
+
+    @property
+    def stops_on_answers(self) -> bool:
+        return True
+
+
+@dataclass(frozen=True)
+class FcsReflectionConfig(ConsistencyConfig):
+    name: ClassVar[str] = "fcs_reflection"
+    k: int = 2
+
+
+@dataclass(frozen=True)
+class BudgetConfig(PolicyConfig):
+    name: ClassVar[str] = "budget"
+
+    def __post_init__(self) -> None:
+        if self.max_thinking_tokens is None:
+            raise PolicyError("max_thinking_tokens", "the budget policy needs max_thinking_tokens")
+        super().__post_init__()
+
+
+POLICIES: dict[str, type[PolicyConfig]] = {
+    cls.name: cls for cls in (FcsReflectionConfig, FirstAnswerConfig, ConsistencyConfig, BudgetConfig, OffConfig)
+}
+DEFAULT_POLICY = FcsReflectionConfig.name
+
+
+def parse_policy(data: Mapping[str, Any], default: str = DEFAULT_POLICY) -> PolicyConfig:
+    """Build a config from a plain dict such as ``{"policy": "consistency", "k": 3}``.
+
+    Raises :class:`PolicyError` naming the field for an unknown policy, unknown argument or bad value.
+    """
+    name = data.get("policy", default)
+    if not isinstance(name, str) or name not in POLICIES:
+        raise PolicyError("policy", f"unknown policy {name!r}; known: {', '.join(sorted(POLICIES))}")
+    cls = POLICIES[name]
+    fields = {field.name: field for field in dataclasses.fields(cls)}
+    kwargs: dict[str, Any] = {}
+    for key, value in data.items():
+        if key == "policy":
+            continue
+        if key not in fields:
+            allowed = ", ".join(sorted(fields))
+            raise PolicyError(key, f"not an argument of policy {name!r} (arguments: {allowed})")
+        kwargs[key] = _as_int(key, value, optional=key == "max_thinking_tokens")
+    return cls(**kwargs)
+
+
+def _as_int(field: str, value: Any, optional: bool) -> int | None:
+    if value is None and optional:
+        return None
+    if isinstance(value, bool):
+        raise PolicyError(field, "must be an integer")
+    if isinstance(value, str):
+        try:
+            return int(value)
+        except ValueError:
+            raise PolicyError(field, f"must be an integer, got {value!r}") from None
+    if isinstance(value, int):
+        return value
+    if isinstance(value, float) and value.is_integer():
+        return int(value)
+    raise PolicyError(field, f"must be an integer, got {value!r}")
+
+
+@dataclass(frozen=True)
+class StopDecision:
+    """Why and where thinking stops. ``tokens`` is the thinking-token position of the stop."""
+
+    reason: str
+    answer: str | None
+    key: str | None
+    tokens: int
+    offset: int
+    solutions: int
+
+
+class PolicyRuntime:
+    """Per-request state of a policy. Feed it every detector event and every token count.
+
+    Invariant: once :meth:`decision` is not None it never changes.
+    """
+
+    def __init__(self, config: PolicyConfig, equal: Equal) -> None:
+        self.config = config
+        self._equal = equal
+        self._solution_keys: list[str] = []  # latest answer key of each solution
+        self._solution_answers: list[str] = []
+        self._due: StopDecision | None = None  # an answer stop waiting for min_thinking_tokens
+        self._last: tuple[str, str] | None = None
+        self.decision: StopDecision | None = None
+
+    def observe(self, event: Event) -> None:
+        """Take one detector event (events arrive in stream order)."""
+        if self.decision is not None or event.kind != ANSWER or event.key is None or event.answer is None:
+            return
+        index = event.solution
+        if index == len(self._solution_keys):
+            self._solution_keys.append(event.key)
+            self._solution_answers.append(event.answer)
+        else:
+            self._solution_keys[index] = event.key
+            self._solution_answers[index] = event.answer
+        self._last = (event.answer, event.key)
+        reason = self._answer_reason(index)
+        if reason is None:
+            self._due = None
+            return
+        self._due = StopDecision(reason, event.answer, event.key, event.tokens, event.offset, index + 1)
+
+    def _answer_reason(self, index: int) -> str | None:
+        config = self.config
+        if isinstance(config, FirstAnswerConfig):
+            return "first_answer"
+        if isinstance(config, ConsistencyConfig):
+            if index + 1 < config.k:
+                return None
+            current = self._solution_keys[index]
+            earlier = self._solution_keys[index - config.k + 1 : index]
+            if all(self._equal(key, current) for key in earlier):
+                return "confirmed" if isinstance(config, FcsReflectionConfig) else "consistent"
+        return None
+
+    def advance(self, tokens: int, offset: int) -> StopDecision | None:
+        """Called after each delta with the thinking tokens so far; returns the decision once it is made."""
+        if self.decision is not None:
+            return self.decision
+        config = self.config
+        if self._due is not None and tokens >= config.min_thinking_tokens:
+            due = self._due
+            self.decision = dataclasses.replace(due, tokens=tokens, offset=max(offset, due.offset))
+        elif config.max_thinking_tokens is not None and tokens >= config.max_thinking_tokens:
+            answer, key = self._last if self._last else (None, None)
+            reason = "budget" if isinstance(config, BudgetConfig) else "max_thinking_tokens"
+            self.decision = StopDecision(reason, answer, key, tokens, offset, len(self._solution_keys))
+        return self.decision

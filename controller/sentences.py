@@ -1,0 +1,196 @@
+"""Classify one sentence of thinking: does it start a reflection, does it reach an answer?
+
+Pure functions of one sentence (bounded length), used by :mod:`controller.detector`. The rules describe how
+reasoning models (R1, QwQ, Qwen3, Sky-T1) talk in general, not one trace: a reflection opens a sentence
+("Wait", "Hmm", "Alternatively", "Let me verify" ...); an *explicit* answer is ``\\boxed{..}``, "the answer
+is X" or a "Final Answer" heading; an *implicit* answer is a conclusion sentence ("So ...", "Therefore ...",
+"Thus ...") whose last mathematical value is the result. Questions, conditionals ("If x = 5 ...") and negated
+values ("not 5") are never answers; numbers that label things ("step 2", "case 1", list numbering, "March 3")
+are skipped.
+"""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass
+
+from controller.answers import canonical, last_boxed
+
+_REFLECTION = re.compile(
+    r"^(?:[-*>#]+\s*)?(?:\*\*)?(?:"
+    r"wait\b|but,? wait\b|oh,? wait\b|no,? wait\b|hmm+\b|hold on\b|but hold on\b|alternatively\b|"
+    r"actually,? (?:no|wait|i|let|that|this|maybe|hold)\b|on second thought\b|oops\b|"
+    r"but let me\b|but let's\b|let me (?:just )?(?:double[- ]?check|check|verify|confirm|re-?check|re-?examine|"
+    r"re-?calculate|recompute|re-?evaluate|reconsider|re-?verify|make sure|see if|try (?:another|a different)|"
+    r"think again|think about (?:it|this) (?:again|differently)|go back|look back|cross-?check|confirm)\b|"
+    r"let's (?:double[- ]?check|check|verify|confirm|re-?examine|re-?check|see if|make sure|cross-?check)\b|"
+    r"to (?:double[- ]?check|verify|confirm|check|be sure|make sure)\b|double[- ]check(?:ing)?\b|"
+    r"is there (?:another|a different|any other|a simpler|a better)\b|another (?:way|approach|method)\b|"
+    r"maybe i (?:made a mistake|should (?:double[- ]?check|check|verify))\b|"
+    r"i (?:should|need to|want to|will|'ll) (?:double[- ]?check|check|verify|confirm)\b|"
+    r"just to (?:be (?:sure|safe|thorough|certain)|confirm|double[- ]?check|verify|check)\b|"
+    r"i think i made a mistake\b|that can't be right\b|that doesn't seem right\b"
+    r")",
+    re.IGNORECASE,
+)
+
+_CONCLUSION = re.compile(
+    r"^(?:[-*>]+\s*)?(?:\*\*)?(?:and\s+|so,?\s+)?(?:"
+    r"so\b|therefore\b|thus\b|hence\b|consequently\b|that means\b|this means\b|which means\b|"
+    r"this gives\b|that gives\b|then\b|finally\b|in conclusion\b|in summary\b|overall\b|"
+    r"putting it (?:all )?together\b|the (?:final )?(?:answer|result)\b|my (?:final )?answer\b|"
+    r"i (?:think|believe|conclude|get|got|found)\b|this confirms\b|it (?:seems|looks like) (?:that )?the answer\b|"
+    r"yes\b|that's\b|which is\b|giving\b|we get\b|we have\b|i get\b"
+    r")",
+    re.IGNORECASE,
+)
+
+_NOT_A_CLAIM = re.compile(
+    r"^(?:[-*>]+\s*)?(?:\*\*)?(?:so,?\s+)?(?:if|suppose|assume|assuming|let|maybe|perhaps|what if|is|are|does|do|could|"
+    r"should|can|would|might|when|whether|unless|how|why|what|for example|e\.g\.)\b",
+    re.IGNORECASE,
+)
+
+_EXPLICIT_PHRASE = re.compile(
+    r"(?:final answer|the answer|my answer|answer)\s*(?:is|should be|would be|must be|will be|=|:)\s*",
+    re.IGNORECASE,
+)
+_FINAL_HEADING = re.compile(r"^[#*\s]*final answer[*:\s]*$", re.IGNORECASE)
+
+_MATH_SPAN = re.compile(r"\\\((.+?)\\\)|\\\[(.+?)\\\]|\$\$(.+?)\$\$|\$(.+?)\$")
+_BARE_NUMBER = re.compile(r"(?<![\w^_.\\{])-?(?:\d{1,3}(?:,\d{3})+(?!\d)|\d+(?:\.\d+)?(?:/\d+)?)(?![\w^.]\w|[\w^])")
+_LABEL_BEFORE = re.compile(
+    r"(?:step|case|part|option|method|approach|line|equation|eq\.|problem|question|page|figure|fig\.|table|"
+    r"item|round|stage|condition|rule|lemma|example|solution|attempt|try|#|"
+    r"january|february|march|april|may|june|july|august|september|october|november|december|"
+    r"jan\.?|feb\.?|mar\.?|apr\.?|jun\.?|jul\.?|aug\.?|sep\.?|sept\.?|oct\.?|nov\.?|dec\.?)\s*$",
+    re.IGNORECASE,
+)
+_NEGATION_BEFORE = re.compile(
+    r"(?:\bnot|\bisn't|\baren't|\bcannot be|\bcan't be|\bwasn't|\bnever|\\neq|\\ne|≠|\bneq|\binstead of|\brather than|"
+    r"\bother than|\bexcept)\s*(?:equal to\s*|be\s*)?(?:\\\(|\$)?\s*$",
+    re.IGNORECASE,
+)
+_ANNOUNCING_END = re.compile(r"(?:\bis|\bare|\bbe|\bequals|=|\bget|\bgives?|\bobtain|\bresult)\s*:$", re.IGNORECASE)
+_OPERATOR_AFTER = re.compile(r"\s*(?:[-+*/×÷^]|\\times|\\cdot|\\div)\s*[\w(\\]")
+_UNITS_TAIL = re.compile(r"\s+[a-zA-Z]+\.?$")
+_LIST_NUMBER = re.compile(r"^\s*\d+[.)]\s")
+_NUMBERED_ITEM_START = re.compile(r"^\s*(?:[-*]\s*)?\d+[.)]\s+")
+
+
+@dataclass(frozen=True)
+class Found:
+    """An answer found in one sentence."""
+
+    text: str
+    key: str
+    explicit: bool
+
+
+def is_reflection(sentence: str) -> bool:
+    """Whether the sentence opens a reflection (a check, a doubt or another approach)."""
+    return _REFLECTION.match(sentence.lstrip()) is not None
+
+
+def is_lead_in(sentence: str) -> bool:
+    """A sentence that announces a value on the following line(s): "So the answer is:", "**Final Answer**"."""
+    stripped = sentence.strip()
+    if _FINAL_HEADING.match(stripped):
+        return True
+    if stripped.endswith(":") and (_EXPLICIT_PHRASE.search(stripped) or (
+        _CONCLUSION.match(stripped) and _ANNOUNCING_END.search(stripped)
+    )):
+        return True
+    return stripped.count("\\[") > stripped.count("\\]")
+
+
+def find_answer(sentence: str) -> Found | None:
+    """The answer a sentence reaches, or None. ``sentence`` is one complete sentence (or a lead-in + block)."""
+    text = sentence.strip()
+    if not text or text.endswith("?"):
+        return None
+    boxed = last_boxed(text)
+    if boxed is not None:
+        return _found(boxed, explicit=True)
+    if _NOT_A_CLAIM.match(text):
+        return None
+    phrase = None
+    for phrase in _EXPLICIT_PHRASE.finditer(text):
+        pass
+    if phrase is not None and not _negated(text, phrase.start()):
+        value = _value_after(text[phrase.end() :])
+        if value is not None:
+            return _found(value, explicit=True)
+    if _FINAL_HEADING.match(text.split("\n", 1)[0]):
+        value = _last_value(text)
+        return _found(value, explicit=True) if value is not None else None
+    if not _CONCLUSION.match(_NUMBERED_ITEM_START.sub("", text)):
+        return None
+    value = _last_value(text)
+    return _found(value, explicit=False) if value is not None else None
+
+
+def _found(value: str, explicit: bool) -> Found | None:
+    key = canonical(value)
+    if not key or len(key) > 80:
+        return None
+    return Found(value.strip(), key, explicit)
+
+
+def _negated(text: str, index: int) -> bool:
+    return _NEGATION_BEFORE.search(text[max(0, index - 24) : index]) is not None
+
+
+def _value_after(rest: str) -> str | None:
+    """The value right after "the answer is": a math span, or the words up to a clause break."""
+    rest = rest.strip()
+    if not rest:
+        return None
+    span = _MATH_SPAN.match(rest)
+    if span:
+        return _rhs(next(group for group in span.groups() if group is not None))
+    head = re.split(r",\s|;|\s(?:because|since|which|as|but|so|and then|when|if)\s|\s\(", rest, maxsplit=1)[0]
+    head = head.rstrip(".").strip()
+    if not head or len(head) > 60 or re.search(r"(?<!\\)\b[a-zA-Z]{3,}\b", _UNITS_TAIL.sub("", head)):
+        return _last_value(rest)
+    if not any(ch.isdigit() for ch in head) and not re.fullmatch(r"\(?[A-E]\)?", head) and "\\" not in head:
+        return _last_value(rest)
+    return head
+
+
+def _rhs(math: str) -> str | None:
+    """Right-hand side of the last relation in a math span, or the span itself; None if it is a bare symbol."""
+    value = re.split(r"=|\\approx|\\equiv|≈", math)[-1].strip().rstrip(".,").strip()
+    if not value or re.fullmatch(r"[A-Za-z]|\\[a-zA-Z]+", value):
+        return None
+    if not any(ch.isdigit() for ch in value) and "\\frac" not in value and "\\sqrt" not in value and "\\pi" not in value:
+        return None
+    return value
+
+
+def _last_value(text: str) -> str | None:
+    """The last mathematical value of a sentence: a math span's result or a bare number, skipping labels."""
+    candidates: list[tuple[int, int, str]] = []
+    spans: list[tuple[int, int]] = []
+    for match in _MATH_SPAN.finditer(text):
+        spans.append(match.span())
+        body = next(group for group in match.groups() if group is not None)
+        value = _rhs(body)
+        if value is not None:
+            candidates.append((match.end(), match.start(), value))
+    for match in _BARE_NUMBER.finditer(text):
+        if any(start <= match.start() < end for start, end in spans):
+            continue
+        if match.start() == 0 and _LIST_NUMBER.match(text):
+            continue
+        if _LABEL_BEFORE.search(text[max(0, match.start() - 12) : match.start()]):
+            continue
+        if _OPERATOR_AFTER.match(text, match.end()):
+            continue  # an operand ("45 - 12t"), not a result
+        candidates.append((match.end(), match.start(), match.group(0)))
+    if not candidates:
+        return None
+    _end, start, value = max(candidates)
+    if _negated(text, start):
+        return None
+    return value

@@ -1,0 +1,1 @@
+"""thinkbrake server: OpenAI-compatible HTTP serving around the controller."""

@@ -1,0 +1,127 @@
+"""``thinkbrake replay``: stream recorded traces through the controller and report savings and accuracy."""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import os
+import sys
+from concurrent.futures import ProcessPoolExecutor
+from pathlib import Path
+from typing import Any
+
+from controller.policies import POLICIES, PolicyConfig, PolicyError, parse_policy
+from controller.replay import TraceResult, default_tokenizer_root, init_worker, load_traces, replay_in_worker
+from controller.report import TOTAL, build_report, markdown_table, plot
+
+ALL_POLICIES_ARGS = {"budget": {"max_thinking_tokens": 4096}}
+
+
+def add_parser(commands: Any) -> None:
+    parser = commands.add_parser(
+        "replay",
+        help="evaluate stop policies on recorded reasoning traces",
+        description=(
+            "Stream each trace's thinking token by token through the controller (as the server would) and "
+            "report, per dataset/model and in total: accuracy of the full trace and at the stop, agreement, "
+            "harmful stops, reasoning tokens saved, tokens vs the oracle, solutions per trace and efficiencies."
+        ),
+    )
+    parser.add_argument("traces", nargs="+", help="trace files (.jsonl or .jsonl.gz)")
+    parser.add_argument(
+        "--policy",
+        action="append",
+        help=f"policy to evaluate (repeatable; default fcs_reflection; 'all' = every policy): {', '.join(POLICIES)}",
+    )
+    parser.add_argument(
+        "--policy-arg",
+        action="append",
+        default=[],
+        metavar="K=V",
+        help="policy argument, e.g. k=3 or consistency.k=3 (an unqualified one applies to every policy that takes it)",
+    )
+    parser.add_argument("--tokenizer", help="tokenizer folder (or tokenizer.json) to use for every trace")
+    parser.add_argument("--tokenizers-root", help="folder with one tokenizer folder per name (default: beside the traces)")
+    parser.add_argument("--json", dest="json_out", help="write the full report as JSON here")
+    parser.add_argument("--plot", help="draw tokens saved vs accuracy per policy into this PNG")
+    parser.add_argument("--limit", type=int, help="replay only the first N traces")
+    parser.add_argument("--jobs", type=int, default=os.cpu_count() or 1, help="worker processes (default: all cores)")
+    parser.add_argument("--all-groups", action="store_true", help="print every dataset/model row, not just totals")
+    parser.set_defaults(run=run)
+
+
+def build_configs(names: list[str] | None, raw_args: list[str]) -> list[PolicyConfig]:
+    """Policy configs from ``--policy`` names and ``--policy-arg`` pairs; PolicyError on bad input."""
+    if not names:
+        names = ["fcs_reflection"]
+    if "all" in names:
+        names = list(POLICIES)
+    overrides: dict[str | None, dict[str, str]] = {}
+    for item in raw_args:
+        key, sep, value = item.partition("=")
+        if not sep:
+            raise PolicyError("--policy-arg", f"expected K=V, got {item!r}")
+        scope, dot, field = key.rpartition(".")
+        overrides.setdefault(scope if dot else None, {})[field] = value
+    configs = []
+    for name in dict.fromkeys(names):
+        cls = POLICIES.get(name)
+        fields = {f.name for f in dataclasses.fields(cls)} if cls else set()
+        data: dict[str, Any] = {"policy": name, **ALL_POLICIES_ARGS.get(name, {})}
+        data.update({k: v for k, v in overrides.get(None, {}).items() if k in fields})
+        data.update(overrides.get(name, {}))
+        configs.append(parse_policy(data))
+    return configs
+
+
+def run(args: argparse.Namespace) -> int:
+    try:
+        configs = build_configs(args.policy, args.policy_arg)
+    except PolicyError as error:
+        print(f"thinkbrake replay: {error}", file=sys.stderr)
+        return 2
+    for path in args.traces:
+        if not Path(path).exists():
+            print(f"thinkbrake replay: no such trace file: {path}", file=sys.stderr)
+            return 2
+    traces = list(load_traces(args.traces))
+    if args.limit:
+        traces = traces[: args.limit]
+    root = args.tokenizers_root or str(default_tokenizer_root(args.traces[0]))
+    results = replay_all(traces, configs, root, args.tokenizer, args.jobs)
+    policies = [config.name for config in configs]
+    report = build_report(results, policies)
+    report["configs"] = [config.as_dict() for config in configs]
+    print(markdown_table(report, None if args.all_groups else [TOTAL]))
+    if args.json_out:
+        report["traces"] = [dataclasses.asdict(result) for result in results]
+        Path(args.json_out).write_text(json.dumps(report, indent=1))
+        print(f"wrote {args.json_out}", file=sys.stderr)
+    if args.plot:
+        plot(report, args.plot)
+        print(f"wrote {args.plot}", file=sys.stderr)
+    return 0
+
+
+def replay_all(
+    traces: list[dict[str, Any]], configs: list[PolicyConfig], root: str, tokenizer: str | None, jobs: int
+) -> list[TraceResult]:
+    """Replay traces in ``jobs`` processes with a progress bar; results keep the input order."""
+    from tqdm import tqdm
+
+    initargs = (root, tokenizer, configs)
+    progress = tqdm(total=len(traces), desc="replay", unit="trace", file=sys.stderr)
+    results: list[TraceResult] = []
+    if jobs <= 1:
+        init_worker(*initargs)
+        for trace in traces:
+            results.append(replay_in_worker(trace))
+            progress.update()
+    else:
+        with ProcessPoolExecutor(jobs, initializer=init_worker, initargs=initargs) as pool:
+            for result in pool.map(replay_in_worker, traces, chunksize=4):
+                results.append(result)
+                progress.update()
+    progress.close()
+    return results
