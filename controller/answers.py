@@ -170,8 +170,8 @@ def _math_verify_equal(first: str, second: str) -> bool:
     """Math-Verify equivalence with its signal-based timeouts disabled (we bound time ourselves)."""
     from math_verify import parse, verify  # heavy import (sympy), only when needed
 
-    gold = parse(_as_latex(first), parsing_timeout=None)  # type: ignore[arg-type]
-    target = parse(_as_latex(second), parsing_timeout=None)  # type: ignore[arg-type]
+    gold = parse(_as_latex(first), parsing_timeout=None)
+    target = parse(_as_latex(second), parsing_timeout=None)
     if not gold or not target:
         return False
     return bool(verify(gold, target, timeout_seconds=None))

@@ -4,10 +4,17 @@ Consumes thinking deltas (text plus the number of tokens they carry) and emits :
 as the sentence that causes them is complete:
 
 - ``reflection``: a sentence opens a check, a doubt or another approach.
-- ``answer``: a sentence reaches an answer (explicit or implicit), with its normalized key.
-- ``solution``: the first answer after a boundary completes a solution (the span from the boundary to that
-  answer). Later answers before the next reflection revise that solution's answer (``answer`` events with
-  the same ``solution`` index). A reflection after an answered solution sets a new boundary.
+- ``answer``: a sentence reaches an answer (explicit or implicit), with its normalized key; ``solution`` is
+  the index of the open solution it belongs to.
+- ``loop``: the thinking has repeated earlier sentences verbatim, back to back, for ``loop_chars``
+  characters: the model is stuck in a loop (reported once per run of repetition).
+- ``solution``: a reflection (or the end of thinking) closes the open solution when it has an answer. A
+  solution is the span from the previous boundary (reflection) to its *last* answer, so intermediate results
+  reached on the way are superseded by the conclusion the model reflects on. The reflection must follow
+  the answer within ``max_gap_sentences`` sentences (default 1: the very next sentence); an answer the model
+  walks away from without reflecting on it is a step, not a solution. A reflection that rejects the answer
+  ("Wait, no", "That can't be right") discards it. ``answer_tokens`` is where
+  that last answer was reached; ``tokens`` is where the closing reflection was seen.
 
 Complexity: text is cut into sentences at ``.``/``!``/``?`` followed by whitespace, or at a newline. Each
 delta is searched for boundaries only in its own text plus one held character, and each completed sentence
@@ -26,9 +33,12 @@ from controller import sentences
 REFLECTION = "reflection"
 ANSWER = "answer"
 SOLUTION = "solution"
+LOOP = "loop"
 
 _BOUNDARY = re.compile(r"\n|[.!?](?=\s)")
 _MAX_LEAD_IN_MERGES = 4
+_MIN_LOOP_SENTENCE = 16
+_MAX_REMEMBERED = 200_000
 
 
 @dataclass(frozen=True)
@@ -37,8 +47,8 @@ class Event:
 
     ``offset``: character offset (in the thinking text) where the causing sentence ends.
     ``tokens``: thinking tokens fed when the event was emitted (the stop position if a policy acts on it).
-    ``solution``: index of the solution an answer belongs to (0-based), or of the last one for reflections.
-    ``start_offset``/``start_tokens``: for ``solution`` events, where the solution's span began.
+    ``solution``: index of the solution an answer belongs to (0-based), or of the last closed one for
+    reflections. ``start_offset``/``start_tokens``: where the solution's span began.
     """
 
     kind: str
@@ -50,12 +60,18 @@ class Event:
     explicit: bool = False
     start_offset: int = 0
     start_tokens: int = 0
+    answer_tokens: int = 0
 
 
 class SolutionDetector:
     """Turns a stream of thinking deltas into events; see the module docstring for the invariants."""
 
-    def __init__(self, max_sentence_chars: int = 2000) -> None:
+    def __init__(self, max_sentence_chars: int = 2000, max_gap_sentences: int = 1, loop_chars: int = 4000) -> None:
+        self.loop_chars = loop_chars
+        self.repeated_chars = 0
+        self._seen: set[str] = set()
+        self._loop_reported = False
+        self.max_gap_sentences = max_gap_sentences
         self.max_sentence_chars = max_sentence_chars
         self.tokens = 0
         self.offset = 0  # characters consumed into completed sentences
@@ -63,7 +79,8 @@ class SolutionDetector:
         self._buffer = ""  # the sentence being written
         self._lead_in = ""  # an announcing sentence waiting for its value
         self._lead_in_merges = 0
-        self._answered = False  # the current span already has an answer
+        self._since_answer = 0
+        self._open: Event | None = None  # the last answer of the open (not yet closed) solution
         self._boundary_offset = 0
         self._boundary_tokens = 0
 
@@ -101,6 +118,7 @@ class SolutionDetector:
         if self._lead_in:
             lead_in, self._lead_in = self._lead_in, ""
             self._classify(lead_in, events)
+        self._close_solution(events)
         return events
 
     def _sentence(self, raw: str, events: list[Event]) -> None:
@@ -123,40 +141,72 @@ class SolutionDetector:
             return
         self._classify(stripped, events)
 
+    def _track_repetition(self, sentence: str, events: list[Event]) -> None:
+        """Count how many characters of consecutive sentences repeat earlier ones verbatim.
+
+        Short sentences ("Wait.", "\\[") neither extend nor break a run. Memory is bounded: at most
+        ``_MAX_REMEMBERED`` distinct sentences are remembered.
+        """
+        if len(sentence) < _MIN_LOOP_SENTENCE:
+            return
+        if sentence in self._seen:
+            self.repeated_chars += len(sentence)
+            if self.repeated_chars >= self.loop_chars > 0 and not self._loop_reported:
+                self._loop_reported = True
+                events.append(Event(LOOP, self.offset, self.tokens, solution=self.solutions - 1))
+        else:
+            self.repeated_chars = 0
+            self._loop_reported = False
+            if len(self._seen) < _MAX_REMEMBERED:
+                self._seen.add(sentence)
+
     def _classify(self, sentence: str, events: list[Event]) -> None:
-        if sentences.is_reflection(sentence):
-            if self._answered:
-                self._answered = False
-                self._boundary_offset = self.offset - len(sentence)
-                self._boundary_tokens = self.tokens
+        self._track_repetition(sentence, events)
+        self._since_answer += 1
+        if self._open is not None and self._since_answer > self.max_gap_sentences:
+            self._open = None  # an answer the model moved on from without reflecting on it: a step, not a solution
+        if sentences.is_reflection(sentence) or sentences.is_rejection(sentence):
+            if sentences.is_rejection(sentence):
+                self._open = None  # the model rejects the answer it just reached: no solution
+            self._close_solution(events)
+            self._boundary_offset = self.offset - len(sentence)
+            self._boundary_tokens = self.tokens
             events.append(Event(REFLECTION, self.offset, self.tokens, solution=self.solutions - 1))
         found = sentences.find_answer(sentence)
         if found is None:
             return
-        if not self._answered:
-            self._answered = True
-            self.solutions += 1
-            events.append(
-                Event(
-                    SOLUTION,
-                    self.offset,
-                    self.tokens,
-                    solution=self.solutions - 1,
-                    answer=found.text,
-                    key=found.key,
-                    explicit=found.explicit,
-                    start_offset=max(0, self._boundary_offset),
-                    start_tokens=self._boundary_tokens,
-                )
-            )
+        self._open = Event(
+            ANSWER,
+            self.offset,
+            self.tokens,
+            solution=self.solutions,
+            answer=found.text,
+            key=found.key,
+            explicit=found.explicit,
+            start_offset=self._boundary_offset,
+            start_tokens=self._boundary_tokens,
+        )
+        events.append(self._open)
+        self._since_answer = 0
+
+    def _close_solution(self, events: list[Event]) -> None:
+        """A reflection (or the end of thinking) closes the open solution: its answer is its last answer."""
+        last = self._open
+        if last is None:
+            return
+        self._open = None
+        self.solutions += 1
         events.append(
             Event(
-                ANSWER,
+                SOLUTION,
                 self.offset,
                 self.tokens,
-                solution=self.solutions - 1,
-                answer=found.text,
-                key=found.key,
-                explicit=found.explicit,
+                solution=last.solution,
+                answer=last.answer,
+                key=last.key,
+                explicit=last.explicit,
+                start_offset=last.start_offset,
+                start_tokens=last.start_tokens,
+                answer_tokens=last.tokens,
             )
         )

@@ -20,7 +20,7 @@ from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from typing import Any, ClassVar
 
-from controller.detector import ANSWER, Event
+from controller.detector import ANSWER, LOOP, SOLUTION, Event
 
 Equal = Callable[[str, str], bool]
 
@@ -54,6 +54,11 @@ class PolicyConfig:
     @property
     def stops_on_answers(self) -> bool:
         return False
+
+    @property
+    def stop_on_loop(self) -> bool:
+        """Answer policies also stop a model stuck repeating itself (see ``loop`` events)."""
+        return self.stops_on_answers
 
     def as_dict(self) -> dict[str, Any]:
         return {"policy": self.name, **dataclasses.asdict(self)}
@@ -170,41 +175,49 @@ class PolicyRuntime:
         self.config = config
         self._equal = equal
         self._solution_keys: list[str] = []  # latest answer key of each solution
-        self._solution_answers: list[str] = []
         self._due: StopDecision | None = None  # an answer stop waiting for min_thinking_tokens
         self._last: tuple[str, str] | None = None
         self.decision: StopDecision | None = None
 
     def observe(self, event: Event) -> None:
         """Take one detector event (events arrive in stream order)."""
-        if self.decision is not None or event.kind != ANSWER or event.key is None or event.answer is None:
+        if self.decision is not None:
             return
-        index = event.solution
-        if index == len(self._solution_keys):
+        if event.kind == LOOP and self.config.stop_on_loop:
+            answer, key = self._last if self._last else (None, None)
+            self._due = self._due or StopDecision(
+                "loop", answer, key, event.tokens, event.offset, len(self._solution_keys)
+            )
+            return
+        if event.key is None or event.answer is None:
+            return
+        if event.kind == ANSWER:
+            self._last = (event.answer, event.key)
+            if isinstance(self.config, FirstAnswerConfig):
+                self._due = self._decide("first_answer", event, event.solution + 1)
+            elif event.explicit and isinstance(self.config, ConsistencyConfig):
+                # an explicit answer is a conclusion already: it may confirm without waiting for the close
+                self._due = self._due or self._consistent(self._solution_keys + [event.key], event)
+        elif event.kind == SOLUTION:
             self._solution_keys.append(event.key)
-            self._solution_answers.append(event.answer)
-        else:
-            self._solution_keys[index] = event.key
-            self._solution_answers[index] = event.answer
-        self._last = (event.answer, event.key)
-        reason = self._answer_reason(index)
-        if reason is None:
-            self._due = None
-            return
-        self._due = StopDecision(reason, event.answer, event.key, event.tokens, event.offset, index + 1)
+            if isinstance(self.config, ConsistencyConfig):
+                self._due = self._due or self._consistent(self._solution_keys, event)
 
-    def _answer_reason(self, index: int) -> str | None:
+    def _consistent(self, keys: list[str], event: Event) -> StopDecision | None:
+        """A decision if the last ``k`` solution answers in ``keys`` agree."""
         config = self.config
-        if isinstance(config, FirstAnswerConfig):
-            return "first_answer"
-        if isinstance(config, ConsistencyConfig):
-            if index + 1 < config.k:
-                return None
-            current = self._solution_keys[index]
-            earlier = self._solution_keys[index - config.k + 1 : index]
-            if all(self._equal(key, current) for key in earlier):
-                return "confirmed" if isinstance(config, FcsReflectionConfig) else "consistent"
-        return None
+        assert isinstance(config, ConsistencyConfig)
+        if len(keys) < config.k:
+            return None
+        current = keys[-1]
+        if not all(self._equal(key, current) for key in keys[-config.k : -1]):
+            return None
+        reason = "confirmed" if isinstance(config, FcsReflectionConfig) else "consistent"
+        return self._decide(reason, event, len(keys))
+
+    @staticmethod
+    def _decide(reason: str, event: Event, solutions: int) -> StopDecision:
+        return StopDecision(reason, event.answer, event.key, event.tokens, event.offset, solutions)
 
     def advance(self, tokens: int, offset: int) -> StopDecision | None:
         """Called after each delta with the thinking tokens so far; returns the decision once it is made."""

@@ -29,7 +29,7 @@ def load_traces(paths: Sequence[str | Path]) -> Iterator[dict[str, Any]]:
     """Yield trace records from ``.jsonl`` or ``.jsonl.gz`` files, in order."""
     for path in paths:
         opener = gzip.open if str(path).endswith(".gz") else open
-        with opener(path, "rt", encoding="utf-8") as handle:  # type: ignore[operator]
+        with opener(path, "rt", encoding="utf-8") as handle:
             for line_number, line in enumerate(handle, 1):
                 if line.strip():
                     try:
@@ -135,7 +135,7 @@ def analyse_events(
     first_correct: int | None = None
     for event in events:
         if event.kind == SOLUTION and event.key is not None:
-            spans.append(SolutionSpan(event.key, event.start_tokens, event.start_offset, event.tokens))
+            spans.append(SolutionSpan(event.key, event.start_tokens, event.start_offset, event.answer_tokens))
         if event.kind == ANSWER and first_correct is None and event.answer and comparer.equal(event.answer, reference):
             first_correct = event.tokens
     return spans, first_correct

@@ -71,7 +71,9 @@ def build_report(results: Sequence[TraceResult], policies: Sequence[str]) -> dic
     groups = group_results(results)
     return {
         "policies": list(policies),
-        "groups": {name: {policy: summarize(members, policy) for policy in policies} for name, members in groups.items()},
+        "groups": {
+            name: {policy: summarize(members, policy) for policy in policies} for name, members in groups.items()
+        },
     }
 
 

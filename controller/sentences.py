@@ -34,6 +34,17 @@ _REFLECTION = re.compile(
     re.IGNORECASE,
 )
 
+_REJECTION = re.compile(
+    r"^(?:[-*>#]+\s*)?(?:\*\*)?(?:(?:wait|hmm+|but|oh|actually)[,.!]?\s+)*(?:"
+    r"no\b|nope\b|not quite\b|that(?:'s| is| was)? (?:not|wrong|incorrect|impossible)\b|"
+    r"that (?:can't|cannot|doesn't|does not|isn't|won't) (?:be|seem|make|add|match|work|right)|"
+    r"this (?:contradicts|can't|cannot|doesn't|does not|isn't)\b|that contradicts\b|"
+    r"i (?:think i )?(?:made|must have made) (?:a |an )?(?:mistake|error)\b|oops\b|i messed up\b|"
+    r"(?:there's|there is) (?:a|an) (?:mistake|error|problem|contradiction)\b|something(?:'s| is) wrong\b"
+    r")",
+    re.IGNORECASE,
+)
+
 _CONCLUSION = re.compile(
     r"^(?:[-*>]+\s*)?(?:\*\*)?(?:and\s+|so,?\s+)?(?:"
     r"so\b|therefore\b|thus\b|hence\b|consequently\b|that means\b|this means\b|which means\b|"
@@ -74,6 +85,21 @@ _NEGATION_BEFORE = re.compile(
 _ANNOUNCING_END = re.compile(r"(?:\bis|\bare|\bbe|\bequals|=|\bget|\bgives?|\bobtain|\bresult)\s*:$", re.IGNORECASE)
 _OPERATOR_AFTER = re.compile(r"\s*(?:[-+*/×÷^]|\\times|\\cdot|\\div)\s*[\w(\\]")
 _UNITS_TAIL = re.compile(r"\s+[a-zA-Z]+\.?$")
+_TRAILER = re.compile(r"(?:\s*\\[)\]]|\s*\$+)?(?:\s*[A-Za-z][\w'’-]*){0,6}\s*[.!]?\s*(?:\*\*)?\s*")
+_SIMPLE_VALUE = re.compile(
+    r"[-+]?(?:\d[\d,]*(?:\.\d+)?|\\[dt]?frac\{(?:[^{}]|\{[^{}]*\})+\}\{(?:[^{}]|\{[^{}]*\})+\}|\\sqrt\{?[^{}]+\}?|\\pi|\d+/\d+|"
+    r"\(\s*[-\d.,\s\\a-z{}]+\)|\[[^\[\]]+[\])]|\\infty)"
+    r"(?:[\\a-z{}\d^._+-/]|\\sqrt\{[^{}]+\}|\\pi|\^\{?[\d\\a-z]+\}?|\\circ|\^\\circ)*"
+)
+_RESULT_CUE = re.compile(
+    r"(?:=|≈|\\approx|\bis|\bare|\bwas|\bwere|\bequals?|\bbe|\bgives?|\bgiving|\bget|\bgot|\bobtain(?:ed)?|"
+    r"\byields?|\bmakes?|\bcomes? (?:out )?to|\btotal of|\bsum (?:is|of)|:)\s*"
+    r"(?:(?:exactly|about|approximately|just|only|also|still|indeed|then|now|therefore|equal to|a total of)\s+)*"
+    r"(?:\\\(|\\\[|\$)?\s*$",
+    re.IGNORECASE,
+)
+_LIST_AFTER = re.compile(r"\s*(?:,\s*(?:and\s+)?[-+]?\d|or\s+(?:[a-z]\s*=\s*)?[-+]?\d|and\s+[-+]?\d)")
+_INDEXED_BEFORE = re.compile(r"(?:\b[a-zA-Z]_\{?\w+\}?|\b[a-zA-Z]\(\w+\))\s*(?:=|is|equals)\s*$")
 _LIST_NUMBER = re.compile(r"^\s*\d+[.)]\s")
 _NUMBERED_ITEM_START = re.compile(r"^\s*(?:[-*]\s*)?\d+[.)]\s+")
 
@@ -92,14 +118,19 @@ def is_reflection(sentence: str) -> bool:
     return _REFLECTION.match(sentence.lstrip()) is not None
 
 
+def is_rejection(sentence: str) -> bool:
+    """Whether a reflection rejects what came before ("Wait, no", "That can't be right", "I made a mistake")."""
+    return _REJECTION.match(sentence.lstrip()) is not None
+
+
 def is_lead_in(sentence: str) -> bool:
     """A sentence that announces a value on the following line(s): "So the answer is:", "**Final Answer**"."""
     stripped = sentence.strip()
     if _FINAL_HEADING.match(stripped):
         return True
-    if stripped.endswith(":") and (_EXPLICIT_PHRASE.search(stripped) or (
-        _CONCLUSION.match(stripped) and _ANNOUNCING_END.search(stripped)
-    )):
+    if stripped.endswith(":") and (
+        _EXPLICIT_PHRASE.search(stripped) or (_CONCLUSION.match(stripped) and _ANNOUNCING_END.search(stripped))
+    ):
         return True
     return stripped.count("\\[") > stripped.count("\\]")
 
@@ -114,9 +145,8 @@ def find_answer(sentence: str) -> Found | None:
         return _found(boxed, explicit=True)
     if _NOT_A_CLAIM.match(text):
         return None
-    phrase = None
-    for phrase in _EXPLICIT_PHRASE.finditer(text):
-        pass
+    phrases = list(_EXPLICIT_PHRASE.finditer(text))
+    phrase = phrases[-1] if phrases else None
     if phrase is not None and not _negated(text, phrase.start()):
         value = _value_after(text[phrase.end() :])
         if value is not None:
@@ -163,20 +193,26 @@ def _rhs(math: str) -> str | None:
     value = re.split(r"=|\\approx|\\equiv|≈", math)[-1].strip().rstrip(".,").strip()
     if not value or re.fullmatch(r"[A-Za-z]|\\[a-zA-Z]+", value):
         return None
-    if not any(ch.isdigit() for ch in value) and "\\frac" not in value and "\\sqrt" not in value and "\\pi" not in value:
+    if (
+        not any(ch.isdigit() for ch in value)
+        and "\\frac" not in value
+        and "\\sqrt" not in value
+        and "\\pi" not in value
+    ):
         return None
     return value
 
 
 def _last_value(text: str) -> str | None:
-    """The last mathematical value of a sentence: a math span's result or a bare number, skipping labels."""
+    """The last result value of a sentence: a value right after a result cue ("=", "is", "are", "equals",
+    "gives" ...), either a math span's right-hand side or a bare number, skipping labels and operands."""
     candidates: list[tuple[int, int, str]] = []
     spans: list[tuple[int, int]] = []
     for match in _MATH_SPAN.finditer(text):
         spans.append(match.span())
         body = next(group for group in match.groups() if group is not None)
         value = _rhs(body)
-        if value is not None:
+        if value is not None and ("=" in body or "\\approx" in body or _cued(text, match.start())):
             candidates.append((match.end(), match.start(), value))
     for match in _BARE_NUMBER.finditer(text):
         if any(start <= match.start() < end for start, end in spans):
@@ -185,12 +221,21 @@ def _last_value(text: str) -> str | None:
             continue
         if _LABEL_BEFORE.search(text[max(0, match.start() - 12) : match.start()]):
             continue
-        if _OPERATOR_AFTER.match(text, match.end()):
-            continue  # an operand ("45 - 12t"), not a result
+        if _OPERATOR_AFTER.match(text, match.end()) or not _cued(text, match.start()):
+            continue
+        if _LIST_AFTER.match(text, match.end()) or _INDEXED_BEFORE.search(
+            text[max(0, match.start() - 24) : match.start()]
+        ):
+            continue  # one item of a list ("11, 10, 9"), one of alternatives ("0 or 5"), or an indexed quantity
         candidates.append((match.end(), match.start(), match.group(0)))
     if not candidates:
         return None
     _end, start, value = max(candidates)
-    if _negated(text, start):
+    if _negated(text, start) or not _SIMPLE_VALUE.fullmatch(value.replace(" ", "")):
         return None
     return value
+
+
+def _cued(text: str, index: int) -> bool:
+    """Whether the value at ``index`` follows a result cue."""
+    return _RESULT_CUE.search(text[max(0, index - 40) : index]) is not None

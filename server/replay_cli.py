@@ -42,7 +42,9 @@ def add_parser(commands: Any) -> None:
         help="policy argument, e.g. k=3 or consistency.k=3 (an unqualified one applies to every policy that takes it)",
     )
     parser.add_argument("--tokenizer", help="tokenizer folder (or tokenizer.json) to use for every trace")
-    parser.add_argument("--tokenizers-root", help="folder with one tokenizer folder per name (default: beside the traces)")
+    parser.add_argument(
+        "--tokenizers-root", help="folder with one tokenizer folder per name (default: beside the traces)"
+    )
     parser.add_argument("--json", dest="json_out", help="write the full report as JSON here")
     parser.add_argument("--plot", help="draw tokens saved vs accuracy per policy into this PNG")
     parser.add_argument("--limit", type=int, help="replay only the first N traces")

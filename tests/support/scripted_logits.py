@@ -97,9 +97,7 @@ def parse_token_id(value: Any, key: str) -> int:
     return token_id
 
 
-def script_start(
-    script: Sequence[int], prompt_ids: Sequence[int] | None, think_end_id: int | None
-) -> int:
+def script_start(script: Sequence[int], prompt_ids: Sequence[int] | None, think_end_id: int | None) -> int:
     """Index in ``script`` of the first token to force.
 
     0 for a fresh request; for a continuation (prompt contains ``think_end_id``)

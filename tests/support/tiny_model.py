@@ -7,7 +7,7 @@ offline in a few seconds and is deterministic (fixed seed, fixed corpus).
 Invariants of a built directory:
 
 * ``config.json`` + ``model.safetensors``: ``Qwen2ForCausalLM``, hidden 128,
-  4 heads (head_dim 32, the CPU attention minimum), 2 layers, float32, tied
+  4 heads (head_dim 32, the CPU attention minimum), 2 layers, bfloat16, tied
   embeddings; ``vocab_size == len(tokenizer)`` so every id the model can sample
   decodes to text.
 * A byte-level BPE tokenizer (any text round-trips through encode/decode) in
@@ -30,6 +30,11 @@ import os
 import pathlib
 import shutil
 import tempfile
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    from tokenizers import Tokenizer
+    from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
 IM_START = "<|im_start|>"
 IM_END = "<|im_end|>"
@@ -41,7 +46,7 @@ SPECIAL_TOKENS = (END_OF_TEXT, IM_START, IM_END)
 THINK_TOKENS = (THINK_START, THINK_END)
 
 #: Bump when anything below changes, so cached directories get rebuilt.
-RECIPE = "thinkbrake-tiny-qwen2-v2"
+RECIPE = "thinkbrake-tiny-qwen2-v3"
 SEED = 1234
 VOCAB_SIZE = 1024
 COMPLETE_MARKER = ".complete"
@@ -108,6 +113,14 @@ def add(a, b):
 """
 
 
+def token_id(tokenizer: PreTrainedTokenizerBase, token: str) -> int:
+    """The id of ``token``, which must be a single token of ``tokenizer``."""
+    value = tokenizer.convert_tokens_to_ids(token)
+    if not isinstance(value, int):
+        raise TypeError(f"{token!r} maps to {value!r}, not one id")
+    return value
+
+
 def is_complete(directory: pathlib.Path) -> bool:
     """True iff ``directory`` holds a finished build of the current :data:`RECIPE`."""
     marker = directory / COMPLETE_MARKER
@@ -125,9 +138,7 @@ def build_tiny_model(directory: pathlib.Path) -> pathlib.Path:
     if is_complete(directory):
         return directory
     directory.parent.mkdir(parents=True, exist_ok=True)
-    staging = pathlib.Path(
-        tempfile.mkdtemp(prefix=f".{directory.name}.", dir=directory.parent)
-    )
+    staging = pathlib.Path(tempfile.mkdtemp(prefix=f".{directory.name}.", dir=directory.parent))
     staging.chmod(0o755)
     try:
         _write_model(staging)
@@ -156,7 +167,7 @@ def _write_model(target: pathlib.Path) -> None:
     (target / COMPLETE_MARKER).write_text(RECIPE)
 
 
-def _train_bpe():
+def _train_bpe() -> Tokenizer:
     """Train the byte-level BPE ``tokenizers.Tokenizer`` on :data:`TRAINING_TEXT`.
 
     The pipeline (NFC normalizer, Qwen2 split regex, byte-level without regex) is
@@ -185,14 +196,14 @@ def _train_bpe():
     return tokenizer
 
 
-def _make_tokenizer():
+def _make_tokenizer() -> PreTrainedTokenizerBase:
     """Wrap the trained BPE as a transformers tokenizer with chat template."""
     from tokenizers import AddedToken
     from transformers import PreTrainedTokenizerFast
 
     bpe = _train_bpe()
     bpe.add_tokens([AddedToken(t, special=False, normalized=False) for t in THINK_TOKENS])
-    tokenizer = PreTrainedTokenizerFast(
+    tokenizer = PreTrainedTokenizerFast(  # type: ignore[no-untyped-call]
         tokenizer_object=bpe,
         eos_token=IM_END,
         pad_token=END_OF_TEXT,
@@ -204,19 +215,18 @@ def _make_tokenizer():
     )
     tokenizer.chat_template = CHAT_TEMPLATE
     for token in SPECIAL_TOKENS + THINK_TOKENS:
-        assert tokenizer.encode(token, add_special_tokens=False) == [
-            tokenizer.convert_tokens_to_ids(token)
-        ], token
+        if tokenizer.encode(token, add_special_tokens=False) != [token_id(tokenizer, token)]:
+            raise RuntimeError(f"{token!r} is not a single token")
     return tokenizer
 
 
-def _make_model(tokenizer):
+def _make_model(tokenizer: PreTrainedTokenizerBase) -> PreTrainedModel:
     """A seeded random-weight ``Qwen2ForCausalLM`` sized for ``tokenizer``."""
     import torch
     from transformers import GenerationConfig, Qwen2Config, Qwen2ForCausalLM
 
-    eos_id = tokenizer.convert_tokens_to_ids(IM_END)
-    pad_id = tokenizer.convert_tokens_to_ids(END_OF_TEXT)
+    eos_id = token_id(tokenizer, IM_END)
+    pad_id = token_id(tokenizer, END_OF_TEXT)
     config = Qwen2Config(
         vocab_size=len(tokenizer),
         hidden_size=128,
@@ -229,11 +239,13 @@ def _make_model(tokenizer):
         bos_token_id=pad_id,
         eos_token_id=eos_id,
         pad_token_id=pad_id,
-        dtype="float32",
+        dtype="bfloat16",
     )
-    torch.manual_seed(SEED)
-    model = Qwen2ForCausalLM(config).to(torch.float32)
-    model.generation_config = GenerationConfig(
+    with torch.random.fork_rng():  # seeded without touching the caller's RNG state
+        torch.manual_seed(SEED)
+        model = Qwen2ForCausalLM(config)  # type: ignore[no-untyped-call]
+    model.bfloat16()
+    model.generation_config = GenerationConfig(  # type: ignore[no-untyped-call]
         bos_token_id=pad_id, eos_token_id=eos_id, pad_token_id=pad_id
     )
     return model
