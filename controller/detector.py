@@ -38,6 +38,7 @@ LOOP = "loop"
 _BOUNDARY = re.compile(r"\n|[.!?](?=\s)")
 _MAX_LEAD_IN_MERGES = 4
 _MIN_LOOP_SENTENCE = 16
+_CODE_CONTEXT_SENTENCES = 3  # implicit answers are ignored in and up to 3 sentences after talk about code
 _MAX_REMEMBERED = 200_000
 
 
@@ -80,6 +81,7 @@ class SolutionDetector:
         self._lead_in = ""  # an announcing sentence waiting for its value
         self._lead_in_merges = 0
         self._since_answer = 0
+        self._code_countdown = 0
         self._open: Event | None = None  # the last answer of the open (not yet closed) solution
         self._boundary_offset = 0
         self._boundary_tokens = 0
@@ -172,7 +174,11 @@ class SolutionDetector:
             self._boundary_offset = self.offset - len(sentence)
             self._boundary_tokens = self.tokens
             events.append(Event(REFLECTION, self.offset, self.tokens, solution=self.solutions - 1))
-        found = sentences.find_answer(sentence)
+        if sentences.has_code_hint(sentence):
+            self._code_countdown = _CODE_CONTEXT_SENTENCES
+        elif self._code_countdown:
+            self._code_countdown -= 1
+        found = sentences.find_answer(sentence, implicit=not self._code_countdown)
         if found is None:
             return
         self._open = Event(

@@ -155,7 +155,11 @@ def _as_int(field: str, value: Any, optional: bool) -> int | None:
 
 @dataclass(frozen=True)
 class StopDecision:
-    """Why and where thinking stops. ``tokens`` is the thinking-token position of the stop."""
+    """Why and where thinking stops.
+
+    ``tokens``: thinking tokens generated when the stop was decided (the stop position). ``offset``: the
+    character offset where the sentence that triggered the stop ended (independent of delta boundaries).
+    """
 
     reason: str
     answer: str | None
@@ -226,7 +230,7 @@ class PolicyRuntime:
         config = self.config
         if self._due is not None and tokens >= config.min_thinking_tokens:
             due = self._due
-            self.decision = dataclasses.replace(due, tokens=tokens, offset=max(offset, due.offset))
+            self.decision = dataclasses.replace(due, tokens=tokens)
         elif config.max_thinking_tokens is not None and tokens >= config.max_thinking_tokens:
             answer, key = self._last if self._last else (None, None)
             reason = "budget" if isinstance(config, BudgetConfig) else "max_thinking_tokens"

@@ -92,7 +92,7 @@ _SIMPLE_VALUE = re.compile(
     r"(?:[\\a-z{}\d^._+-/]|\\sqrt\{[^{}]+\}|\\pi|\^\{?[\d\\a-z]+\}?|\\circ|\^\\circ)*"
 )
 _RESULT_CUE = re.compile(
-    r"(?:=|≈|\\approx|\bis|\bare|\bwas|\bwere|\bequals?|\bbe|\bgives?|\bgiving|\bget|\bgot|\bobtain(?:ed)?|"
+    r"(?:=|≈|\\approx|\bis|\bare|\bwas|\bwere|\bhas|\bhave|\bequals?|\bbe|\bgives?|\bgiving|\bget|\bgot|\bobtain(?:ed)?|"
     r"\byields?|\bmakes?|\bcomes? (?:out )?to|\btotal of|\bsum (?:is|of)|:)\s*"
     r"(?:(?:exactly|about|approximately|just|only|also|still|indeed|then|now|therefore|equal to|a total of)\s+)*"
     r"(?:\\\(|\\\[|\$)?\s*$",
@@ -100,6 +100,16 @@ _RESULT_CUE = re.compile(
 )
 _LIST_AFTER = re.compile(r"\s*(?:,\s*(?:and\s+)?[-+]?\d|or\s+(?:[a-z]\s*=\s*)?[-+]?\d|and\s+[-+]?\d)")
 _INDEXED_BEFORE = re.compile(r"(?:\b[a-zA-Z]_\{?\w+\}?|\b[a-zA-Z]\(\w+\))\s*(?:=|is|equals)\s*$")
+_CONDITION_AFTER = re.compile(
+    r"[^.,;]{0,24}?\b(?:when|whenever|if|unless|only|provided|assuming|in (?:the )?case|for (?:a|an|the|each|every|all|some|any))\b",
+    re.IGNORECASE,
+)
+_CODE_HINT = re.compile(
+    r"`|\b(?:python|javascript|typescript|java|rust|golang|c\+\+|sql|code|coding|bug|traceback|exception|"
+    r"stack trace|compiler?|runtime|docstring|api|slice|slicing|array|loop|index|indices|return value|returns|"
+    r"unit tests?|off-by-one|null|none|boolean|dict|hashable|iterator)\b",
+    re.IGNORECASE,
+)
 _LIST_NUMBER = re.compile(r"^\s*\d+[.)]\s")
 _NUMBERED_ITEM_START = re.compile(r"^\s*(?:[-*]\s*)?\d+[.)]\s+")
 
@@ -135,7 +145,12 @@ def is_lead_in(sentence: str) -> bool:
     return stripped.count("\\[") > stripped.count("\\]")
 
 
-def find_answer(sentence: str) -> Found | None:
+def has_code_hint(sentence: str) -> bool:
+    """Whether a sentence talks about code (implicit numeric conclusions there are indices, not answers)."""
+    return _CODE_HINT.search(sentence) is not None
+
+
+def find_answer(sentence: str, implicit: bool = True) -> Found | None:
     """The answer a sentence reaches, or None. ``sentence`` is one complete sentence (or a lead-in + block)."""
     text = sentence.strip()
     if not text or text.endswith("?"):
@@ -154,7 +169,7 @@ def find_answer(sentence: str) -> Found | None:
     if _FINAL_HEADING.match(text.split("\n", 1)[0]):
         value = _last_value(text)
         return _found(value, explicit=True) if value is not None else None
-    if not _CONCLUSION.match(_NUMBERED_ITEM_START.sub("", text)):
+    if not implicit or not _CONCLUSION.match(_NUMBERED_ITEM_START.sub("", text)):
         return None
     value = _last_value(text)
     return _found(value, explicit=False) if value is not None else None
@@ -179,6 +194,9 @@ def _value_after(rest: str) -> str | None:
     span = _MATH_SPAN.match(rest)
     if span:
         return _rhs(next(group for group in span.groups() if group is not None))
+    number = _BARE_NUMBER.match(rest)
+    if number and not _OPERATOR_AFTER.match(rest, number.end()) and not _LIST_AFTER.match(rest, number.end()):
+        return number.group(0)
     head = re.split(r",\s|;|\s(?:because|since|which|as|but|so|and then|when|if)\s|\s\(", rest, maxsplit=1)[0]
     head = head.rstrip(".").strip()
     if not head or len(head) > 60 or re.search(r"(?<!\\)\b[a-zA-Z]{3,}\b", _UNITS_TAIL.sub("", head)):
@@ -233,6 +251,8 @@ def _last_value(text: str) -> str | None:
     _end, start, value = max(candidates)
     if _negated(text, start) or not _SIMPLE_VALUE.fullmatch(value.replace(" ", "")):
         return None
+    if _CONDITION_AFTER.match(text, _end):
+        return None  # "is 0 when the input is empty", "is 0 only for one element": a case, not a result
     return value
 
 

@@ -1,0 +1,110 @@
+"""The small interface both backends (embedded vLLM engine, OpenAI-compatible upstream) implement.
+
+A backend turns one prompt into one :class:`Generation`: an async iterator of :class:`Chunk` (raw generated
+text, thinking tags included, with its token ids) that can be aborted at any moment. The server runs one
+generation per choice, so every choice can be stopped on its own.
+
+Invariants: ``Generation.prompt_token_ids`` is known once the first chunk has arrived (None if the backend
+cannot tell); the concatenation of chunk texts is the model's raw output; ``abort`` is idempotent and makes
+the backend stop decoding; after it the iterator ends.
+"""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterator
+from dataclasses import dataclass, field
+from typing import Any, Protocol
+
+from controller.delimiters import Delimiters
+
+
+class BackendError(Exception):
+    """A backend failure reported to the client in the OpenAI error shape."""
+
+    def __init__(self, message: str, status_code: int = 502, error_type: str = "BackendError") -> None:
+        super().__init__(message)
+        self.message = message
+        self.status_code = status_code
+        self.error_type = error_type
+
+
+@dataclass(frozen=True)
+class ChatPrompt:
+    """OpenAI chat messages, rendered by the backend with the model's chat template."""
+
+    messages: list[dict[str, Any]]
+    template_kwargs: dict[str, Any] = field(default_factory=dict)
+
+
+@dataclass(frozen=True)
+class TextPrompt:
+    """A raw completion prompt (text or token ids), used as is."""
+
+    text: str | None = None
+    token_ids: list[int] | None = None
+
+
+Prompt = ChatPrompt | TextPrompt
+
+
+@dataclass(frozen=True)
+class Sampling:
+    """Sampling options of one generation. ``options`` are OpenAI/vLLM request fields passed through
+    (temperature, top_p, stop, seed, ...); ``extra_args`` is vLLM's ``SamplingParams.extra_args``
+    (HTTP: ``vllm_xargs``)."""
+
+    max_tokens: int | None
+    options: dict[str, Any] = field(default_factory=dict)
+    extra_args: dict[str, Any] | None = None
+
+
+@dataclass
+class Chunk:
+    """New output of one generation: raw text, its token ids and, at the end, the finish reason."""
+
+    text: str
+    token_ids: list[int]
+    finish_reason: str | None = None
+
+
+class Generation(Protocol):
+    """One running request on a backend."""
+
+    prompt_token_ids: list[int] | None
+
+    def __aiter__(self) -> AsyncIterator[Chunk]: ...
+
+    async def abort(self) -> None: ...
+
+
+class Backend(Protocol):
+    """What the HTTP layer needs from a model backend."""
+
+    model_name: str
+    delimiters: Delimiters
+    #: the text that closes thinking when the server stops it (e.g. ``"\\n</think>\\n\\n"``)
+    think_end_text: str
+
+    @property
+    def ready(self) -> bool: ...
+
+    async def start(self) -> None:
+        """Load the model or connect to the upstream; raise with a clear message on failure."""
+
+    async def shutdown(self) -> None: ...
+
+    def generate(self, prompt: Prompt, sampling: Sampling, request_id: str) -> Generation:
+        """Start one generation (lazily: it begins when iterated)."""
+        ...
+
+    def continue_tokens(self, token_ids: list[int], sampling: Sampling, request_id: str) -> Generation:
+        """Continue from a token-id prompt (prompt + generated + end-of-thinking ids): reuses the prefix cache."""
+        ...
+
+    async def encode(self, text: str) -> list[int] | None:
+        """Token ids of ``text`` without special tokens (None if the backend cannot tokenize)."""
+        ...
+
+    async def prompt_tail(self, prompt: TextPrompt) -> str:
+        """The last characters of a raw prompt as text (to see whether it leaves the model inside thinking)."""
+        ...

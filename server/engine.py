@@ -1,0 +1,181 @@
+"""Embedded backend: a vLLM ``AsyncLLM`` in this process. The only module that imports vLLM (lazily).
+
+Prefix caching is always on: a continuation after a stop is sent as token ids (prompt + generated + the
+end-of-thinking ids) so every full KV block of the stopped request is reused.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import os
+from collections.abc import AsyncIterator
+from typing import Any
+
+from controller.delimiters import Delimiters, delimiters_for, infer_delimiters
+from server.backend import BackendError, ChatPrompt, Chunk, Prompt, Sampling, TextPrompt
+from server.settings import Settings
+
+log = logging.getLogger(__name__)
+
+_PROBE_MESSAGES = [{"role": "user", "content": "ping"}]
+
+
+class EngineGeneration:
+    """One engine request streamed in DELTA mode; ``abort`` stops decoding at once."""
+
+    def __init__(self, backend: EmbeddedBackend, prompt: Any, params: Any, request_id: str) -> None:
+        self._backend = backend
+        self._prompt = prompt
+        self._params = params
+        self.request_id = request_id
+        self.prompt_token_ids: list[int] | None = None
+        self.num_cached_tokens: int | None = None
+        self._stream: Any = None
+        self._aborted = False
+
+    async def __aiter__(self) -> AsyncIterator[Chunk]:
+        engine = self._backend.engine
+        self._stream = engine.generate(self._prompt, self._params, self.request_id)
+        try:
+            async for output in self._stream:
+                if self.prompt_token_ids is None and output.prompt_token_ids is not None:
+                    self.prompt_token_ids = list(output.prompt_token_ids)
+                if output.num_cached_tokens is not None:
+                    self.num_cached_tokens = output.num_cached_tokens
+                completion = output.outputs[0]
+                yield Chunk(completion.text, list(completion.token_ids), completion.finish_reason)
+        except ValueError as error:  # vLLM validates the request when it is added (length, params)
+            raise BackendError(str(error), status_code=400, error_type="BadRequestError") from error
+
+    async def abort(self) -> None:
+        if self._aborted:
+            return
+        self._aborted = True
+        await self._backend.engine.abort(self.request_id)
+        if self._stream is not None:
+            await self._stream.aclose()
+
+
+class EmbeddedBackend:
+    """vLLM ``AsyncLLM`` with the model's own tokenizer and chat template."""
+
+    def __init__(self, settings: Settings) -> None:
+        assert settings.model is not None
+        self.settings = settings
+        self.model_path: str = settings.model
+        self.model_name = settings.served_model_name or settings.model
+        self.delimiters = Delimiters()
+        self.think_end_text = "\n</think>\n\n"
+        self.engine: Any = None
+        self.tokenizer: Any = None
+
+    @property
+    def ready(self) -> bool:
+        return self.engine is not None and not self.engine.errored
+
+    async def start(self) -> None:
+        self.engine = await asyncio.to_thread(self._build_engine)
+        self.tokenizer = self.engine.get_tokenizer()
+        self.delimiters = self._delimiters()
+        self.think_end_text = f"\n{self.delimiters.end}\n\n"
+        log.info("engine ready: model %s, thinking delimiters %s", self.model_path, self.delimiters)
+
+    def _build_engine(self) -> Any:
+        from vllm.engine.arg_utils import AsyncEngineArgs
+        from vllm.v1.engine.async_llm import AsyncLLM
+
+        settings = self.settings
+        args: dict[str, Any] = {
+            "model": self.model_path,
+            "served_model_name": self.model_name,
+            "enable_prefix_caching": True,
+            "disable_log_stats": False,
+            "enforce_eager": settings.enforce_eager,
+        }
+        if settings.max_model_len:
+            args["max_model_len"] = settings.max_model_len
+        if settings.kv_cache_bytes:
+            args["kv_cache_memory_bytes"] = settings.kv_cache_bytes
+        if settings.logits_processors:
+            args["logits_processors"] = list(settings.logits_processors)
+        try:
+            return AsyncLLM.from_engine_args(AsyncEngineArgs(**args))
+        except Exception as error:
+            if os.path.isdir(self.model_path):
+                raise
+            raise BackendError(
+                f"could not load model {self.model_path!r} ({type(error).__name__}: {error}). "
+                "If this machine is offline or cannot reach the Hugging Face hub, download the model elsewhere "
+                "and pass its local folder: thinkbrake serve --model /path/to/model",
+                status_code=503,
+            ) from error
+
+    def _delimiters(self) -> Delimiters:
+        family = self.settings.delimiters
+        if family != "auto":
+            return delimiters_for(family)
+        template = getattr(self.tokenizer, "chat_template", None)
+        tail = ""
+        if template:
+            try:
+                tail = str(self._render(_PROBE_MESSAGES, {}))[-64:]
+            except Exception:  # noqa: BLE001 - a template that needs more context: fall back to the template text
+                log.warning("could not render the chat template to infer thinking delimiters", exc_info=True)
+        return infer_delimiters(template, tail)
+
+    async def shutdown(self) -> None:
+        if self.engine is not None:
+            engine, self.engine = self.engine, None
+            engine.shutdown()
+
+    def _render(self, messages: list[dict[str, Any]], kwargs: dict[str, Any]) -> str:
+        rendered = self.tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True, **kwargs)
+        return str(rendered)
+
+    def _prompt_ids(self, prompt: Prompt) -> list[int]:
+        if isinstance(prompt, ChatPrompt):
+            try:
+                text = self._render(prompt.messages, prompt.template_kwargs)
+            except Exception as error:  # noqa: BLE001 - jinja/template errors are the client's messages
+                raise BackendError(f"chat template: {error}", 400, "BadRequestError") from error
+            return list(self.tokenizer.encode(text, add_special_tokens=False))
+        if prompt.token_ids is not None:
+            return list(prompt.token_ids)
+        return list(self.tokenizer.encode(prompt.text or ""))
+
+    def _params(self, sampling: Sampling) -> Any:
+        from vllm import SamplingParams
+        from vllm.sampling_params import RequestOutputKind
+
+        known = set(SamplingParams.__struct_fields__)
+        options = {key: value for key, value in sampling.options.items() if key in known and value is not None}
+        try:
+            return SamplingParams(
+                n=1,
+                max_tokens=sampling.max_tokens,
+                output_kind=RequestOutputKind.DELTA,
+                extra_args=dict(sampling.extra_args) if sampling.extra_args else None,
+                **options,
+            )
+        except (TypeError, ValueError) as error:
+            raise BackendError(str(error), 400, "BadRequestError") from error
+
+    def generate(self, prompt: Prompt, sampling: Sampling, request_id: str) -> EngineGeneration:
+        return self.continue_tokens(self._prompt_ids(prompt), sampling, request_id)
+
+    def continue_tokens(self, token_ids: list[int], sampling: Sampling, request_id: str) -> EngineGeneration:
+        from vllm.inputs import TokensPrompt
+
+        if self.engine is None:
+            raise BackendError("the engine is not running", 503, "ServiceUnavailableError")
+        prompt = TokensPrompt(prompt_token_ids=list(token_ids))
+        return EngineGeneration(self, prompt, self._params(sampling), request_id)
+
+    async def encode(self, text: str) -> list[int] | None:
+        return list(self.tokenizer.encode(text, add_special_tokens=False))
+
+    async def prompt_tail(self, prompt: TextPrompt) -> str:
+        if prompt.token_ids is not None:
+            return str(self.tokenizer.decode(prompt.token_ids[-16:]))
+        return (prompt.text or "")[-64:]

@@ -1,0 +1,198 @@
+"""Request and response shapes (OpenAI chat/completions, vLLM/DeepSeek reasoning fields, ``thinkbrake``).
+
+Requests accept unknown top-level fields (clients send many; the upstream backend forwards them) but validate
+the ones the server reads; the ``thinkbrake`` object is strict: an unknown field is an error naming it.
+"""
+
+from __future__ import annotations
+
+import time
+import uuid
+from dataclasses import dataclass
+from typing import Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field
+
+from controller.policies import PolicyConfig, PolicyError, parse_policy
+from server.settings import Finalize, Settings
+
+SERVER_CONTROL_FIELDS = ("finalize", "max_answer_tokens", "shadow")
+#: request fields the server consumes itself; everything else is passed to the backend as sampling options
+CONSUMED_FIELDS = frozenset(
+    {"model", "messages", "prompt", "stream", "stream_options", "n", "max_tokens", "max_completion_tokens",
+     "vllm_xargs", "thinkbrake", "chat_template_kwargs", "return_token_ids"}
+)  # fmt: skip
+
+
+class ChatMessage(BaseModel):
+    model_config = ConfigDict(extra="allow")
+    role: str
+    content: str | list[dict[str, Any]] | None = None
+
+
+class StreamOptions(BaseModel):
+    include_usage: bool = False
+
+
+class GenerationRequest(BaseModel):
+    """Fields shared by chat and completion requests."""
+
+    model_config = ConfigDict(extra="allow")
+    model: str | None = None
+    stream: bool = False
+    stream_options: StreamOptions | None = None
+    n: int = Field(1, ge=1, le=16)
+    max_tokens: int | None = Field(None, ge=1)
+    max_completion_tokens: int | None = Field(None, ge=1)
+    temperature: float | None = Field(None, ge=0)
+    top_p: float | None = Field(None, gt=0, le=1)
+    seed: int | None = None
+    stop: str | list[str] | None = None
+    vllm_xargs: dict[str, str | int | float | list[str | int | float]] | None = None
+    thinkbrake: dict[str, Any] | None = None
+
+    def sampling_options(self) -> dict[str, Any]:
+        """Pass-through sampling options (known and unknown fields the server does not consume)."""
+        data = self.model_dump(exclude_none=True)
+        return {key: value for key, value in data.items() if key not in CONSUMED_FIELDS}
+
+    @property
+    def token_limit(self) -> int | None:
+        return self.max_completion_tokens or self.max_tokens
+
+
+class ChatCompletionRequest(GenerationRequest):
+    messages: list[ChatMessage] = Field(min_length=1)
+    chat_template_kwargs: dict[str, Any] | None = None
+
+
+class CompletionRequest(GenerationRequest):
+    prompt: str | list[int] = Field(min_length=1)
+
+
+@dataclass(frozen=True)
+class RequestControl:
+    """How thinkbrake handles one request: the stop policy and what happens after a stop."""
+
+    policy: PolicyConfig
+    finalize: Finalize
+    max_answer_tokens: int
+    shadow: bool
+
+
+def parse_control(raw: dict[str, Any] | None, settings: Settings, shadow_draw: float) -> RequestControl:
+    """The request's ``thinkbrake`` object merged over the server defaults.
+
+    Raises :class:`PolicyError` whose field is the full request path (``thinkbrake.k``).
+    ``shadow_draw`` is a uniform random number in [0, 1) deciding ``--shadow-rate`` sampling.
+    """
+    raw = dict(raw or {})
+    finalize = raw.pop("finalize", settings.finalize)
+    if finalize not in ("model", "answer", "none"):
+        raise PolicyError("thinkbrake.finalize", f"must be one of model, answer, none; got {finalize!r}")
+    max_answer = raw.pop("max_answer_tokens", settings.max_answer_tokens)
+    if isinstance(max_answer, bool) or not isinstance(max_answer, int) or max_answer < 1:
+        raise PolicyError("thinkbrake.max_answer_tokens", f"must be an integer >= 1, got {max_answer!r}")
+    shadow = raw.pop("shadow", None)
+    if shadow is not None and not isinstance(shadow, bool):
+        raise PolicyError("thinkbrake.shadow", f"must be true or false, got {shadow!r}")
+    name = raw.get("policy", settings.policy)
+    try:
+        policy = parse_policy({"policy": name, **settings.policy_defaults(str(name)), **raw})
+    except PolicyError as error:
+        raise PolicyError(f"thinkbrake.{error.field}", error.message) from None
+    if shadow is None:
+        shadow = shadow_draw < settings.shadow_rate
+    return RequestControl(policy, finalize, max_answer, shadow and policy.name != "off")
+
+
+def new_id(prefix: str) -> str:
+    return f"{prefix}-{uuid.uuid4().hex}"
+
+
+def now() -> int:
+    return int(time.time())
+
+
+class Usage(BaseModel):
+    prompt_tokens: int
+    completion_tokens: int
+    total_tokens: int
+    completion_tokens_details: dict[str, int] | None = None
+    prompt_tokens_details: dict[str, int] | None = None
+
+
+class DeltaMessage(BaseModel):
+    role: Literal["assistant"] | None = None
+    content: str | None = None
+    reasoning_content: str | None = None
+    reasoning: str | None = None
+
+
+class ChatStreamChoice(BaseModel):
+    index: int
+    delta: DeltaMessage
+    finish_reason: str | None = None
+    thinkbrake: dict[str, Any] | None = None
+
+
+class ChatCompletionChunk(BaseModel):
+    id: str
+    object: Literal["chat.completion.chunk"] = "chat.completion.chunk"
+    created: int
+    model: str
+    choices: list[ChatStreamChoice]
+    usage: Usage | None = None
+    thinkbrake: dict[str, Any] | None = None
+
+
+class ResponseMessage(BaseModel):
+    role: Literal["assistant"] = "assistant"
+    content: str | None
+    reasoning_content: str | None = None
+    reasoning: str | None = None
+
+
+class ChatChoice(BaseModel):
+    index: int
+    message: ResponseMessage
+    finish_reason: str | None
+    thinkbrake: dict[str, Any] | None = None
+
+
+class ChatCompletionResponse(BaseModel):
+    id: str
+    object: Literal["chat.completion"] = "chat.completion"
+    created: int
+    model: str
+    choices: list[ChatChoice]
+    usage: Usage
+    thinkbrake: dict[str, Any] | None = None
+
+
+class CompletionChoice(BaseModel):
+    index: int
+    text: str
+    finish_reason: str | None = None
+    thinkbrake: dict[str, Any] | None = None
+
+
+class CompletionResponse(BaseModel):
+    id: str
+    object: Literal["text_completion"] = "text_completion"
+    created: int
+    model: str
+    choices: list[CompletionChoice]
+    usage: Usage | None = None
+    thinkbrake: dict[str, Any] | None = None
+
+
+class ErrorDetail(BaseModel):
+    message: str
+    type: str
+    param: str | None = None
+    code: int | str | None = None
+
+
+class ErrorResponse(BaseModel):
+    error: ErrorDetail

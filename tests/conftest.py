@@ -1,0 +1,3 @@
+"""Shared pytest configuration: the engine fixtures live in tests/support/fixtures.py."""
+
+pytest_plugins = ["tests.support.fixtures"]

@@ -1,0 +1,132 @@
+"""Answer extraction and equivalence, on snippets in the styles of R1, QwQ, Qwen3 and Sky-T1 traces."""
+
+from __future__ import annotations
+
+import pytest
+
+from controller.answers import AnswerComparer, canonical, find_boxed, last_boxed
+from controller.sentences import find_answer, is_reflection, is_rejection
+
+# (snippet, expected key or None, explicit?)
+EXTRACTION = [
+    # R1-distill style (written for these tests)
+    ("So the answer is 5.", "5", True),
+    ("Therefore, the final answer is \\(\\boxed{\\dfrac{3}{4}}\\).", "3/4", True),
+    ("So, 2 + 3 = 5.", "5", False),
+    ("Therefore, Natalia sold 72 clips altogether in April and May.", None, None),
+    ("So, she sold a total of 72 clips.", "72", False),
+    ("So the speed must be 6 mph.", "6", False),
+    ("Thus, the probability is \\( \\frac{1}{6} \\).", "1/6", False),
+    ("Hence the answer is (C).", "C", True),
+    ("**Final Answer**\n\\[ \\boxed{27} \\]", "27", True),
+    # Qwen3 style (written for these tests)
+    ("So the total cost is $1,250.", "1250", False),
+    ("Therefore, x = \\( \\frac{\\sqrt{3}}{2} \\).", "\\frac{\\sqrt{3}}{2}", False),
+    ("So the solution set is \\([1, 3)\\).", "[1,3)", False),
+    ("So the answer should be 2.0.", "2", True),
+    # QwQ / Sky-T1 style (paraphrased from the dev traces' phrasing)
+    ("So, final answer is 27 miles from city A.", "27", True),
+    (
+        "So, there are 8 possible values for k, which means there are 8 positive perfect squares less than 2023.",
+        "8",
+        False,
+    ),
+    ("Therefore, the area of the rectangle is 48 square units.", "48", False),
+    # traps: labels, list numbering, dates, conditionals, questions, negation, lists, operands, indexed steps
+    ("So, in step 2, we simplify the fraction.", None, None),
+    ("2. So we move on to case 3.", None, None),
+    ("So the meeting is on March 3.", None, None),
+    ("If x = 5, then the sum is 12.", None, None),
+    ("So is the answer 12?", None, None),
+    ("So the answer is not 5.", None, None),
+    ("So, the value is not 5.", None, None),
+    ("Therefore, the elements are a = 11, 10, 9, 8.", None, None),
+    ("So, 18t = 45 - 12t.", None, None),
+    ("So, d_2 = 2.", None, None),
+    ("Let me compute 3 + 4 = 7.", None, None),
+    ("Maybe the answer is 12.", None, None),
+    ("The function returns 0 when the list is empty.", None, None),
+]
+
+
+@pytest.mark.parametrize("snippet,key,explicit", EXTRACTION)
+def test_extraction_table(snippet: str, key: str | None, explicit: bool | None) -> None:
+    found = find_answer(snippet)
+    if key is None:
+        assert found is None, found
+    else:
+        assert found is not None, snippet
+        assert (found.key, found.explicit) == (key, explicit)
+
+
+@pytest.mark.parametrize(
+    "sentence,reflection,rejection",
+    [
+        ("Wait, let me double-check that.", True, False),
+        ("But let me double-check the arithmetic.", True, False),
+        ("Alternatively, I could use the relative speed.", True, False),
+        ("Let me verify this with another method.", True, False),
+        ("Hmm, that seems too easy.", True, False),
+        ("Wait, no, that's wrong.", True, True),
+        ("That can't be right.", True, True),
+        ("I think I made a mistake in the second step.", True, True),
+        ("So, the answer is 5.", False, False),
+        ("Waiting times are exponential.", False, False),
+        ("Nobody knows.", False, False),
+    ],
+)
+def test_reflections_and_rejections(sentence: str, reflection: bool, rejection: bool) -> None:
+    assert is_reflection(sentence) == reflection
+    assert is_rejection(sentence) == rejection
+
+
+@pytest.mark.parametrize(
+    "a", ["2", "2.0", "\\frac{4}{2}", "\\boxed{2}", "$2$", "\\(2\\)", "4/2", "2 units", "\\dfrac{4}{2}"]
+)
+def test_one_answer_many_spellings(a: str) -> None:
+    assert canonical(a) == "2"
+    assert AnswerComparer().equal(a, "2")
+
+
+def test_choices_and_thousands() -> None:
+    assert canonical("(C)") == canonical("\\textbf{(C)}") == "C"
+    assert canonical("1,000") == "1000"
+
+
+def test_math_verify_equivalence_beyond_keys() -> None:
+    comparer = AnswerComparer()
+    assert comparer.equal("\\frac{\\sqrt{3}}{2}", "\\frac{\\sqrt3}{2}")
+    assert comparer.equal("0.5", "\\frac12")
+    assert not comparer.equal("[1, 3)", "[1, 3]")
+    assert not comparer.equal("5", "6")
+    assert not comparer.equal("\\frac{\\sqrt{3}}{2}", "\\frac{\\sqrt{2}}{2}")
+
+
+def test_math_verify_runs_off_the_main_thread_with_a_bound() -> None:
+    import threading
+
+    comparer = AnswerComparer(timeout_seconds=5)
+    result: list[bool] = []
+    thread = threading.Thread(target=lambda: result.append(comparer.equal("\\sqrt{8}", "2\\sqrt{2}")))
+    thread.start()
+    thread.join(30)
+    assert result == [True]
+
+
+def test_timeout_counts_as_not_equal(monkeypatch: pytest.MonkeyPatch) -> None:
+    import time
+
+    import controller.answers as answers
+
+    monkeypatch.setattr(answers, "_math_verify_equal", lambda a, b: time.sleep(2) or True)
+    comparer = AnswerComparer(timeout_seconds=0.1)
+    started = time.monotonic()
+    assert comparer.equal("\\sqrt{2}", "\\pi") is False
+    assert time.monotonic() - started < 1.5
+    assert comparer.timeouts == 1
+
+
+def test_boxed_extraction() -> None:
+    assert find_boxed("a \\boxed{\\frac{1}{2}} b \\boxed{x^{2}}") == ["\\frac{1}{2}", "x^{2}"]
+    assert last_boxed("no box") is None
+    assert find_boxed("\\boxed{unterminated") == []
