@@ -30,7 +30,8 @@ COPY README.m[d] ./
 COPY controller/ controller/
 COPY server/ server/
 RUN pip install --no-deps . \
-    && useradd --create-home --uid 10001 --shell /usr/sbin/nologin thinkbrake
+    && useradd --create-home --uid 10001 --shell /usr/sbin/nologin thinkbrake \
+    && install -d -o thinkbrake -g thinkbrake /home/thinkbrake/.cache/huggingface
 USER thinkbrake
 EXPOSE 8000
 HEALTHCHECK --interval=15s --timeout=5s --start-period=20s --retries=3 \
@@ -75,7 +76,8 @@ COPY controller/ controller/
 COPY server/ server/
 # vllm is already installed in the base image; only thinkbrake's own dependencies are added.
 RUN python3 -m pip install . \
-    && useradd --create-home --uid 10001 --shell /usr/sbin/nologin thinkbrake
+    && useradd --create-home --uid 10001 --shell /usr/sbin/nologin thinkbrake \
+    && install -d -o thinkbrake -g thinkbrake /home/thinkbrake/.cache/huggingface
 USER thinkbrake
 EXPOSE 8000
 HEALTHCHECK --interval=15s --timeout=5s --start-period=600s --retries=3 \

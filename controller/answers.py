@@ -168,7 +168,11 @@ def _as_latex(answer: str) -> str:
 
 def _math_verify_equal(first: str, second: str) -> bool:
     """Math-Verify equivalence with its signal-based timeouts disabled (we bound time ourselves)."""
+    import logging
+
     from math_verify import parse, verify  # heavy import (sympy), only when needed
+
+    logging.getLogger("math_verify").setLevel(logging.ERROR)  # it warns that we disabled its signal timeout
 
     gold = parse(_as_latex(first), parsing_timeout=None)
     target = parse(_as_latex(second), parsing_timeout=None)

@@ -53,6 +53,8 @@ class ThinkingSplitter:
 
     def feed(self, delta: str) -> list[Piece]:
         """Consume one delta; return the pieces that are now certain."""
+        if not self._held and self.state == THINKING and self.delimiters.end[0] not in delta:
+            return [Piece(THINKING, delta)] if delta else []  # fast path: no tag can start in this delta
         pieces: list[Piece] = []
         text = self._held + delta
         self._held = ""

@@ -7,10 +7,10 @@ embedded engine, or ``upstream``); the default policy and its arguments parse; `
 
 from __future__ import annotations
 
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 
 from pydantic import Field, field_validator, model_validator
-from pydantic_settings import BaseSettings, SettingsConfigDict
+from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
 
 from controller.policies import DEFAULT_POLICY, PolicyConfig, PolicyError, parse_policy
 
@@ -29,7 +29,7 @@ class Settings(BaseSettings):
     host: str = "127.0.0.1"
     port: int = Field(8000, ge=0, le=65535)
     policy: str = DEFAULT_POLICY
-    policy_args: dict[str, str] = Field(default_factory=dict)
+    policy_args: Annotated[dict[str, str], NoDecode] = Field(default_factory=dict)
     delimiters: DelimiterFamily = "auto"
     finalize: Finalize = "model"
     max_answer_tokens: int = Field(1024, ge=1)
@@ -39,7 +39,7 @@ class Settings(BaseSettings):
     request_timeout: float = Field(600.0, gt=0)
     max_model_len: int | None = Field(None, ge=1)
     kv_cache_bytes: int | None = Field(None, ge=1, description="KV cache size of the embedded engine in bytes")
-    logits_processors: list[str] = Field(default_factory=list)
+    logits_processors: Annotated[list[str], NoDecode] = Field(default_factory=list)
     enforce_eager: bool = False
     log_level: str = "info"
 

@@ -1,0 +1,128 @@
+"""``build_app``: the FastAPI application around one backend.
+
+The backend starts in the lifespan context, in the background so ``GET /health`` can answer 503 while the
+model loads, and is always shut down when the app stops. Every error leaves in the OpenAI shape
+``{"error": {"message", "type", "param", "code"}}``; all handlers are registered in :func:`_add_error_handlers`.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from collections.abc import AsyncIterator, Callable
+from contextlib import asynccontextmanager
+from typing import Any
+
+from fastapi import FastAPI, Request
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import JSONResponse, Response
+from starlette.exceptions import HTTPException
+
+from controller.policies import PolicyError
+from server.backend import Backend, BackendError
+from server.metrics import Metrics
+from server.protocol import ChatCompletionRequest, CompletionRequest, now
+from server.routes import ModelNotFound, Service, error_response
+from server.settings import Settings
+
+log = logging.getLogger(__name__)
+
+
+def build_app(
+    settings: Settings,
+    backend: Backend,
+    metrics: Metrics | None = None,
+    on_startup_failure: Callable[[BaseException], None] | None = None,
+) -> FastAPI:
+    """The server app. ``on_startup_failure`` is called if the backend cannot start (the CLI exits then)."""
+    service = Service(settings, backend, metrics or Metrics(registry=None))
+
+    @asynccontextmanager
+    async def lifespan(app: FastAPI) -> AsyncIterator[None]:
+        async def start() -> None:
+            try:
+                await backend.start()
+            except asyncio.CancelledError:
+                raise
+            except BaseException as error:  # noqa: BLE001 - reported, and the server stays unready
+                log.error("backend failed to start: %s", error)
+                app.state.startup_error = error
+                if on_startup_failure is not None:
+                    on_startup_failure(error)
+
+        app.state.startup_error = None
+        task = asyncio.create_task(start())
+        try:
+            yield
+        finally:
+            task.cancel()
+            await asyncio.gather(task, return_exceptions=True)
+            await backend.shutdown()
+
+    app = FastAPI(title="thinkbrake", lifespan=lifespan)
+    app.state.service = service
+    _add_error_handlers(app)
+
+    @app.post("/v1/chat/completions")
+    async def chat_completions(request: ChatCompletionRequest) -> Any:
+        return await service.chat(request)
+
+    @app.post("/v1/completions")
+    async def completions(request: CompletionRequest) -> Any:
+        return await service.completions(request)
+
+    @app.get("/v1/models")
+    async def models() -> dict[str, Any]:
+        names = [backend.model_name] if backend.ready else []
+        cards = [{"id": name, "object": "model", "created": now(), "owned_by": "thinkbrake"} for name in names]
+        return {"object": "list", "data": cards}
+
+    @app.get("/health")
+    async def health() -> Response:
+        if backend.ready:
+            return Response(status_code=200)
+        error = app.state.startup_error
+        message = f"backend failed to start: {error}" if error else "the model is still loading"
+        return error_response(503, message, "ServiceUnavailableError", code=503)
+
+    @app.get("/metrics")
+    async def metrics_endpoint() -> Response:
+        body, content_type = service.metrics.render()
+        return Response(body, media_type=content_type)
+
+    return app
+
+
+def _param(location: tuple[Any, ...]) -> str | None:
+    parts = [str(part) for part in location if part != "body"]
+    return ".".join(parts) or None
+
+
+def _add_error_handlers(app: FastAPI) -> None:
+    @app.exception_handler(RequestValidationError)
+    async def validation_error(_: Request, error: RequestValidationError) -> JSONResponse:
+        first = error.errors()[0] if error.errors() else {"loc": (), "msg": "invalid request"}
+        param = _param(tuple(first.get("loc", ())))
+        message = f"{param}: {first.get('msg')}" if param else str(first.get("msg"))
+        return error_response(400, message, "BadRequestError", param=param, code=400)
+
+    @app.exception_handler(PolicyError)
+    async def policy_error(_: Request, error: PolicyError) -> JSONResponse:
+        return error_response(400, str(error), "BadRequestError", param=error.field, code=400)
+
+    @app.exception_handler(ModelNotFound)
+    async def model_not_found(_: Request, error: ModelNotFound) -> JSONResponse:
+        return error_response(404, str(error), "NotFoundError", param="model", code="model_not_found")
+
+    @app.exception_handler(BackendError)
+    async def backend_error(_: Request, error: BackendError) -> JSONResponse:
+        return error_response(error.status_code, error.message, error.error_type, code=error.status_code)
+
+    @app.exception_handler(HTTPException)
+    async def http_error(_: Request, error: HTTPException) -> JSONResponse:
+        return error_response(error.status_code, str(error.detail), "HTTPError", code=error.status_code)
+
+    @app.exception_handler(Exception)
+    async def internal_error(_: Request, error: Exception) -> JSONResponse:
+        log.exception("unhandled error", exc_info=error)
+        return error_response(500, f"{type(error).__name__}: {error}", "InternalServerError", code=500)

@@ -1,0 +1,328 @@
+"""The generation endpoints: ``/v1/chat/completions`` and ``/v1/completions``, streamed (SSE) or not.
+
+Each choice runs in its own task (:class:`server.choice.ChoiceRunner`); their events are merged into one
+stream. The first event is awaited before the HTTP response starts, so a request the backend rejects at once
+(a prompt too long, bad sampling values) still gets a proper HTTP error; later failures become one SSE error
+event followed by ``data: [DONE]``. Cancelling the response (client disconnect) cancels every choice task,
+which aborts its backend request.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import random
+from collections.abc import AsyncIterator
+from contextlib import aclosing
+from typing import Any
+
+from fastapi.responses import JSONResponse, StreamingResponse
+from pydantic import BaseModel
+
+from controller.answers import AnswerComparer
+from controller.delimiters import Delimiters
+from controller.policies import OffConfig
+from server.backend import Backend, BackendError, ChatPrompt, Prompt, Sampling, TextPrompt
+from server.choice import ChoiceEvent, ChoiceResult, ChoiceRunner, RunContext
+from server.metrics import Metrics
+from server.protocol import (
+    ChatChoice,
+    ChatCompletionChunk,
+    ChatCompletionRequest,
+    ChatCompletionResponse,
+    ChatStreamChoice,
+    CompletionChoice,
+    CompletionRequest,
+    CompletionResponse,
+    DeltaMessage,
+    ErrorDetail,
+    ErrorResponse,
+    GenerationRequest,
+    RequestControl,
+    ResponseMessage,
+    Usage,
+    new_id,
+    now,
+    parse_control,
+)
+from server.settings import Settings
+
+log = logging.getLogger(__name__)
+
+
+class ModelNotFound(Exception):
+    def __init__(self, model: str) -> None:
+        super().__init__(f"The model `{model}` does not exist.")
+        self.model = model
+
+
+def sse(payload: BaseModel | str) -> str:
+    data = payload if isinstance(payload, str) else payload.model_dump_json(exclude_none=True)
+    return f"data: {data}\n\n"
+
+
+def usage_of(results: list[ChoiceResult]) -> Usage:
+    """Prompt counted once; completion = every generated token of every choice (continuations included)."""
+    prompt = results[0].prompt_tokens if results else 0
+    completion = sum(result.generated_tokens for result in results)
+    reasoning = sum(result.thinking_tokens for result in results)
+    return Usage(
+        prompt_tokens=prompt,
+        completion_tokens=completion,
+        total_tokens=prompt + completion,
+        completion_tokens_details={"reasoning_tokens": reasoning},
+    )
+
+
+def summary(results: list[ChoiceResult], control: RequestControl) -> dict[str, Any]:
+    """The top-level ``thinkbrake`` object: choice 0's fields, plus every choice's when n > 1."""
+    infos = [result.info(control.policy.name, control.shadow) for result in results]
+    top = dict(infos[0])
+    if len(infos) > 1:
+        top["choices"] = infos
+    return top
+
+
+async def merge(runners: list[ChoiceRunner]) -> AsyncIterator[ChoiceEvent]:
+    """Events of all runners in arrival order; cancels every runner when closed early."""
+    queue: asyncio.Queue[ChoiceEvent | Exception] = asyncio.Queue()
+
+    async def pump(runner: ChoiceRunner) -> None:
+        try:
+            async with aclosing(runner.run()) as events:
+                async for event in events:
+                    await queue.put(event)
+        except Exception as error:  # noqa: BLE001 - handed to the consumer, which reports it
+            await queue.put(error)
+
+    tasks = [asyncio.create_task(pump(runner)) for runner in runners]
+    remaining = len(runners)
+    try:
+        while remaining:
+            item = await queue.get()
+            if isinstance(item, Exception):
+                raise item
+            if item.result is not None:
+                remaining -= 1
+            if not item.empty:
+                yield item
+    finally:
+        for task in tasks:
+            task.cancel()
+        await asyncio.gather(*tasks, return_exceptions=True)
+
+
+class Service:
+    """Request handling for one server: validation, choice runners, response shapes."""
+
+    def __init__(self, settings: Settings, backend: Backend, metrics: Metrics) -> None:
+        self.settings = settings
+        self.backend = backend
+        self.metrics = metrics
+        self.comparer = AnswerComparer()
+        self.random = random.Random()
+
+    def check_model(self, model: str | None) -> None:
+        if not self.backend.ready:
+            raise BackendError("the model is still loading", 503, "ServiceUnavailableError")
+        if model is not None and model not in {self.backend.model_name, self.settings.model}:
+            raise ModelNotFound(model)
+
+    def _runners(
+        self, request: GenerationRequest, prompt: Prompt, control: RequestControl, delimiters: Delimiters, raw: bool
+    ) -> list[ChoiceRunner]:
+        context = RunContext(self.backend, self.metrics, self.comparer, self.backend.model_name)
+        sampling = Sampling(request.token_limit, request.sampling_options(), request.vllm_xargs)
+        request_id = new_id("tb")
+        return [
+            ChoiceRunner(context, index, f"{request_id}-{index}", prompt, sampling, control, delimiters, raw)
+            for index in range(request.n)
+        ]
+
+    async def chat(self, request: ChatCompletionRequest) -> Any:
+        self.check_model(request.model)
+        control = parse_control(request.thinkbrake, self.settings, self.random.random())
+        messages = [message.model_dump(exclude_none=True) for message in request.messages]
+        prompt = ChatPrompt(messages, request.chat_template_kwargs or {})
+        runners = self._runners(request, prompt, control, self.backend.delimiters, raw=False)
+        events = merge(runners)
+        first = await _first(events)
+        if request.stream:
+            include_usage = bool(request.stream_options and request.stream_options.include_usage)
+            body = self._chat_stream(first, events, control, request.n, include_usage)
+            return StreamingResponse(body, media_type="text/event-stream")
+        return await self._chat_response(first, events, control, request.n)
+
+    async def completions(self, request: CompletionRequest) -> Any:
+        self.check_model(request.model)
+        control = parse_control(request.thinkbrake, self.settings, self.random.random())
+        prompt = TextPrompt(request.prompt) if isinstance(request.prompt, str) else TextPrompt(token_ids=request.prompt)
+        tail = (await self.backend.prompt_tail(prompt)).rstrip()
+        start, end = self.backend.delimiters.start, self.backend.delimiters.end
+        if tail.endswith(start):
+            delimiters = Delimiters(start, end, implicit_start=True)
+        else:  # the prompt does not leave the model inside thinking: nothing to stop
+            delimiters = Delimiters(start, end, implicit_start=False)
+            control = RequestControl(OffConfig(), control.finalize, control.max_answer_tokens, shadow=False)
+        runners = self._runners(request, prompt, control, delimiters, raw=True)
+        events = merge(runners)
+        first = await _first(events)
+        if request.stream:
+            include_usage = bool(request.stream_options and request.stream_options.include_usage)
+            body = self._completion_stream(first, events, control, request.n, include_usage)
+            return StreamingResponse(body, media_type="text/event-stream")
+        return await self._completion_response(first, events, control, request.n)
+
+    async def _chat_response(
+        self, first: ChoiceEvent | None, events: AsyncIterator[ChoiceEvent], control: RequestControl, n: int
+    ) -> ChatCompletionResponse:
+        reasoning, content = [""] * n, [""] * n
+        results: list[ChoiceResult | None] = [None] * n
+        async for event in _chain(first, events):
+            reasoning[event.index] += event.reasoning
+            content[event.index] += event.content
+            if event.result is not None:
+                results[event.index] = event.result
+        done = [result for result in results if result is not None]
+        choices = [
+            ChatChoice(
+                index=index,
+                message=ResponseMessage(
+                    content=content[index] or None,
+                    reasoning_content=reasoning[index] or None,
+                    reasoning=reasoning[index] or None,
+                ),
+                finish_reason=result.finish_reason,
+                thinkbrake=result.info(control.policy.name, control.shadow),
+            )
+            for index, result in enumerate(done)
+        ]
+        return ChatCompletionResponse(
+            id=new_id("chatcmpl"), created=now(), model=self.backend.model_name, choices=choices,
+            usage=usage_of(done), thinkbrake=summary(done, control),
+        )  # fmt: skip
+
+    async def _chat_stream(
+        self, first: ChoiceEvent | None, events: AsyncIterator[ChoiceEvent], control: RequestControl, n: int,
+        include_usage: bool,
+    ) -> AsyncIterator[str]:  # fmt: skip
+        chunk_id, created, model = new_id("chatcmpl"), now(), self.backend.model_name
+
+        def chunk(choices: list[ChatStreamChoice], **extra: Any) -> str:
+            return sse(ChatCompletionChunk(id=chunk_id, created=created, model=model, choices=choices, **extra))
+
+        results: list[ChoiceResult | None] = [None] * n
+        try:
+            for index in range(n):
+                yield chunk([ChatStreamChoice(index=index, delta=DeltaMessage(role="assistant", content=""))])
+            async for event in _chain(first, events):
+                if event.reasoning or event.content:
+                    delta = DeltaMessage(
+                        content=event.content or None,
+                        reasoning_content=event.reasoning or None,
+                        reasoning=event.reasoning or None,
+                    )
+                    yield chunk([ChatStreamChoice(index=event.index, delta=delta)])
+                if event.result is not None:
+                    results[event.index] = result = event.result
+                    info = result.info(control.policy.name, control.shadow)
+                    last = all(item is not None for item in results)
+                    extra = {"thinkbrake": summary(_done(results), control)} if last and not include_usage else {}
+                    final = ChatStreamChoice(
+                        index=event.index, delta=DeltaMessage(), finish_reason=result.finish_reason, thinkbrake=info
+                    )
+                    yield chunk([final], **extra)
+            if include_usage:
+                done = _done(results)
+                yield chunk([], usage=usage_of(done), thinkbrake=summary(done, control))
+        except Exception as error:  # noqa: BLE001 - mid-stream failure: one error event, then [DONE]
+            yield sse(error_body(error))
+        yield sse("[DONE]")
+
+    async def _completion_response(
+        self, first: ChoiceEvent | None, events: AsyncIterator[ChoiceEvent], control: RequestControl, n: int
+    ) -> CompletionResponse:
+        texts = [""] * n
+        results: list[ChoiceResult | None] = [None] * n
+        async for event in _chain(first, events):
+            texts[event.index] += event.text
+            if event.result is not None:
+                results[event.index] = event.result
+        done = _done(results)
+        choices = [
+            CompletionChoice(
+                index=index, text=texts[index], finish_reason=result.finish_reason,
+                thinkbrake=result.info(control.policy.name, control.shadow),
+            )
+            for index, result in enumerate(done)
+        ]  # fmt: skip
+        return CompletionResponse(
+            id=new_id("cmpl"), created=now(), model=self.backend.model_name, choices=choices,
+            usage=usage_of(done), thinkbrake=summary(done, control),
+        )  # fmt: skip
+
+    async def _completion_stream(
+        self, first: ChoiceEvent | None, events: AsyncIterator[ChoiceEvent], control: RequestControl, n: int,
+        include_usage: bool,
+    ) -> AsyncIterator[str]:  # fmt: skip
+        chunk_id, created, model = new_id("cmpl"), now(), self.backend.model_name
+
+        def chunk(choices: list[CompletionChoice], **extra: Any) -> str:
+            return sse(CompletionResponse(id=chunk_id, created=created, model=model, choices=choices, **extra))
+
+        results: list[ChoiceResult | None] = [None] * n
+        try:
+            async for event in _chain(first, events):
+                if event.text:
+                    yield chunk([CompletionChoice(index=event.index, text=event.text)])
+                if event.result is not None:
+                    results[event.index] = result = event.result
+                    last = all(item is not None for item in results)
+                    extra = {"thinkbrake": summary(_done(results), control)} if last and not include_usage else {}
+                    final = CompletionChoice(
+                        index=event.index, text="", finish_reason=result.finish_reason,
+                        thinkbrake=result.info(control.policy.name, control.shadow),
+                    )  # fmt: skip
+                    yield chunk([final], **extra)
+            if include_usage:
+                done = _done(results)
+                yield chunk([], usage=usage_of(done), thinkbrake=summary(done, control))
+        except Exception as error:  # noqa: BLE001 - mid-stream failure: one error event, then [DONE]
+            yield sse(error_body(error))
+        yield sse("[DONE]")
+
+
+def _done(results: list[ChoiceResult | None]) -> list[ChoiceResult]:
+    return [result for result in results if result is not None]
+
+
+async def _first(events: AsyncIterator[ChoiceEvent]) -> ChoiceEvent | None:
+    """The first event, so errors raised before any output become ordinary HTTP errors."""
+    try:
+        return await events.__anext__()
+    except StopAsyncIteration:
+        return None
+    except BaseException:
+        await events.aclose()  # type: ignore[attr-defined]
+        raise
+
+
+async def _chain(first: ChoiceEvent | None, events: AsyncIterator[ChoiceEvent]) -> AsyncIterator[ChoiceEvent]:
+    async with aclosing(events) as rest:  # type: ignore[type-var]
+        if first is not None:
+            yield first
+            async for event in rest:
+                yield event
+
+
+def error_body(error: Exception) -> ErrorResponse:
+    """The OpenAI error shape for an exception raised while serving a request."""
+    if isinstance(error, BackendError):
+        return ErrorResponse(error=ErrorDetail(message=error.message, type=error.error_type, code=error.status_code))
+    log.exception("request failed", exc_info=error)
+    return ErrorResponse(error=ErrorDetail(message=f"{type(error).__name__}: {error}", type="InternalServerError"))
+
+
+def error_response(status: int, message: str, error_type: str, param: str | None = None, code: Any = None) -> Any:
+    body = ErrorResponse(error=ErrorDetail(message=message, type=error_type, param=param, code=code))
+    return JSONResponse(body.model_dump(), status_code=status)
