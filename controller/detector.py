@@ -70,7 +70,7 @@ class SolutionDetector:
     def __init__(self, max_sentence_chars: int = 2000, max_gap_sentences: int = 1, loop_chars: int = 4000) -> None:
         self.loop_chars = loop_chars
         self.repeated_chars = 0
-        self._seen: set[str] = set()
+        self._seen: set[int] = set()  # hashes of sentences seen (bounded by _MAX_REMEMBERED)
         self._loop_reported = False
         self.max_gap_sentences = max_gap_sentences
         self.max_sentence_chars = max_sentence_chars
@@ -151,7 +151,8 @@ class SolutionDetector:
         """
         if len(sentence) < _MIN_LOOP_SENTENCE:
             return
-        if sentence in self._seen:
+        fingerprint = hash(sentence)
+        if fingerprint in self._seen:
             self.repeated_chars += len(sentence)
             if self.repeated_chars >= self.loop_chars > 0 and not self._loop_reported:
                 self._loop_reported = True
@@ -160,7 +161,7 @@ class SolutionDetector:
             self.repeated_chars = 0
             self._loop_reported = False
             if len(self._seen) < _MAX_REMEMBERED:
-                self._seen.add(sentence)
+                self._seen.add(fingerprint)
 
     def _classify(self, sentence: str, events: list[Event]) -> None:
         self._track_repetition(sentence, events)
