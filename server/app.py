@@ -22,7 +22,7 @@ from controller.policies import PolicyError
 from server.backend import Backend, BackendError
 from server.metrics import Metrics
 from server.protocol import ChatCompletionRequest, CompletionRequest, now
-from server.routes import ModelNotFound, Service, error_response
+from server.routes import ModelNotFound, Service, error_response, unless_disconnected
 from server.settings import Settings
 
 log = logging.getLogger(__name__)
@@ -64,12 +64,12 @@ def build_app(
     _add_error_handlers(app)
 
     @app.post("/v1/chat/completions")
-    async def chat_completions(request: ChatCompletionRequest) -> Any:
-        return await service.chat(request)
+    async def chat_completions(body: ChatCompletionRequest, request: Request) -> Any:
+        return await unless_disconnected(request, service.chat(body))
 
     @app.post("/v1/completions")
-    async def completions(request: CompletionRequest) -> Any:
-        return await service.completions(request)
+    async def completions(body: CompletionRequest, request: Request) -> Any:
+        return await unless_disconnected(request, service.completions(body))
 
     @app.get("/v1/models")
     async def models() -> dict[str, Any]:

@@ -11,7 +11,7 @@ the backend stop decoding; after it the iterator ends.
 
 from __future__ import annotations
 
-from collections.abc import AsyncIterator
+from collections.abc import AsyncGenerator
 from dataclasses import dataclass, field
 from typing import Any, Protocol
 
@@ -72,7 +72,7 @@ class Generation(Protocol):
 
     prompt_token_ids: list[int] | None
 
-    def __aiter__(self) -> AsyncIterator[Chunk]: ...
+    def __aiter__(self) -> AsyncGenerator[Chunk, None]: ...
 
     async def abort(self) -> None: ...
 

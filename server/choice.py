@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import logging
 import time
-from collections.abc import AsyncIterator
+from collections.abc import AsyncGenerator
 from contextlib import aclosing
 from dataclasses import dataclass, field
 from typing import Any
@@ -120,7 +120,7 @@ class ChoiceRunner:
     _last_answer: str | None = None
     _content: list[str] = field(default_factory=list)
 
-    async def run(self) -> AsyncIterator[ChoiceEvent]:
+    async def run(self) -> AsyncGenerator[ChoiceEvent, None]:
         """Yield the choice's events; the last one carries the result."""
         controller = ThinkingController(self.control.policy, self.delimiters, self.context.comparer)
         result = ChoiceResult(finish_reason="stop")
@@ -135,7 +135,9 @@ class ChoiceRunner:
         self._record(controller, result, self._outcome(result))
         yield ChoiceEvent(self.index, result=result)
 
-    async def _generate(self, controller: ThinkingController, result: ChoiceResult) -> AsyncIterator[ChoiceEvent]:
+    async def _generate(
+        self, controller: ThinkingController, result: ChoiceResult
+    ) -> AsyncGenerator[ChoiceEvent, None]:
         generation = self.context.backend.generate(self.prompt, self.sampling, self.request_id)
         generated: list[int] = []
         decision: StopDecision | None = None
@@ -159,7 +161,7 @@ class ChoiceRunner:
         finally:
             if not finished:
                 await generation.abort()
-            await stream.aclose()  # type: ignore[attr-defined]
+            await stream.aclose()
         result.prompt_tokens = len(generation.prompt_token_ids or [])
         result.generated_tokens = len(generated)
         if decision is None:
@@ -177,7 +179,7 @@ class ChoiceRunner:
         generation: Generation,
         generated: list[int],
         decision: StopDecision,
-    ) -> AsyncIterator[ChoiceEvent]:
+    ) -> AsyncGenerator[ChoiceEvent, None]:
         backend = self.context.backend
         finalize = self.control.finalize
         end_text = backend.think_end_text
@@ -213,7 +215,7 @@ class ChoiceRunner:
         finally:
             if not finished:
                 await continuation.abort()
-            await stream.aclose()  # type: ignore[attr-defined]
+            await stream.aclose()
         result.continuation_cached_tokens = getattr(continuation, "num_cached_tokens", None)
         yield self._event(controller.finish(), "")
 
@@ -240,7 +242,7 @@ class ChoiceRunner:
     def _finish_result(self, controller: ThinkingController, result: ChoiceResult) -> None:
         result.thinking_tokens = controller.thinking_tokens
         result.answer_tokens = controller.answer_tokens
-        result.solutions = controller.solutions
+        result.solutions = max(controller.solutions, result.decision.solutions if result.decision else 0)
         result.controller_error = controller.error
         would = result.shadow_decision
         if would is not None and would.answer is not None:
@@ -269,7 +271,7 @@ class ChoiceRunner:
                     prompt_tokens=result.prompt_tokens,
                     thinking_tokens=controller.thinking_tokens,
                     answer_tokens=controller.answer_tokens,
-                    solutions=controller.solutions,
+                    solutions=max(controller.solutions, decision.solutions if decision else 0),
                     stop_position_tokens=decision.tokens if decision else None,
                     shadow=self.control.shadow,
                     shadow_would_stop=would is not None,

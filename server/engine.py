@@ -9,7 +9,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import os
-from collections.abc import AsyncIterator
+from collections.abc import AsyncGenerator
 from typing import Any
 
 from controller.delimiters import Delimiters, delimiters_for, infer_delimiters
@@ -19,6 +19,13 @@ from server.settings import Settings
 log = logging.getLogger(__name__)
 
 _PROBE_MESSAGES = [{"role": "user", "content": "ping"}]
+#: OpenAI/vLLM request fields that map one to one onto ``SamplingParams`` (others, e.g. ``logprobs`` or
+#: ``response_format``, are not supported by the embedded backend and are ignored)
+_SAMPLING_OPTIONS = frozenset(
+    {"temperature", "top_p", "top_k", "min_p", "seed", "stop", "stop_token_ids", "presence_penalty",
+     "frequency_penalty", "repetition_penalty", "ignore_eos", "min_tokens", "skip_special_tokens",
+     "spaces_between_special_tokens", "include_stop_str_in_output"}
+)  # fmt: skip
 
 
 class EngineGeneration:
@@ -34,7 +41,7 @@ class EngineGeneration:
         self._stream: Any = None
         self._aborted = False
 
-    async def __aiter__(self) -> AsyncIterator[Chunk]:
+    async def __aiter__(self) -> AsyncGenerator[Chunk, None]:
         engine = self._backend.engine
         self._stream = engine.generate(self._prompt, self._params, self.request_id)
         try:
@@ -148,8 +155,7 @@ class EmbeddedBackend:
         from vllm import SamplingParams
         from vllm.sampling_params import RequestOutputKind
 
-        known = set(SamplingParams.__struct_fields__)
-        options = {key: value for key, value in sampling.options.items() if key in known and value is not None}
+        options = {key: value for key, value in sampling.options.items() if key in _SAMPLING_OPTIONS}
         try:
             return SamplingParams(
                 n=1,

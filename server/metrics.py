@@ -37,6 +37,10 @@ Agreement: a shadow request that would have stopped is *compared* when both the 
 the final answer could be extracted (``shadow_agree`` is not None); ``thinkbrake_shadow_agree_total`` over
 ``thinkbrake_shadow_compared_total`` is the agreement ratio.
 
+Series of a ``(model, policy)`` pair are created at 0 when its first request ends, or earlier with
+:meth:`Metrics.prepare` (call it at startup for the served model and default policy): ``rate()`` only sees an
+increment if Prometheus scraped the series before it.
+
 Errors count in ``requests_total{outcome="error"}`` and in the token counters (the tokens were generated) but not in
 the per-request histograms or the savings.
 
@@ -65,13 +69,15 @@ MULTIPROC_ENV: Final = "PROMETHEUS_MULTIPROC_DIR"
 
 #: Reason label for a stop whose record carries no reason.
 UNKNOWN_REASON: Final = "unknown"
+#: The stop reasons of controller/policies.py; their series are created at 0 up front (see :meth:`Metrics.prepare`).
+STOP_REASONS: Final = ("first_answer", "confirmed", "consistent", "loop", "budget", "max_thinking_tokens")
 
 SOLUTION_BUCKETS: Final = (0, 1, 2, 3, 4, 5, 6, 8, 10, 15, 20, 30)
 TOKEN_BUCKETS: Final = (64, 128, 256, 512, 1024, 2048, 4096, 8192, 16384, 32768, 65536)
 RATIO_BUCKETS: Final = (0.1, 0.2, 0.3, 0.4, 0.5, 0.6, 0.7, 0.8, 0.9, 1.0)
 CONTROLLER_BUCKETS: Final = (1e-6, 3e-6, 1e-5, 3e-5, 1e-4, 3e-4, 1e-3, 3e-3, 1e-2)
-TTFT_BUCKETS: Final = (0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0)
-LATENCY_BUCKETS: Final = (0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 20.0, 40.0, 60.0, 120.0, 300.0, 600.0)
+TTFT_BUCKETS: Final = (0.001, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0)
+LATENCY_BUCKETS: Final = (0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 20.0, 40.0, 60.0, 120.0, 300.0, 600.0)
 
 
 @dataclass(frozen=True)
@@ -133,6 +139,7 @@ class Metrics:
         self._registry = REGISTRY if registry is None else registry
         self._multiproc_dir = multiproc_dir if multiproc_dir is not None else os.environ.get(MULTIPROC_ENV) or None
         self._stop_ratios: dict[tuple[str, str], _StopRatio] = {}
+        self._prepared: set[tuple[str, str]] = set()
         self._lock = threading.Lock()
         try:
             self._build_collectors()
@@ -199,9 +206,37 @@ class Metrics:
             "thinkbrake_e2e_request_latency_seconds", "End-to-end latency of a choice.", LATENCY_BUCKETS
         )
 
+    def prepare(self, model: str, policy: str) -> None:
+        """Create every series of ``(model, policy)`` at 0 (idempotent).
+
+        Prometheus' ``rate()`` and ``increase()`` see a counter's first increment only if the series existed, at 0,
+        in an earlier scrape. Call this at startup for the served model and default policy; the other series of a
+        pair are created when its first request ends, so e.g. its first error or first ``loop`` stop still counts.
+        """
+        labels = (model, policy)
+        with self._lock:
+            if labels in self._prepared:
+                return
+            self._prepared.add(labels)
+        for outcome in sorted(OUTCOMES):
+            self.requests.labels(*labels, outcome)
+        for reason in (*STOP_REASONS, UNKNOWN_REASON):
+            self.early_stops.labels(*labels, reason)
+        for collector in self._per_pair_collectors():
+            collector.labels(*labels)
+
+    def _per_pair_collectors(self) -> tuple[Counter | Histogram, ...]:
+        return (
+            self.prompt_tokens, self.thinking_tokens, self.answer_tokens, self.saved_measured, self.saved_estimated,
+            self.shadow_requests, self.shadow_thinking, self.shadow_would_stop, self.shadow_would_stop_thinking,
+            self.shadow_compared, self.shadow_agree, self.controller_errors, self.solutions, self.thinking_per_request,
+            self.stop_position, self.shadow_stop_ratio, self.controller_seconds, self.ttft, self.latency,
+        )  # fmt: skip
+
     def observe_request(self, record: RequestRecord) -> None:
         """Count one finished choice. Call exactly once per choice, at its end."""
         labels = (record.model, record.policy)
+        self.prepare(*labels)
         self.requests.labels(*labels, record.outcome).inc()
         self.prompt_tokens.labels(*labels).inc(record.prompt_tokens)
         self.thinking_tokens.labels(*labels).inc(record.thinking_tokens)
@@ -253,10 +288,12 @@ class Metrics:
 
     def observe_controller(self, seconds: float, tokens: int, model: str, policy: str) -> None:
         """Record controller time spent on ``tokens`` generated tokens (ignored when ``tokens`` is 0)."""
+        self.prepare(model, policy)
         if tokens > 0:
             self.controller_seconds.labels(model, policy).observe(seconds / tokens)
 
     def count_controller_error(self, model: str, policy: str) -> None:
+        self.prepare(model, policy)
         self.controller_errors.labels(model, policy).inc()
 
     def render(self) -> tuple[bytes, str]:

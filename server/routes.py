@@ -12,11 +12,12 @@ from __future__ import annotations
 import asyncio
 import logging
 import random
-from collections.abc import AsyncIterator
+from collections.abc import AsyncGenerator, AsyncIterator, Awaitable
 from contextlib import aclosing
 from typing import Any
 
-from fastapi.responses import JSONResponse, StreamingResponse
+from fastapi import Request
+from fastapi.responses import JSONResponse, Response, StreamingResponse
 from pydantic import BaseModel
 
 from controller.answers import AnswerComparer
@@ -48,6 +49,10 @@ from server.protocol import (
 from server.settings import Settings
 
 log = logging.getLogger(__name__)
+
+# Answer comparisons beyond canonical keys (Math-Verify) run inside the controller's feed, on the event loop;
+# a short bound keeps one slow comparison from stalling every stream (a timed-out pair counts as different).
+COMPARE_TIMEOUT_SECONDS = 0.25
 
 
 class ModelNotFound(Exception):
@@ -83,8 +88,14 @@ def summary(results: list[ChoiceResult], control: RequestControl) -> dict[str, A
     return top
 
 
-async def merge(runners: list[ChoiceRunner]) -> AsyncIterator[ChoiceEvent]:
-    """Events of all runners in arrival order; cancels every runner when closed early."""
+async def merge(runners: list[ChoiceRunner], cleanups: set[asyncio.Future[Any]]) -> AsyncGenerator[ChoiceEvent, None]:
+    """Events of all runners in arrival order; cancels every runner when closed early.
+
+    The runners' cleanup (aborting their backend requests) is shielded: when the response is cancelled by a
+    client disconnect, starlette's cancel scope keeps cancelling every await of the cancelled task, and a
+    cancelled ``gather`` would cancel the runners again in the middle of their abort. ``cleanups`` holds the
+    shielded futures until they finish (asyncio keeps only weak references to tasks).
+    """
     queue: asyncio.Queue[ChoiceEvent | Exception] = asyncio.Queue()
 
     async def pump(runner: ChoiceRunner) -> None:
@@ -109,7 +120,10 @@ async def merge(runners: list[ChoiceRunner]) -> AsyncIterator[ChoiceEvent]:
     finally:
         for task in tasks:
             task.cancel()
-        await asyncio.gather(*tasks, return_exceptions=True)
+        cleanup = asyncio.gather(*tasks, return_exceptions=True)
+        cleanups.add(cleanup)
+        cleanup.add_done_callback(cleanups.discard)
+        await asyncio.shield(cleanup)
 
 
 class Service:
@@ -119,8 +133,9 @@ class Service:
         self.settings = settings
         self.backend = backend
         self.metrics = metrics
-        self.comparer = AnswerComparer()
+        self.comparer = AnswerComparer(timeout_seconds=COMPARE_TIMEOUT_SECONDS)
         self.random = random.Random()
+        self.cleanups: set[asyncio.Future[Any]] = set()  # aborts still running after a disconnect
 
     def check_model(self, model: str | None) -> None:
         if not self.backend.ready:
@@ -145,7 +160,7 @@ class Service:
         messages = [message.model_dump(exclude_none=True) for message in request.messages]
         prompt = ChatPrompt(messages, request.chat_template_kwargs or {})
         runners = self._runners(request, prompt, control, self.backend.delimiters, raw=False)
-        events = merge(runners)
+        events = merge(runners, self.cleanups)
         first = await _first(events)
         if request.stream:
             include_usage = bool(request.stream_options and request.stream_options.include_usage)
@@ -165,7 +180,7 @@ class Service:
             delimiters = Delimiters(start, end, implicit_start=False)
             control = RequestControl(OffConfig(), control.finalize, control.max_answer_tokens, shadow=False)
         runners = self._runners(request, prompt, control, delimiters, raw=True)
-        events = merge(runners)
+        events = merge(runners, self.cleanups)
         first = await _first(events)
         if request.stream:
             include_usage = bool(request.stream_options and request.stream_options.include_usage)
@@ -174,7 +189,7 @@ class Service:
         return await self._completion_response(first, events, control, request.n)
 
     async def _chat_response(
-        self, first: ChoiceEvent | None, events: AsyncIterator[ChoiceEvent], control: RequestControl, n: int
+        self, first: ChoiceEvent | None, events: AsyncGenerator[ChoiceEvent, None], control: RequestControl, n: int
     ) -> ChatCompletionResponse:
         reasoning, content = [""] * n, [""] * n
         results: list[ChoiceResult | None] = [None] * n
@@ -203,7 +218,7 @@ class Service:
         )  # fmt: skip
 
     async def _chat_stream(
-        self, first: ChoiceEvent | None, events: AsyncIterator[ChoiceEvent], control: RequestControl, n: int,
+        self, first: ChoiceEvent | None, events: AsyncGenerator[ChoiceEvent, None], control: RequestControl, n: int,
         include_usage: bool,
     ) -> AsyncIterator[str]:  # fmt: skip
         chunk_id, created, model = new_id("chatcmpl"), now(), self.backend.model_name
@@ -240,7 +255,7 @@ class Service:
         yield sse("[DONE]")
 
     async def _completion_response(
-        self, first: ChoiceEvent | None, events: AsyncIterator[ChoiceEvent], control: RequestControl, n: int
+        self, first: ChoiceEvent | None, events: AsyncGenerator[ChoiceEvent, None], control: RequestControl, n: int
     ) -> CompletionResponse:
         texts = [""] * n
         results: list[ChoiceResult | None] = [None] * n
@@ -262,7 +277,7 @@ class Service:
         )  # fmt: skip
 
     async def _completion_stream(
-        self, first: ChoiceEvent | None, events: AsyncIterator[ChoiceEvent], control: RequestControl, n: int,
+        self, first: ChoiceEvent | None, events: AsyncGenerator[ChoiceEvent, None], control: RequestControl, n: int,
         include_usage: bool,
     ) -> AsyncIterator[str]:  # fmt: skip
         chunk_id, created, model = new_id("cmpl"), now(), self.backend.model_name
@@ -292,23 +307,48 @@ class Service:
         yield sse("[DONE]")
 
 
+async def unless_disconnected(request: Request, work: Awaitable[Any], poll_seconds: float = 0.25) -> Any:
+    """Await ``work``; if the client goes away first, cancel it (which aborts the backend requests).
+
+    Starlette cancels a *streaming* response on disconnect by itself; this covers the time before the first
+    byte, and whole non-streaming requests.
+    """
+    task = asyncio.ensure_future(work)
+    try:
+        while True:
+            done, _ = await asyncio.wait({task}, timeout=poll_seconds)
+            if done:
+                return task.result()
+            if await request.is_disconnected():
+                log.info("client disconnected; request aborted")
+                task.cancel()
+                await asyncio.gather(task, return_exceptions=True)
+                return Response(status_code=499)
+    finally:
+        if not task.done():
+            task.cancel()
+            await asyncio.gather(task, return_exceptions=True)
+
+
 def _done(results: list[ChoiceResult | None]) -> list[ChoiceResult]:
     return [result for result in results if result is not None]
 
 
-async def _first(events: AsyncIterator[ChoiceEvent]) -> ChoiceEvent | None:
+async def _first(events: AsyncGenerator[ChoiceEvent, None]) -> ChoiceEvent | None:
     """The first event, so errors raised before any output become ordinary HTTP errors."""
     try:
         return await events.__anext__()
     except StopAsyncIteration:
         return None
     except BaseException:
-        await events.aclose()  # type: ignore[attr-defined]
+        await events.aclose()
         raise
 
 
-async def _chain(first: ChoiceEvent | None, events: AsyncIterator[ChoiceEvent]) -> AsyncIterator[ChoiceEvent]:
-    async with aclosing(events) as rest:  # type: ignore[type-var]
+async def _chain(
+    first: ChoiceEvent | None, events: AsyncGenerator[ChoiceEvent, None]
+) -> AsyncGenerator[ChoiceEvent, None]:
+    async with aclosing(events) as rest:
         if first is not None:
             yield first
             async for event in rest:
@@ -323,6 +363,8 @@ def error_body(error: Exception) -> ErrorResponse:
     return ErrorResponse(error=ErrorDetail(message=f"{type(error).__name__}: {error}", type="InternalServerError"))
 
 
-def error_response(status: int, message: str, error_type: str, param: str | None = None, code: Any = None) -> Any:
+def error_response(
+    status: int, message: str, error_type: str, param: str | None = None, code: Any = None
+) -> JSONResponse:
     body = ErrorResponse(error=ErrorDetail(message=message, type=error_type, param=param, code=code))
     return JSONResponse(body.model_dump(), status_code=status)

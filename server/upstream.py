@@ -15,7 +15,7 @@ from __future__ import annotations
 import asyncio
 import json
 import logging
-from collections.abc import AsyncIterator
+from collections.abc import AsyncGenerator
 from typing import Any
 
 import httpx
@@ -74,7 +74,7 @@ class UpstreamGeneration:
         self.prompt_token_ids: list[int] | None = None
         self.num_cached_tokens: int | None = None
 
-    async def __aiter__(self) -> AsyncIterator[Chunk]:
+    async def __aiter__(self) -> AsyncGenerator[Chunk, None]:
         client = self._backend.client
         rebuilder = RawTextRebuilder(self._backend.delimiters)
         try:

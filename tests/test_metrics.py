@@ -7,6 +7,7 @@ import os
 import subprocess
 import sys
 from pathlib import Path
+from typing import Any
 
 import pytest
 from prometheus_client import CollectorRegistry
@@ -205,7 +206,7 @@ def test_controller_time_per_token_and_errors(metrics: Metrics, registry: Collec
     [{"outcome": "aborted"}, {"shadow": True, "outcome": "stopped"}, {"thinking_tokens": -1}],
     ids=["unknown-outcome", "shadow-stopped", "negative-tokens"],
 )
-def test_record_rejects_impossible_values(changes: dict[str, object]) -> None:
+def test_record_rejects_impossible_values(changes: dict[str, Any]) -> None:
     with pytest.raises(ValueError):
         dataclasses.replace(NATURAL, **changes)
 
@@ -251,3 +252,21 @@ def test_multiprocess_mode_merges_workers(tmp_path: Path, registry: CollectorReg
     labels = tuple(sorted(LABELS.items()))
     assert samples[("thinkbrake_tokens_saved_measured_total", labels)] == 1500
     assert samples[("thinkbrake_requests_total", tuple(sorted({**LABELS, "outcome": "natural"}.items())))] == 2
+
+
+def test_series_exist_at_zero_before_their_first_increment(metrics: Metrics, registry: CollectorRegistry) -> None:
+    """rate() only sees a first increment if the series was scraped at 0 before: create them up front."""
+    assert registry.get_sample_value("thinkbrake_requests_total", {**LABELS, "outcome": "natural"}) is None
+    metrics.prepare(MODEL, POLICY)
+    for outcome in ("stopped", "natural", "length", "error"):
+        assert registry.get_sample_value("thinkbrake_requests_total", {**LABELS, "outcome": outcome}) == 0
+    for reason in ("first_answer", "confirmed", "consistent", "loop", "budget", "max_thinking_tokens", "unknown"):
+        assert registry.get_sample_value("thinkbrake_early_stops_total", {**LABELS, "reason": reason}) == 0
+    assert registry.get_sample_value("thinkbrake_tokens_saved_estimated_total", LABELS) == 0
+    assert registry.get_sample_value("thinkbrake_e2e_request_latency_seconds_count", LABELS) == 0
+
+    metrics.observe_request(NATURAL)  # a new pair is prepared by its first request
+    labels = {"model": MODEL, "policy": "first_answer"}
+    metrics.observe_request(dataclasses.replace(NATURAL, policy="first_answer"))
+    assert registry.get_sample_value("thinkbrake_requests_total", {**labels, "outcome": "error"}) == 0
+    assert registry.get_sample_value("thinkbrake_requests_total", {**LABELS, "outcome": "natural"}) == 1

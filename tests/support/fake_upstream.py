@@ -1,0 +1,565 @@
+"""A fast, fault-injecting OpenAI-compatible upstream on loopback (raw asyncio HTTP/1.1), for tests and benchmarks.
+
+It speaks what ``server/upstream.py`` expects from a vLLM server: streamed chat completions whose thinking is in
+``delta.reasoning`` (or ``reasoning_content``, or raw in ``content``), the answer in ``delta.content``, token ids
+per chunk and the prompt's ids in the first chunk (vLLM's ``return_token_ids``), usage at the end when asked,
+``/v1/completions`` with a token-id prompt (the continuation after a stop), ``/tokenize``, ``/detokenize`` and
+``/v1/models``. Text is cut into word pieces, one piece per "token" and one SSE event per token, each written on
+its own as vLLM does. Frames are built once per trace, so serving costs a write per token.
+
+Faults, per server (``FakeUpstream(fault=...)``) or per request (a ``fake_fault`` field in the body, which
+thinkbrake forwards like any sampling option): ``status:503`` (an HTTP error before streaming), ``malformed@N``
+(a broken SSE event after N tokens), ``drop@N`` (connection closed mid-stream), ``stall:S@N`` (no bytes for S
+seconds after N tokens, then the stream goes on), ``error@N`` (an OpenAI error event mid-stream),
+``echo_auth`` (a 401 whose message quotes the Authorization header it got, like a careless upstream).
+A refused connection needs no server: see :func:`closed_port_url`.
+
+Every request is recorded (:class:`RequestRecord`): headers, body, outcome, tokens sent, and when the client
+closed the connection (``aborted_at``, ``time.monotonic()``), so a test can check that an abort reached the
+upstream. Run it in a thread (``with FakeUpstream() as upstream``) or as a process
+(``python -m tests.support.fake_upstream --port 8100``; records at ``GET /fake/requests``).
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import contextlib
+import gzip
+import json
+import re
+import socket
+import threading
+import time
+from dataclasses import asdict, dataclass, field
+from typing import Any
+
+from tests.data.written_traces import MATH_TRACES, NON_MATH
+
+THINK_END = "</think>"
+PIECE = re.compile(r"\s*\S+|\s+")
+JSON = b"application/json"
+
+
+@dataclass(frozen=True)
+class Trace:
+    """One scripted model output: thinking (without tags), then the final answer."""
+
+    thinking: str
+    answer: str
+
+
+def written_traces() -> list[Trace]:
+    """The tests' written traces: three that a stop policy stops, then thinking without answers."""
+    math = [Trace(thinking, f"The answer is $\\boxed{{{answer}}}$.") for thinking, _, answer in MATH_TRACES]
+    return math + [Trace(text, "Here is my answer.") for text in NON_MATH]
+
+
+def load_traces(path: str, limit: int | None = None, max_chars: int | None = None) -> list[Trace]:
+    """Traces from a ``.jsonl(.gz)`` file with ``thinking`` and ``final`` fields (``../shared/data/traces``)."""
+    opener = gzip.open if path.endswith(".gz") else open
+    traces: list[Trace] = []
+    with opener(path, "rt", encoding="utf-8") as lines:
+        for line in lines:
+            row = json.loads(line)
+            thinking = row["thinking"][:max_chars] if max_chars else row["thinking"]
+            traces.append(Trace(thinking, row.get("final") or "Done."))
+            if limit is not None and len(traces) >= limit:
+                break
+    return traces
+
+
+class Vocabulary:
+    """Word-piece "tokenizer": each piece of :data:`PIECE` is a token; ids are stable for the process."""
+
+    def __init__(self) -> None:
+        self._ids: dict[str, int] = {THINK_END: 1}
+        self._pieces: list[str] = ["<unk>", THINK_END]
+        self._lock = threading.Lock()
+
+    def pieces(self, text: str) -> list[str]:
+        out: list[str] = []
+        for part in re.split(f"({re.escape(THINK_END)})", text):
+            out += [part] if part == THINK_END else PIECE.findall(part)
+        return out
+
+    def id_of(self, piece: str) -> int:
+        found = self._ids.get(piece)
+        if found is None:
+            with self._lock:
+                found = self._ids.setdefault(piece, len(self._pieces))
+                if found == len(self._pieces):
+                    self._pieces.append(piece)
+        return found
+
+    def encode(self, text: str) -> list[int]:
+        return [self.id_of(piece) for piece in self.pieces(text)]
+
+    def decode(self, ids: list[int]) -> str:
+        return "".join(self._pieces[i] if 0 <= i < len(self._pieces) else "" for i in ids)
+
+
+@dataclass(frozen=True)
+class Fault:
+    """What goes wrong: ``kind`` in none/status/malformed/drop/stall/error/echo_auth, ``after`` tokens in."""
+
+    kind: str = "none"
+    after: int = 0
+    status: int = 500
+    seconds: float = 0.0
+
+    @classmethod
+    def parse(cls, spec: str | None) -> Fault:
+        """``"kind[:value][@after]"``, e.g. ``status:503``, ``drop@10``, ``stall:30@5``, ``malformed``."""
+        if not spec or spec == "none":
+            return cls()
+        head, _, after = spec.partition("@")
+        kind, _, value = head.partition(":")
+        if kind not in {"status", "malformed", "drop", "stall", "error", "echo_auth"}:
+            raise ValueError(f"unknown fault {spec!r}")
+        return cls(
+            kind=kind,
+            after=int(after or 0),
+            status=int(value) if kind == "status" and value else 500,
+            seconds=float(value) if kind == "stall" and value else 0.0,
+        )
+
+
+@dataclass
+class RequestRecord:
+    """One request as the upstream saw it. Times are ``time.monotonic()``."""
+
+    method: str
+    path: str
+    headers: dict[str, str]
+    body: Any
+    started: float
+    finished: float | None = None
+    outcome: str = "running"  # complete | aborted | fault | error
+    aborted_at: float | None = None
+    tokens_sent: int = 0
+
+
+@dataclass
+class _Stream:
+    """Per-response streaming state shared with the disconnect watcher."""
+
+    record: RequestRecord
+    writer: asyncio.StreamWriter
+    closed: asyncio.Event = field(default_factory=asyncio.Event)
+
+
+def chunked(payload: bytes) -> bytes:
+    return b"%x\r\n%s\r\n" % (len(payload), payload)
+
+
+def sse(event: dict[str, Any] | str) -> bytes:
+    data = event if isinstance(event, str) else json.dumps(event, separators=(",", ":"))
+    return chunked(f"data: {data}\n\n".encode())
+
+
+class FakeUpstream:
+    """The server. ``reasoning_field``: ``reasoning`` (vLLM >= 0.32), ``reasoning_content``, ``both`` or
+    ``content`` (no reasoning parser: raw text with ``</think>``). ``token_rate``: tokens per second per stream
+    (0: as fast as possible). ``api_key``: required bearer token (None: any)."""
+
+    def __init__(
+        self,
+        traces: list[Trace] | None = None,
+        *,
+        fault: str | None = None,
+        token_rate: float = 0.0,
+        reasoning_field: str = "reasoning",
+        model: str = "fake-reasoner",
+        api_key: str | None = None,
+        host: str = "127.0.0.1",
+        port: int = 0,
+        record: bool = True,
+    ) -> None:
+        self.traces = traces or written_traces()
+        self.fault = Fault.parse(fault)
+        self.token_rate = token_rate
+        self.reasoning_field = reasoning_field
+        self.model = model
+        self.api_key = api_key
+        self.host, self.port = host, port
+        self.record = record
+        self.requests: list[RequestRecord] = []
+        self.vocabulary = Vocabulary()
+        self._frames: dict[tuple[int, bool, bool], list[bytes]] = {}
+        self._next_trace = 0
+        self._loop: asyncio.AbstractEventLoop | None = None
+        self._server: asyncio.Server | None = None
+        self._thread: threading.Thread | None = None
+        self._writers: set[asyncio.StreamWriter] = set()
+
+    @property
+    def url(self) -> str:
+        return f"http://{self.host}:{self.port}"
+
+    # -- running ------------------------------------------------------------------------------------------------
+    async def start_serving(self) -> None:
+        self._server = await asyncio.start_server(self._connection, self.host, self.port, backlog=1024)
+        self.port = self._server.sockets[0].getsockname()[1]
+
+    def start(self) -> FakeUpstream:
+        """Serve on a background thread with its own event loop; returns once listening."""
+        ready = threading.Event()
+
+        def main() -> None:
+            self._loop = asyncio.new_event_loop()
+            self._loop.run_until_complete(self.start_serving())
+            ready.set()
+            self._loop.run_forever()
+            self._loop.run_until_complete(self._loop.shutdown_asyncgens())
+            self._loop.close()
+
+        self._thread = threading.Thread(target=main, name="fake-upstream", daemon=True)
+        self._thread.start()
+        if not ready.wait(10):
+            raise RuntimeError("fake upstream did not start")
+        return self
+
+    def stop(self) -> None:
+        loop, server = self._loop, self._server
+        if loop is None or server is None:
+            return
+
+        async def close() -> None:
+            server.close()
+            for writer in list(self._writers):  # handlers see EOF and end on their own
+                writer.transport.abort()
+            await asyncio.sleep(0.05)
+
+        asyncio.run_coroutine_threadsafe(close(), loop).result(10)
+        loop.call_soon_threadsafe(loop.stop)
+        if self._thread is not None:
+            self._thread.join(10)
+
+    def __enter__(self) -> FakeUpstream:
+        return self.start()
+
+    def __exit__(self, *exc: object) -> None:
+        self.stop()
+
+    def wait_for(self, predicate: Any, timeout: float = 5.0) -> bool:
+        """Poll until ``predicate(self)`` is true (from the test's thread); False on time-out."""
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            if predicate(self):
+                return True
+            time.sleep(0.01)
+        return bool(predicate(self))
+
+    def generation_requests(self) -> list[RequestRecord]:
+        return [r for r in list(self.requests) if r.path in ("/v1/chat/completions", "/v1/completions")]
+
+    # -- HTTP -------------------------------------------------------------------------------------------------
+    async def _connection(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        sock = writer.get_extra_info("socket")
+        if sock is not None:
+            sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        self._writers.add(writer)
+        try:
+            while True:
+                try:
+                    head = await reader.readuntil(b"\r\n\r\n")
+                except (asyncio.IncompleteReadError, ConnectionError):
+                    return
+                lines = head.decode("latin-1").split("\r\n")
+                method, path, _ = lines[0].split(" ", 2)
+                headers = {}
+                for line in lines[1:]:
+                    if ":" in line:
+                        name, _, value = line.partition(":")
+                        headers[name.strip().lower()] = value.strip()
+                raw = await reader.readexactly(int(headers.get("content-length", 0) or 0))
+                body: Any = None
+                if raw:
+                    try:
+                        body = json.loads(raw)
+                    except ValueError:
+                        body = raw.decode("utf-8", "replace")
+                record = RequestRecord(method, path.split("?")[0], headers, body, time.monotonic())
+                if self.record:
+                    self.requests.append(record)
+                keep = await self._route(record, reader, writer)
+                record.finished = record.finished or time.monotonic()
+                if not keep or headers.get("connection", "").lower() == "close":
+                    return
+        except (ConnectionError, asyncio.IncompleteReadError):
+            return
+        finally:
+            self._writers.discard(writer)
+            with contextlib.suppress(Exception):
+                writer.close()
+
+    async def _route(self, record: RequestRecord, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> bool:
+        body = record.body if isinstance(record.body, dict) else {}
+        fault = Fault.parse(body.get("fake_fault")) if body.get("fake_fault") else self.fault
+        auth = record.headers.get("authorization", "")
+        if fault.kind == "echo_auth":
+            return self._error(writer, record, 401, f"Incorrect API key provided: {auth}")
+        if self.api_key is not None and auth != f"Bearer {self.api_key}":
+            return self._error(writer, record, 401, "Incorrect API key provided")
+        path = record.path
+        if path == "/v1/models":
+            card = {"id": self.model, "object": "model", "created": 0, "owned_by": "fake"}
+            return self._json(writer, record, {"object": "list", "data": [card]})
+        if path == "/health":
+            return self._json(writer, record, {})
+        if path == "/fake/requests":
+            return self._json(writer, record, [asdict(r) for r in list(self.requests)])
+        if path == "/tokenize":
+            ids = self.vocabulary.encode(str(body.get("prompt", "")))
+            return self._json(writer, record, {"tokens": ids, "count": len(ids), "max_model_len": 32768})
+        if path == "/detokenize":
+            return self._json(writer, record, {"prompt": self.vocabulary.decode(list(body.get("tokens", [])))})
+        if path in ("/v1/chat/completions", "/v1/completions") and record.method == "POST":
+            if not body:
+                return self._error(writer, record, 400, "invalid JSON body")
+            if fault.kind == "status":
+                return self._error(writer, record, fault.status, f"injected HTTP {fault.status}")
+            if not body.get("stream"):
+                return self._whole(writer, record, body, chat=path.endswith("chat/completions"))
+            await self._stream(record, reader, writer, body, fault, chat=path.endswith("chat/completions"))
+            return False if record.outcome in ("aborted", "fault") else True
+        return self._error(writer, record, 404, f"no route {path}")
+
+    def _json(self, writer: asyncio.StreamWriter, record: RequestRecord, data: Any, status: int = 200) -> bool:
+        payload = json.dumps(data).encode()
+        reason = {200: "OK", 400: "Bad Request", 401: "Unauthorized", 404: "Not Found"}.get(status, "Error")
+        head = f"HTTP/1.1 {status} {reason}\r\ncontent-type: application/json\r\ncontent-length: {len(payload)}\r\n\r\n"
+        record.outcome, record.finished = ("complete" if status == 200 else "error"), time.monotonic()
+        writer.write(head.encode() + payload)
+        return True
+
+    def _error(self, writer: asyncio.StreamWriter, record: RequestRecord, status: int, message: str) -> bool:
+        error = {"message": message, "type": "BadRequestError" if status < 500 else "InternalServerError",
+                 "param": None, "code": status}  # fmt: skip
+        return self._json(writer, record, {"error": error}, status)
+
+    def _whole(self, writer: asyncio.StreamWriter, record: RequestRecord, body: dict[str, Any], chat: bool) -> bool:
+        """A non-streaming response: the whole trace at once (no faults but ``status``)."""
+        trace = self.traces[self._pick_trace(body)]
+        prompt = len(self._prompt_ids(body, chat))
+        completion = len(self.vocabulary.pieces(trace.thinking)) + 1 + len(self.vocabulary.pieces(trace.answer))
+        usage = {"prompt_tokens": prompt, "completion_tokens": completion, "total_tokens": prompt + completion}
+        if not chat:
+            text = f"{trace.thinking}{THINK_END}{trace.answer}"
+            choice: dict[str, Any] = {"index": 0, "text": text, "finish_reason": "stop"}
+            return self._json(writer, record, {"id": "cmpl-fake", "object": "text_completion", "created": 0,
+                                               "model": self.model, "choices": [choice], "usage": usage})  # fmt: skip
+        message: dict[str, Any] = {"role": "assistant", "content": trace.answer}
+        if self.reasoning_field == "content":
+            message["content"] = f"{trace.thinking}{THINK_END}{trace.answer}"
+        elif self.reasoning_field == "both":
+            message["reasoning"] = message["reasoning_content"] = trace.thinking
+        else:
+            message[self.reasoning_field] = trace.thinking
+        choice = {"index": 0, "message": message, "finish_reason": "stop"}
+        return self._json(writer, record, {"id": "chatcmpl-fake", "object": "chat.completion", "created": 0,
+                                           "model": self.model, "choices": [choice], "usage": usage})  # fmt: skip
+
+    # -- streaming --------------------------------------------------------------------------------------------
+    def _pick_trace(self, body: dict[str, Any]) -> int:
+        chosen = body.get("fake_trace")
+        if isinstance(chosen, int):
+            return chosen % len(self.traces)
+        self._next_trace += 1
+        return (self._next_trace - 1) % len(self.traces)
+
+    def _frames_of(self, trace_index: int, chat: bool, continuation: bool) -> list[bytes]:
+        """Body chunks of one token each (cached): thinking then answer, or only the answer (continuation)."""
+        key = (trace_index, chat, continuation)
+        frames = self._frames.get(key)
+        if frames is None:
+            trace = self.traces[trace_index]
+            frames = []
+            if not continuation:
+                frames += [self._token_frame(p, chat, True) for p in self.vocabulary.pieces(trace.thinking)]
+                frames.append(self._token_frame(THINK_END, chat, None))
+            frames += [self._token_frame(p, chat, False) for p in self.vocabulary.pieces(trace.answer)]
+            self._frames[key] = frames
+        return frames
+
+    def _token_frame(self, piece: str, chat: bool, thinking: bool | None) -> bytes:
+        ids = [self.vocabulary.id_of(piece)]
+        if not chat:
+            return sse({"id": "cmpl-fake", "object": "text_completion", "created": 0, "model": self.model,
+                        "choices": [{"index": 0, "text": piece, "token_ids": ids, "finish_reason": None}]})  # fmt: skip
+        delta: dict[str, str] = {}
+        if thinking is None:  # the end-of-thinking token: a parser swallows it
+            if self.reasoning_field == "content":
+                delta["content"] = piece
+        elif not thinking or self.reasoning_field == "content":
+            delta["content"] = piece
+        elif self.reasoning_field == "both":
+            delta["reasoning"] = delta["reasoning_content"] = piece
+        else:
+            delta[self.reasoning_field] = piece
+        choice = {"index": 0, "delta": delta, "logprobs": None, "finish_reason": None, "token_ids": ids}
+        return sse({"id": "chatcmpl-fake", "object": "chat.completion.chunk", "created": 0, "model": self.model,
+                    "choices": [choice]})  # fmt: skip
+
+    def _prompt_ids(self, body: dict[str, Any], chat: bool) -> list[int]:
+        if chat:
+            text = " ".join(str(m.get("content", "")) for m in body.get("messages", []) if isinstance(m, dict))
+            return self.vocabulary.encode(text)[:4096]
+        prompt = body.get("prompt", "")
+        return list(prompt) if isinstance(prompt, list) else self.vocabulary.encode(str(prompt))
+
+    def _head_frame(self, chat: bool, prompt_ids: list[int]) -> bytes:
+        head = {"id": "chatcmpl-fake", "object": "chat.completion.chunk", "created": 0, "model": self.model,
+                "choices": [{"index": 0, "delta": {"role": "assistant", "content": ""}, "finish_reason": None}],
+                "prompt_token_ids": prompt_ids}  # fmt: skip
+        if not chat:
+            head = {"id": "cmpl-fake", "object": "text_completion", "created": 0, "model": self.model,
+                    "choices": [{"index": 0, "text": "", "prompt_token_ids": prompt_ids, "finish_reason": None}]}  # fmt: skip
+        return sse(head)
+
+    async def _stream(
+        self, record: RequestRecord, reader: asyncio.StreamReader, writer: asyncio.StreamWriter,
+        body: dict[str, Any], fault: Fault, chat: bool,
+    ) -> None:  # fmt: skip
+        prompt_ids = self._prompt_ids(body, chat)
+        continuation = not chat and THINK_END in self.vocabulary.decode(prompt_ids[-8:])
+        frames = self._frames_of(self._pick_trace(body), chat, continuation)
+        limit = body.get("max_tokens")
+        length = isinstance(limit, int) and 0 < limit < len(frames)
+        frames = frames[:limit] if length else frames
+        rate = float(body.get("fake_token_rate", self.token_rate) or 0)
+        state = _Stream(record, writer)
+        watcher = asyncio.create_task(self._watch(state, reader))
+        try:
+            writer.write(b"HTTP/1.1 200 OK\r\ncontent-type: text/event-stream\r\ntransfer-encoding: chunked\r\n\r\n")
+            writer.write(self._head_frame(chat, prompt_ids))
+            if not await self._send_tokens(state, frames, fault, rate):
+                return
+            record.outcome, record.finished = "complete", time.monotonic()
+            writer.write(self._tail(body, chat, len(prompt_ids), len(frames), "length" if length else "stop"))
+            await writer.drain()
+        except (ConnectionError, RuntimeError):
+            self._mark_aborted(state)
+        finally:
+            watcher.cancel()
+            await asyncio.gather(watcher, return_exceptions=True)
+
+    async def _send_tokens(self, state: _Stream, frames: list[bytes], fault: Fault, rate: float) -> bool:
+        """Write the token frames; False if the stream ended early (client gone or a fault)."""
+        writer, record = state.writer, state.record
+        interval = 1.0 / rate if rate > 0 else 0.0
+        next_at = time.monotonic()
+        for index, frame in enumerate(frames):
+            if fault.kind != "none" and index == fault.after and not await self._inject(state, fault):
+                return False
+            if state.closed.is_set():
+                return False
+            writer.write(frame)
+            record.tokens_sent += 1
+            if writer.transport.get_write_buffer_size() > 1 << 16:
+                await writer.drain()
+            if interval:
+                next_at += interval
+                delay = next_at - time.monotonic()
+                if delay > 0 and await self._closed_within(state, delay):
+                    return False
+            else:
+                await asyncio.sleep(0)
+        if fault.kind != "none" and fault.after >= len(frames):
+            return await self._inject(state, fault)
+        return not state.closed.is_set()
+
+    async def _inject(self, state: _Stream, fault: Fault) -> bool:
+        """Apply a mid-stream fault; True if the stream goes on afterwards (a stall that was waited out)."""
+        writer, record = state.writer, state.record
+        if fault.kind == "stall":
+            return not await self._closed_within(state, fault.seconds)
+        record.outcome, record.finished = "fault", time.monotonic()
+        if fault.kind == "malformed":
+            writer.write(chunked(b'data: {"id": "chatcmpl-fake", "choices": [{"delta": {"reas\n\n'))
+            writer.write(chunked(b"data: not json at all\n\n"))
+        elif fault.kind == "error":
+            error = {"message": "injected mid-stream error", "type": "InternalServerError", "code": 500}
+            writer.write(sse({"error": error}))
+            writer.write(sse("[DONE]") + b"0\r\n\r\n")
+            return False
+        await writer.drain()
+        writer.transport.close()  # drop: no terminating chunk, the connection just ends
+        return False
+
+    async def _closed_within(self, state: _Stream, seconds: float) -> bool:
+        with contextlib.suppress(TimeoutError):
+            await asyncio.wait_for(state.closed.wait(), seconds)
+        return state.closed.is_set()
+
+    async def _watch(self, state: _Stream, reader: asyncio.StreamReader) -> None:
+        """The client sends nothing while a response streams, so EOF here means it closed the connection."""
+        with contextlib.suppress(ConnectionError):
+            while await reader.read(65536):
+                pass
+        self._mark_aborted(state)
+
+    def _mark_aborted(self, state: _Stream) -> None:
+        if not state.closed.is_set():
+            state.closed.set()
+            record = state.record
+            if record.outcome == "running":
+                record.outcome, record.aborted_at = "aborted", time.monotonic()
+                record.finished = record.aborted_at
+
+    def _tail(self, body: dict[str, Any], chat: bool, prompt: int, completion: int, reason: str) -> bytes:
+        kind = ("chatcmpl-fake", "chat.completion.chunk") if chat else ("cmpl-fake", "text_completion")
+        choice: dict[str, Any] = {"index": 0, "finish_reason": reason}
+        choice.update({"delta": {}} if chat else {"text": ""})
+        out = sse({"id": kind[0], "object": kind[1], "created": 0, "model": self.model, "choices": [choice]})
+        options = body.get("stream_options") or {}
+        if isinstance(options, dict) and options.get("include_usage"):
+            usage = {"prompt_tokens": prompt, "completion_tokens": completion, "total_tokens": prompt + completion}
+            out += sse({"id": kind[0], "object": kind[1], "created": 0, "model": self.model, "choices": [],
+                        "usage": usage})  # fmt: skip
+        return out + sse("[DONE]") + b"0\r\n\r\n"
+
+
+def closed_port_url() -> str:
+    """The URL of a loopback port nothing listens on (connections are refused)."""
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
+    return f"http://127.0.0.1:{port}"
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description="fake OpenAI-compatible upstream (tests/benchmarks)")
+    parser.add_argument("--host", default="127.0.0.1")
+    parser.add_argument("--port", type=int, default=8100)
+    parser.add_argument("--traces", help="a .jsonl(.gz) trace file (default: the tests' written traces)")
+    parser.add_argument("--limit", type=int, default=64, help="traces to load from --traces")
+    parser.add_argument("--max-chars", type=int, default=None, help="cut each trace's thinking to this length")
+    parser.add_argument("--token-rate", type=float, default=0.0, help="tokens/s per stream (0: as fast as possible)")
+    parser.add_argument("--reasoning-field", default="reasoning")
+    parser.add_argument("--fault", default=None)
+    parser.add_argument("--no-record", action="store_true", help="keep no request records (long runs)")
+    args = parser.parse_args()
+    traces = load_traces(args.traces, args.limit, args.max_chars) if args.traces else None
+    upstream = FakeUpstream(
+        traces, fault=args.fault, token_rate=args.token_rate, reasoning_field=args.reasoning_field,
+        host=args.host, port=args.port, record=not args.no_record,
+    )  # fmt: skip
+
+    async def serve() -> None:
+        await upstream.start_serving()
+        print(f"fake upstream listening on {upstream.url}", flush=True)
+        await asyncio.Event().wait()
+
+    with contextlib.suppress(KeyboardInterrupt):
+        try:
+            import uvloop
+
+            uvloop.run(serve())
+        except ImportError:
+            asyncio.run(serve())
+
+
+if __name__ == "__main__":
+    main()

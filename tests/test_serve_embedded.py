@@ -1,0 +1,269 @@
+"""``thinkbrake serve`` on an embedded vLLM engine, end to end with the real ``openai`` client.
+
+One ``thinkbrake serve`` subprocess per module: the tiny random-weight model, the scripted logits processor
+(so the engine really decodes the R1-style trace of :mod:`tests.serve_support`), CPU block size 128.
+Engine facts are read from the engine's own counters on ``/metrics`` (``vllm:generation_tokens_total``,
+``vllm:prompt_tokens_cached_total``), not from what the controller reports.
+"""
+
+from __future__ import annotations
+
+import httpx
+import openai
+import pytest
+
+from tests.serve_support import (
+    ANSWER,
+    CONFIRM,
+    FEW_TOKENS,
+    NEVER_DECODED,
+    QUESTION,
+    SOLVE,
+    STOP_MARK,
+    THINKING,
+    assert_same_message,
+    http_json,
+    metric,
+    scripted_body,
+    stream_message,
+    thinkbrake_server,
+    wait_metric,
+)
+from tests.support.engine_metrics import GENERATION_TOKENS, PROMPT_TOKENS_CACHED
+from tests.support.fixtures import (
+    KV_CACHE_BYTES,
+    MAX_MODEL_LEN,
+    SCRIPTED_PROCESSOR_FQCN,
+    chat_prompt_ids,
+)
+
+pytestmark = pytest.mark.engine
+CPU_BLOCK_SIZE = 128  # vLLM's CPU default; only full blocks are cached
+
+
+@pytest.fixture(scope="module")
+def server(tiny_model_dir, tmp_path_factory) -> str:
+    log = tmp_path_factory.mktemp("serve") / "serve.log"
+    args = (
+        "--model", str(tiny_model_dir), "--served-model-name", "tiny-r1",
+        "--max-model-len", str(MAX_MODEL_LEN), "--kv-cache-bytes", str(KV_CACHE_BYTES),
+        "--enforce-eager", "--logits-processors", SCRIPTED_PROCESSOR_FQCN,
+    )  # fmt: skip
+    with thinkbrake_server(*args, log_path=log) as url:
+        yield url
+
+
+@pytest.fixture
+def client(server) -> openai.OpenAI:
+    return openai.OpenAI(base_url=f"{server}/v1", api_key="unused", max_retries=0)
+
+
+def create(client: openai.OpenAI, tokenizer, thinkbrake=None, **fields):
+    body = scripted_body(tokenizer, **fields)
+    extra = {"vllm_xargs": body.pop("vllm_xargs"), "thinkbrake": thinkbrake or {}}
+    return client.chat.completions.create(model="tiny-r1", extra_body=extra, **body)
+
+
+def test_health_and_models(server, client):
+    assert http_json(f"{server}/health")[0] == 200
+    assert [model.id for model in client.models.list().data] == ["tiny-r1"]
+
+
+def test_stops_after_confirming_reflection_and_engine_stops_decoding(server, client, tiny_tokenizer):
+    generated_before = metric(server, GENERATION_TOKENS)
+    cached_before = metric(server, PROMPT_TOKENS_CACHED)
+    response = create(client, tiny_tokenizer)
+    choice = response.choices[0]
+    info = response.model_extra["thinkbrake"]
+    reasoning = choice.message.model_extra["reasoning_content"]
+
+    assert info["stopped"] and info["reason"] == "confirmed" and info["answer"] == "42"
+    assert info["solutions"] == 2 and info["policy"] == "fcs_reflection"
+    # the stop comes right after the confirming reflection reached 42 again, before any further re-checking
+    assert reasoning.startswith(SOLVE + CONFIRM.split(STOP_MARK)[0] + STOP_MARK)
+    assert NEVER_DECODED not in reasoning
+    assert choice.message.model_extra["reasoning"] == reasoning
+    assert choice.message.content.strip() == ANSWER and choice.finish_reason == "stop"
+
+    usage = response.usage
+    answer_tokens = len(tiny_tokenizer.encode(ANSWER, add_special_tokens=False)) + 1  # + eos
+    prompt_tokens = len(chat_prompt_ids(tiny_tokenizer, QUESTION))
+    assert usage.prompt_tokens == prompt_tokens
+    assert usage.completion_tokens == info["thinking_tokens"] + info["answer_tokens"]
+    assert usage.completion_tokens_details.reasoning_tokens == info["thinking_tokens"]
+    assert info["answer_tokens"] == answer_tokens
+    assert usage.total_tokens == usage.prompt_tokens + usage.completion_tokens
+
+    # the engine's own counter: everything it decoded is what the client was billed, and the thinking
+    # stopped within a few tokens of the stop point (the trace goes on for hundreds more)
+    generated = wait_metric(server, GENERATION_TOKENS, generated_before + usage.completion_tokens) - generated_before
+    assert generated == usage.completion_tokens
+    assert generated - answer_tokens <= info["stop_position_tokens"] + FEW_TOKENS
+    full_trace = len(tiny_tokenizer.encode(THINKING, add_special_tokens=False))
+    assert generated < full_trace / 2
+
+    # the continuation reused every full KV block of prompt + generated thinking
+    computed = prompt_tokens + info["thinking_tokens"] - 1
+    expected_cached = computed // CPU_BLOCK_SIZE * CPU_BLOCK_SIZE
+    assert expected_cached >= CPU_BLOCK_SIZE
+    assert info["continuation_cached_tokens"] >= expected_cached
+    assert metric(server, PROMPT_TOKENS_CACHED) - cached_before >= expected_cached
+
+
+def test_streaming_and_non_streaming_give_the_same_message(client, tiny_tokenizer):
+    whole = create(client, tiny_tokenizer)
+    stream = create(client, tiny_tokenizer, stream=True, stream_options={"include_usage": True})
+    assert_same_message(stream_message(stream), whole)
+
+
+def test_reasoning_is_streamed_as_it_arrives(client, tiny_tokenizer):
+    stream = create(client, tiny_tokenizer, stream=True)
+    reasoning_chunks = [
+        chunk.choices[0].delta.model_extra.get("reasoning_content")
+        for chunk in stream
+        if chunk.choices and chunk.choices[0].delta.model_extra.get("reasoning_content")
+    ]
+    assert len(reasoning_chunks) > 50  # one delta per engine step, not one block at the end
+
+
+def test_two_choices_each_stop(server, client, tiny_tokenizer):
+    before = metric(server, GENERATION_TOKENS)
+    response = create(client, tiny_tokenizer, n=2)
+    assert [choice.index for choice in response.choices] == [0, 1]
+    for choice in response.choices:
+        info = choice.model_extra["thinkbrake"]
+        assert info["stopped"] and info["answer"] == "42"
+        assert choice.message.content.strip() == ANSWER
+    assert len(response.model_extra["thinkbrake"]["choices"]) == 2
+    completion = response.usage.completion_tokens
+    assert completion == sum(
+        c.model_extra["thinkbrake"]["thinking_tokens"] + c.model_extra["thinkbrake"]["answer_tokens"]
+        for c in response.choices
+    )
+    assert wait_metric(server, GENERATION_TOKENS, before + completion) - before == completion
+
+
+def test_finalize_answer_writes_the_detected_answer_without_a_second_request(server, client, tiny_tokenizer):
+    before = metric(server, GENERATION_TOKENS)
+    response = create(client, tiny_tokenizer, thinkbrake={"finalize": "answer"})
+    info = response.model_extra["thinkbrake"]
+    assert info["stopped"] and info["answer_tokens"] == 0
+    assert response.choices[0].message.content.strip() == "**Final Answer**\n\n\\boxed{42}"
+    assert response.usage.completion_tokens == info["thinking_tokens"]
+    assert wait_metric(server, GENERATION_TOKENS, before + info["thinking_tokens"]) - before == info["thinking_tokens"]
+
+
+def test_finalize_none_ends_with_the_thinking(client, tiny_tokenizer):
+    response = create(client, tiny_tokenizer, thinkbrake={"finalize": "none"})
+    choice = response.choices[0]
+    assert choice.model_extra["thinkbrake"]["stopped"]
+    assert not choice.message.content
+    assert STOP_MARK in choice.message.model_extra["reasoning_content"]
+    assert choice.finish_reason == "stop"
+
+
+def test_policy_off_is_a_pass_through(client, tiny_tokenizer):
+    response = create(client, tiny_tokenizer, thinkbrake={"policy": "off"})
+    choice = response.choices[0]
+    info = response.model_extra["thinkbrake"]
+    assert not info["stopped"] and info["policy"] == "off"
+    assert choice.message.model_extra["reasoning_content"] == THINKING
+    assert choice.message.content == ANSWER
+    script_length = len(scripted_body(tiny_tokenizer)["vllm_xargs"]["script"])
+    assert response.usage.completion_tokens == script_length
+
+
+def test_shadow_mode_records_but_does_not_stop(client, tiny_tokenizer):
+    response = create(client, tiny_tokenizer, thinkbrake={"shadow": True})
+    info = response.model_extra["thinkbrake"]
+    assert not info["stopped"]
+    assert info["shadow"]["would_stop"] and info["shadow"]["answer"] == "42" and info["shadow"]["agree"] is True
+    assert response.choices[0].message.model_extra["reasoning_content"] == THINKING
+
+
+def test_completions_with_a_prompt_inside_thinking(server, tiny_tokenizer):
+    prompt = tiny_tokenizer.apply_chat_template(
+        [{"role": "user", "content": QUESTION}], tokenize=False, add_generation_prompt=True
+    )
+    body = scripted_body(tiny_tokenizer)
+    status, data = http_json(
+        f"{server}/v1/completions",
+        {"model": "tiny-r1", "prompt": prompt, "max_tokens": 1500, "vllm_xargs": body["vllm_xargs"]},
+    )
+    assert status == 200, data
+    text = data["choices"][0]["text"]
+    assert data["thinkbrake"]["stopped"]
+    thinking, _, answer = text.partition("</think>")
+    assert STOP_MARK in thinking and NEVER_DECODED not in thinking
+    assert answer.strip() == ANSWER
+
+
+def test_client_disconnect_aborts_the_engine_request(server, tiny_tokenizer):
+    long_thinking = THINKING * 2
+    body = scripted_body(tiny_tokenizer, thinking=long_thinking, max_tokens=1900, stream=True)
+    body.update(model="tiny-r1", thinkbrake={"policy": "off"})
+    before = metric(server, GENERATION_TOKENS)
+    with httpx.stream("POST", f"{server}/v1/chat/completions", json=body, timeout=60) as response:
+        for index, _ in enumerate(response.iter_lines()):
+            if index >= 5:
+                break
+    total = len(body["vllm_xargs"]["script"])
+    after = wait_metric(server, GENERATION_TOKENS, before + total, timeout=2.0)
+    assert after - before < total // 4  # measured: about 10 tokens after the client went away
+
+
+@pytest.mark.parametrize(
+    ("body", "status", "param"),
+    [
+        ({"model": "tiny-r1"}, 400, "messages"),
+        ({"model": "tiny-r1", "messages": "hello"}, 400, "messages"),
+        ({"model": "tiny-r1", "messages": [{"content": "hi"}]}, 400, "messages.0.role"),
+        (
+            {"model": "tiny-r1", "messages": [{"role": "user", "content": "hi"}], "max_tokens": "many"},
+            400,
+            "max_tokens",
+        ),
+        ({"model": "tiny-r1", "messages": [{"role": "user", "content": "hi"}], "n": 0}, 400, "n"),
+        ({"model": "nope", "messages": [{"role": "user", "content": "hi"}]}, 404, "model"),
+        ({"messages": [{"role": "user", "content": "hi"}], "thinkbrake": {"policy": "nope"}}, 400, "thinkbrake.policy"),
+        ({"messages": [{"role": "user", "content": "hi"}], "thinkbrake": {"k": 1}}, 400, "thinkbrake.k"),
+        ({"messages": [{"role": "user", "content": "hi"}], "thinkbrake": {"bogus": 1}}, 400, "thinkbrake.bogus"),
+        (
+            {"messages": [{"role": "user", "content": "hi"}], "thinkbrake": {"finalize": "x"}},
+            400,
+            "thinkbrake.finalize",
+        ),
+        (
+            {"messages": [{"role": "user", "content": "hi"}], "thinkbrake": {"min_thinking_tokens": "a"}},
+            400,
+            "thinkbrake.min_thinking_tokens",
+        ),
+    ],
+)
+def test_bad_requests_get_openai_errors(server, body, status, param):
+    code, data = http_json(f"{server}/v1/chat/completions", body)
+    assert code == status, data
+    error = data["error"]
+    assert set(error) == {"message", "type", "param", "code"}
+    assert error["param"] == param and param.split(".")[-1] in error["message"]
+
+
+def test_bad_request_through_the_sdk(client):
+    with pytest.raises(openai.NotFoundError):
+        client.chat.completions.create(model="nope", messages=[{"role": "user", "content": "hi"}])
+    with pytest.raises(openai.BadRequestError) as caught:
+        client.chat.completions.create(
+            model="tiny-r1", messages=[{"role": "user", "content": "hi"}], extra_body={"thinkbrake": {"k": "x"}}
+        )
+    assert caught.value.body["param"] == "thinkbrake.k"
+
+
+def test_client_disconnect_aborts_a_non_streaming_request(server, tiny_tokenizer):
+    body = scripted_body(tiny_tokenizer, thinking=THINKING * 2, max_tokens=1900)
+    body.update(model="tiny-r1", thinkbrake={"policy": "off"})
+    before = metric(server, GENERATION_TOKENS)
+    with pytest.raises(httpx.ReadTimeout):
+        httpx.post(f"{server}/v1/chat/completions", json=body, timeout=0.3)
+    total = len(body["vllm_xargs"]["script"])
+    after = wait_metric(server, GENERATION_TOKENS, before + total, timeout=3.0)
+    assert after - before < total // 2  # measured: 400-500 of 1763 (0.3 s timeout + disconnect poll)
