@@ -11,9 +11,8 @@ Two scrape targets, told apart by their ``model`` label (the dashboard's ``$mode
 * ``qwen3``: :class:`server.metrics.Metrics` alone on a small FastAPI app, fed hand-made RequestRecords whose
   dashboard numbers are known exactly (agreement 75%, 750 tokens saved per would-be stop, 1 error in 9).
 
-Not evaluated: the two ``vllm:`` engine panels. Those series exist only while a vLLM engine runs (embedded, or the
-upstream fleet), which this test does not start; faking them would only test the fake. Their names are checked
-against vLLM's source in tests/test_deploy_files.py.
+* ``tiny-r1``: ``thinkbrake serve --model`` with a real embedded vLLM engine (the tiny scripted test model), which
+  puts vLLM's own ``vllm:`` metrics on the same ``/metrics``; the dashboard's two engine panels are evaluated on it.
 
 Prometheus comes from the Debian package ``prometheus`` (``.ci/install-prometheus.sh``); without it the test is
 skipped outside CI and fails in CI (``CI=true``). Run with ``-s`` to see the evaluated expressions.
@@ -43,11 +42,13 @@ from fastapi import FastAPI, Response
 from prometheus_client import CollectorRegistry
 
 from server.metrics import PRIOR_STOP_RATIO, PRIOR_WEIGHT_TOKENS, Metrics, RequestRecord
+from tests.serve_support import scripted_body, thinkbrake_server
 from tests.support.fake_upstream import FakeUpstream
+from tests.support.fixtures import KV_CACHE_BYTES, MAX_MODEL_LEN, SCRIPTED_PROCESSOR_FQCN
 from tests.test_deploy_files import dashboard
 from tests.test_metrics import ERROR, MODEL, NATURAL, SHADOW, STOPPED
 
-pytestmark = pytest.mark.prometheus
+pytestmark = [pytest.mark.prometheus, pytest.mark.engine]
 
 ROOT = Path(__file__).resolve().parent.parent
 SERVED_MODEL = "fake-reasoner"
@@ -175,6 +176,35 @@ def stop_process(process: subprocess.Popen[bytes]) -> None:
         process.wait()
 
 
+# --- the embedded engine -------------------------------------------------------------------------------------
+
+ENGINE_MODEL = "tiny-r1"
+
+
+@dataclasses.dataclass
+class EngineServer:
+    url: str
+    body: dict[str, Any]
+
+    def send(self) -> None:
+        response = httpx.post(f"{self.url}/v1/chat/completions", json=self.body, timeout=120)
+        assert response.status_code == 200, response.text
+
+
+@pytest.fixture(scope="module")
+def engine_server(
+    tiny_model_dir: Path, tiny_tokenizer: Any, tmp_path_factory: pytest.TempPathFactory
+) -> Iterator[EngineServer]:
+    """``thinkbrake serve --model`` on the tiny scripted model: a real engine with real ``vllm:`` metrics."""
+    log = tmp_path_factory.mktemp("engine") / "serve.log"
+    args = [
+        "--model", str(tiny_model_dir), "--served-model-name", ENGINE_MODEL, "--max-model-len", str(MAX_MODEL_LEN),
+        "--kv-cache-bytes", str(KV_CACHE_BYTES), "--enforce-eager", "--logits-processors", SCRIPTED_PROCESSOR_FQCN,
+    ]  # fmt: skip
+    with thinkbrake_server(*args, log_path=log) as url:
+        yield EngineServer(url, {"model": ENGINE_MODEL, **scripted_body(tiny_tokenizer)})
+
+
 # --- the metrics-only target --------------------------------------------------------------------------------
 
 
@@ -272,7 +302,10 @@ class Prometheus:
 
 @pytest.fixture(scope="module")
 def scraped(
-    real_server: RealServer, records_server: tuple[Metrics, str], tmp_path_factory: pytest.TempPathFactory
+    real_server: RealServer,
+    records_server: tuple[Metrics, str],
+    engine_server: EngineServer,
+    tmp_path_factory: pytest.TempPathFactory,
 ) -> Iterator[Prometheus]:
     """Prometheus after it scraped the first traffic a few times, then the second traffic once.
 
@@ -288,7 +321,12 @@ def scraped(
     metrics, records_target = records_server
     real_server.send(REAL_TRAFFIC)
     send_records(metrics, FIRST_BATCH)
-    targets = {"thinkbrake": real_server.url.removeprefix("http://"), "records": records_target}
+    engine_server.send()
+    targets = {
+        "thinkbrake": real_server.url.removeprefix("http://"),
+        "records": records_target,
+        "engine": engine_server.url.removeprefix("http://"),
+    }
     prometheus = Prometheus(binary, targets, tmp_path_factory.mktemp("prometheus"))
     try:
         wait_for(prometheus.ready, "prometheus to be ready")
@@ -297,6 +335,7 @@ def scraped(
         wait_for(lambda: (prometheus.scalar(samples) or 0) >= 5, "five scrapes")
         real_server.send(REAL_TRAFFIC)
         send_records(metrics, SECOND_BATCH)
+        engine_server.send()
         expected = (2 * len(REAL_TRAFFIC), len(FIRST_BATCH) + len(SECOND_BATCH))
         wait_for(lambda: requests_seen(prometheus) == expected, "a scrape of the second traffic")
         yield prometheus
@@ -324,22 +363,21 @@ def panel_queries() -> list[tuple[str, str]]:
 
 
 def test_every_dashboard_query_returns_data(scraped: Prometheus) -> None:
-    """Every thinkbrake panel query, on the real server's series ($model = fake-reasoner)."""
-    evaluated, excluded = 0, []
-    print(f"\n{len(panel_queries())} dashboard queries, $model={SERVED_MODEL}, {SUBSTITUTIONS}:")
+    """Every panel query: thinkbrake's on the proxy's series ($model = fake-reasoner), the engine's (vllm:) on
+    the embedded engine's series ($model = its vLLM model_name)."""
+    evaluated = 0
+    engine_models = scraped.label_values("model_name", "vllm:generation_tokens_total")
+    assert len(engine_models) == 1, engine_models
+    print(f"\n{len(panel_queries())} dashboard queries, {SUBSTITUTIONS}:")
     for title, expr in panel_queries():
-        if "vllm:" in expr:
-            excluded.append(expr)
-            continue
-        result = scraped.query(substitute(expr, SERVED_MODEL))
+        model = engine_models[0] if "vllm:" in expr else SERVED_MODEL
+        result = scraped.query(substitute(expr, model))
         values = [float(series["value"][1]) for series in result]
-        print(f"  {len(result)} series  {', '.join(f'{v:.6g}' for v in values):<28} {title}: {expr}")
+        print(f"  {len(result)} series  {', '.join(f'{v:.6g}' for v in values):<28} {title} [$model={model}]: {expr}")
         assert result, f"no data: {title}: {expr}"
         assert all(math.isfinite(value) for value in values), f"{title}: {expr} -> {values}"
         evaluated += 1
-    for expr in excluded:
-        print(f"  excluded (needs a running vLLM engine): {expr}")
-    print(f"{evaluated} evaluated, every one returned data; {len(excluded)} vllm: queries excluded")
+    print(f"{evaluated} of {len(panel_queries())} evaluated, every one returned data")
 
     for variable in dashboard()["templating"]["list"]:
         if variable["type"] == "query":  # label_values(METRIC{SELECTOR}, LABEL)
@@ -347,7 +385,7 @@ def test_every_dashboard_query_returns_data(scraped: Prometheus) -> None:
             label_values = scraped.label_values(label, substitute(series, SERVED_MODEL))
             print(f"  variable ${variable['name']}: {label_values}  ({variable['query']})")
             assert SERVED_MODEL in label_values if label == "model" else label_values, variable["query"]
-    assert evaluated == len(panel_queries()) - 2 and len(excluded) == 2
+    assert evaluated == len(panel_queries())
 
 
 def test_real_server_totals_match_its_responses(scraped: Prometheus, real_server: RealServer) -> None:
