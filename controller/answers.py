@@ -132,6 +132,10 @@ class AnswerComparer:
         self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="math-verify")
         self.timeouts = 0
 
+    def warm_up(self) -> None:
+        """Import Math-Verify (and sympy, about a second) on the worker thread now, not at the first comparison."""
+        self._executor.submit(_math_verify_equal, "1", "1")
+
     def equal(self, first: str, second: str) -> bool:
         """Whether two answers are the same mathematical object."""
         key_a, key_b = canonical(first), canonical(second)

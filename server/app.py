@@ -23,6 +23,7 @@ from server.backend import Backend, BackendError
 from server.metrics import Metrics
 from server.protocol import ChatCompletionRequest, CompletionRequest, now
 from server.routes import ModelNotFound, Service, error_response, unless_disconnected
+from server.security import install as install_security
 from server.settings import Settings
 
 log = logging.getLogger(__name__)
@@ -62,6 +63,7 @@ def build_app(
     app = FastAPI(title="thinkbrake", lifespan=lifespan)
     app.state.service = service
     _add_error_handlers(app)
+    install_security(app, settings)
 
     @app.post("/v1/chat/completions")
     async def chat_completions(body: ChatCompletionRequest, request: Request) -> Any:

@@ -10,6 +10,7 @@ which aborts its backend request.
 from __future__ import annotations
 
 import asyncio
+import json
 import logging
 import random
 from collections.abc import AsyncGenerator, AsyncIterator, Awaitable
@@ -66,6 +67,28 @@ def sse(payload: BaseModel | str) -> str:
     return f"data: {data}\n\n"
 
 
+class DeltaFrames:
+    """SSE frames of text deltas, the one frame sent per token: the same JSON as
+    ``sse(ChatCompletionChunk(choices=[ChatStreamChoice(delta=DeltaMessage(...))]))`` (fields in model order,
+    None left out), built from a fixed prefix and ``json.dumps`` of the text (a few times cheaper than the
+    pydantic round trip)."""
+
+    def __init__(self, chunk_id: str, created: int, model: str) -> None:
+        head = {"id": chunk_id, "object": "chat.completion.chunk", "created": created, "model": model}
+        self._prefix = (
+            "data: " + json.dumps(head, ensure_ascii=False, separators=(",", ":"))[:-1] + ',"choices":[{"index":'
+        )
+
+    def __call__(self, index: int, reasoning: str, content: str) -> str:
+        fields = []
+        if content:
+            fields.append('"content":' + json.dumps(content, ensure_ascii=False))
+        if reasoning:
+            text = json.dumps(reasoning, ensure_ascii=False)
+            fields.append(f'"reasoning_content":{text},"reasoning":{text}')
+        return f'{self._prefix}{index},"delta":{{{",".join(fields)}}}}}]}}\n\n'
+
+
 def usage_of(results: list[ChoiceResult]) -> Usage:
     """Prompt counted once; completion = every generated token of every choice (continuations included)."""
     prompt = results[0].prompt_tokens if results else 0
@@ -110,13 +133,16 @@ async def merge(runners: list[ChoiceRunner], cleanups: set[asyncio.Future[Any]])
     remaining = len(runners)
     try:
         while remaining:
-            item = await queue.get()
-            if isinstance(item, Exception):
-                raise item
-            if item.result is not None:
-                remaining -= 1
-            if not item.empty:
-                yield item
+            batch = [await queue.get()]
+            while not queue.empty():  # what piled up while the client was being written to
+                batch.append(queue.get_nowait())
+            for item in coalesce(batch):
+                if isinstance(item, Exception):
+                    raise item
+                if item.result is not None:
+                    remaining -= 1
+                if not item.empty:
+                    yield item
     finally:
         for task in tasks:
             task.cancel()
@@ -124,6 +150,24 @@ async def merge(runners: list[ChoiceRunner], cleanups: set[asyncio.Future[Any]])
         cleanups.add(cleanup)
         cleanup.add_done_callback(cleanups.discard)
         await asyncio.shield(cleanup)
+
+
+def coalesce(batch: list[ChoiceEvent | Exception]) -> list[ChoiceEvent | Exception]:
+    """Joins consecutive text-only events of the same choice: tokens that arrived together leave in one SSE
+    event (under load this is what keeps the cost per client event, not per token). Order is kept."""
+    out: list[ChoiceEvent | Exception] = []
+    for item in batch:
+        last = out[-1] if out else None
+        if (
+            isinstance(item, ChoiceEvent) and isinstance(last, ChoiceEvent) and item.result is None
+            and last.result is None and item.index == last.index
+        ):  # fmt: skip
+            out[-1] = ChoiceEvent(
+                item.index, last.reasoning + item.reasoning, last.content + item.content, last.text + item.text
+            )
+        else:
+            out.append(item)
+    return out
 
 
 class Service:
@@ -134,6 +178,7 @@ class Service:
         self.backend = backend
         self.metrics = metrics
         self.comparer = AnswerComparer(timeout_seconds=COMPARE_TIMEOUT_SECONDS)
+        self.comparer.warm_up()  # import Math-Verify off the event loop before the first comparison needs it
         self.random = random.Random()
         self.cleanups: set[asyncio.Future[Any]] = set()  # aborts still running after a disconnect
 
@@ -226,18 +271,14 @@ class Service:
         def chunk(choices: list[ChatStreamChoice], **extra: Any) -> str:
             return sse(ChatCompletionChunk(id=chunk_id, created=created, model=model, choices=choices, **extra))
 
+        text_frame = DeltaFrames(chunk_id, created, model)
         results: list[ChoiceResult | None] = [None] * n
         try:
             for index in range(n):
                 yield chunk([ChatStreamChoice(index=index, delta=DeltaMessage(role="assistant", content=""))])
             async for event in _chain(first, events):
                 if event.reasoning or event.content:
-                    delta = DeltaMessage(
-                        content=event.content or None,
-                        reasoning_content=event.reasoning or None,
-                        reasoning=event.reasoning or None,
-                    )
-                    yield chunk([ChatStreamChoice(index=event.index, delta=delta)])
+                    yield text_frame(event.index, event.reasoning, event.content)
                 if event.result is not None:
                     results[event.index] = result = event.result
                     info = result.info(control.policy.name, control.shadow)
@@ -251,7 +292,7 @@ class Service:
                 done = _done(results)
                 yield chunk([], usage=usage_of(done), thinkbrake=summary(done, control))
         except Exception as error:  # noqa: BLE001 - mid-stream failure: one error event, then [DONE]
-            yield sse(error_body(error))
+            yield sse(error_body(error).model_dump_json())  # all four fields, param and code too
         yield sse("[DONE]")
 
     async def _completion_response(
@@ -303,7 +344,7 @@ class Service:
                 done = _done(results)
                 yield chunk([], usage=usage_of(done), thinkbrake=summary(done, control))
         except Exception as error:  # noqa: BLE001 - mid-stream failure: one error event, then [DONE]
-            yield sse(error_body(error))
+            yield sse(error_body(error).model_dump_json())  # all four fields, param and code too
         yield sse("[DONE]")
 
 

@@ -12,7 +12,8 @@ from controller.policies import POLICIES
 SETTING_FLAGS = (
     "model", "upstream", "host", "port", "policy", "policy_args", "delimiters", "finalize", "max_answer_tokens",
     "shadow_rate", "served_model_name", "upstream_api_key", "request_timeout", "max_model_len", "kv_cache_bytes",
-    "logits_processors", "enforce_eager", "log_level",
+    "logits_processors", "enforce_eager", "log_level", "upstream_max_connections", "api_keys", "api_key_file",
+    "protect_health", "protect_metrics", "max_body_bytes",
 )  # fmt: skip
 
 DESCRIPTION = """\
@@ -47,8 +48,20 @@ def add_parser(commands: Any) -> None:
         "deepseek-ai/DeepSeek-R1-Distill-Qwen-1.5B; offline, pass a local folder)",
     )
     backend.add_argument("--upstream", metavar="URL", help="base URL of an OpenAI-compatible server to proxy")
-    backend.add_argument("--upstream-api-key", help="bearer token sent to the upstream")
-    backend.add_argument("--request-timeout", type=float, help="seconds to wait on the upstream (default 600)")
+    backend.add_argument(
+        "--upstream-api-key",
+        help="bearer token thinkbrake sends to the upstream; never taken from or shown to clients "
+        "(prefer env THINKBRAKE_UPSTREAM_API_KEY: flags show in the process list)",
+    )
+    backend.add_argument(
+        "--request-timeout", type=float,
+        help="seconds the upstream may stay silent (connect, first byte, between chunks) before the request fails "
+        "with an error for the client (default 600)",
+    )  # fmt: skip
+    backend.add_argument(
+        "--upstream-max-connections", type=int, metavar="N",
+        help="concurrent streams to the upstream; more requests wait for a free connection (default 1024)",
+    )  # fmt: skip
 
     policy = parser.add_argument_group("stopping")
     policy.add_argument("--policy", choices=sorted(POLICIES), help="default stop policy (default fcs_reflection)")
@@ -75,6 +88,20 @@ def add_parser(commands: Any) -> None:
     server.add_argument("--port", type=int, help="port (default 8000)")
     server.add_argument("--served-model-name", help="model name clients use (default: the model / upstream's)")
     server.add_argument("--log-level", choices=["debug", "info", "warning", "error"], help="default info")
+
+    access = parser.add_argument_group("access and limits")
+    access.add_argument(
+        "--api-key", dest="api_keys", action="append", metavar="KEY",
+        help="accept clients sending 'Authorization: Bearer KEY'; repeatable (env: THINKBRAKE_API_KEYS=k1,k2). "
+        "Without any key the API is open",
+    )  # fmt: skip
+    access.add_argument("--api-key-file", metavar="PATH", help="more keys, one per line ('#' comments allowed)")
+    access.add_argument("--protect-health", action="store_true", help="/health needs a key too (default open)")
+    access.add_argument("--protect-metrics", action="store_true", help="/metrics needs a key too (default open)")
+    access.add_argument(
+        "--max-body-bytes", type=int, metavar="N",
+        help="larger request bodies get 413 (default 4194304 = 4 MiB)",
+    )  # fmt: skip
 
     engine = parser.add_argument_group("embedded engine")
     engine.add_argument("--max-model-len", type=int, help="context length (default: the model's)")

@@ -7,6 +7,7 @@ embedded engine, or ``upstream``); the default policy and its arguments parse; `
 
 from __future__ import annotations
 
+import pathlib
 from typing import Annotated, Any, Literal
 
 from pydantic import Field, field_validator, model_validator
@@ -35,8 +36,14 @@ class Settings(BaseSettings):
     max_answer_tokens: int = Field(1024, ge=1)
     shadow_rate: float = Field(0.0, ge=0.0, le=1.0)
     served_model_name: str | None = None
-    upstream_api_key: str | None = None
+    upstream_api_key: str | None = Field(None, repr=False)
     request_timeout: float = Field(600.0, gt=0)
+    upstream_max_connections: int = Field(1024, ge=1, description="concurrent connections to the upstream")
+    api_keys: Annotated[list[str], NoDecode] = Field(default_factory=list, repr=False)
+    api_key_file: str | None = None
+    protect_health: bool = False
+    protect_metrics: bool = False
+    max_body_bytes: int = Field(4 << 20, ge=1)
     max_model_len: int | None = Field(None, ge=1)
     kv_cache_bytes: int | None = Field(None, ge=1, description="KV cache size of the embedded engine in bytes")
     logits_processors: Annotated[list[str], NoDecode] = Field(default_factory=list)
@@ -64,9 +71,9 @@ class Settings(BaseSettings):
             return pairs
         return value
 
-    @field_validator("logits_processors", mode="before")
+    @field_validator("logits_processors", "api_keys", mode="before")
     @classmethod
-    def _split_processors(cls, value: Any) -> Any:
+    def _split_commas(cls, value: Any) -> Any:
         if isinstance(value, str):
             return [item.strip() for item in value.split(",") if item.strip()]
         return value
@@ -77,6 +84,8 @@ class Settings(BaseSettings):
             raise ValueError("give either --model (embedded engine) or --upstream (proxy), not both")
         if not self.upstream and not self.model:
             self.model = DEFAULT_MODEL
+        if self.api_key_file and not pathlib.Path(self.api_key_file).is_file():
+            raise ValueError(f"--api-key-file {self.api_key_file}: no such file")
         try:
             self.default_policy()
         except PolicyError as error:

@@ -185,6 +185,7 @@ class FakeUpstream:
         self.host, self.port = host, port
         self.record = record
         self.requests: list[RequestRecord] = []
+        self.connections = 0  # TCP connections accepted so far
         self.vocabulary = Vocabulary()
         self._frames: dict[tuple[int, bool, bool], list[bytes]] = {}
         self._next_trace = 0
@@ -260,6 +261,7 @@ class FakeUpstream:
         if sock is not None:
             sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
         self._writers.add(writer)
+        self.connections += 1
         try:
             while True:
                 try:

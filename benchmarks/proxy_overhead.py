@@ -1,0 +1,394 @@
+"""What thinkbrake costs in front of an upstream: direct vs through thinkbrake (policy off, default policy).
+
+One run starts a fast fake OpenAI-compatible upstream (``tests/support/fake_upstream.py``, a process of its own,
+replaying the dev reasoning traces as SSE, one event per token) and ``thinkbrake serve --upstream`` (a process of
+its own, so its CPU and memory can be read with psutil). Then, for each concurrency C, C streaming clients loop
+for ``--duration`` seconds (after ``--warmup``) in three phases: straight to the upstream ("direct"), through
+thinkbrake with ``{"thinkbrake": {"policy": "off"}}`` ("off"), and through thinkbrake with its default policy
+("default"). It prints one markdown table per C:
+
+- tokens/s received by all clients, and the ratio to direct. Direct, every SSE event is one token; thinkbrake
+  may forward tokens that arrive together in one event, so its tokens/s is its streamed characters/s divided
+  by the direct phase's characters per token (events/s is shown too);
+- TTFT and inter-token latency (ITL, the gap between consecutive text-carrying events of a stream), p50 and
+  p99, and what thinkbrake adds to them (the percentile through thinkbrake minus the direct one);
+- thinkbrake's CPU (% of one core, over the measured window) and RSS at the end of the phase (MiB).
+
+The clients are a lean hand-written HTTP/1.1 SSE reader (one ``json.loads`` per event, no SDK), so the client
+is cheap next to the servers. ``--token-rate R`` paces the upstream at R tokens/s per stream, like a real decoding engine;
+0 (default) streams as fast as it can, which measures capacity (then every process competes for the same
+cores and the ratio says how much CPU thinkbrake needs per token relative to upstream + client).
+
+    python benchmarks/proxy_overhead.py                      # C = 1, 16, 64, 256; a few minutes
+    python benchmarks/proxy_overhead.py --token-rate 50 --duration 5 --concurrency 64
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import os
+import pathlib
+import random
+import socket
+import subprocess
+import sys
+import time
+from collections.abc import Iterator
+from contextlib import ExitStack, contextmanager
+from dataclasses import dataclass, field
+
+import psutil
+
+ROOT = pathlib.Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+DEFAULT_TRACES = ROOT.parent / "shared" / "data" / "traces" / "dev-skyt1.jsonl.gz"
+MODES = ("direct", "off", "default")
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return int(sock.getsockname()[1])
+
+
+def progress(message: str) -> None:
+    print(f"[{time.strftime('%H:%M:%S')}] {message}", file=sys.stderr, flush=True)
+
+
+@contextmanager
+def process(command: list[str], ready_url: str, name: str, log: pathlib.Path) -> Iterator[subprocess.Popen[bytes]]:
+    """Start a process and wait until ``ready_url`` answers 200; terminate it (only it) at the end."""
+    import urllib.request
+
+    env = {**os.environ, "PYTHONPATH": str(ROOT)}
+    with open(log, "wb") as output:
+        child = subprocess.Popen(command, cwd=ROOT, env=env, stdout=output, stderr=subprocess.STDOUT)
+    try:
+        deadline = time.monotonic() + 60
+        while True:
+            if child.poll() is not None:
+                raise RuntimeError(f"{name} exited with {child.returncode}; see {log}")
+            try:
+                with urllib.request.urlopen(ready_url, timeout=2) as response:
+                    if response.status == 200:
+                        break
+            except OSError:
+                pass
+            if time.monotonic() > deadline:
+                raise TimeoutError(f"{name} not ready; see {log}")
+            time.sleep(0.1)
+        yield child
+    finally:
+        child.terminate()
+        try:
+            child.wait(10)
+        except subprocess.TimeoutExpired:
+            child.kill()
+            child.wait()
+
+
+@dataclass
+class Sample:
+    """What the clients saw during the measured window of one phase."""
+
+    tokens: int = 0  # token events (SSE events carrying text)
+    chars: int = 0  # characters of streamed text (reasoning + content)
+    requests: int = 0
+    errors: int = 0
+    ttft: list[float] = field(default_factory=list)
+    gaps: list[float] = field(default_factory=list)
+
+
+def text_length(event: bytes) -> int:
+    """Characters of generated text in one SSE event (0 for the role chunk, the final chunk or ``[DONE]``).
+
+    Parsed like any client would; ``reasoning`` and its ``reasoning_content`` twin count once.
+    """
+    if not event.startswith(b"data: {"):
+        return 0
+    length = 0
+    for choice in json.loads(event[6:]).get("choices") or ():
+        delta = choice.get("delta") or {}
+        length += len(delta.get("reasoning") or delta.get("reasoning_content") or "")
+        length += len(delta.get("content") or "")
+    return length
+
+
+class Client:
+    """One keep-alive HTTP/1.1 connection that posts a streaming request and reads the SSE events."""
+
+    def __init__(self, host: str, port: int) -> None:
+        self.host, self.port = host, port
+        self.reader: asyncio.StreamReader | None = None
+        self.writer: asyncio.StreamWriter | None = None
+
+    async def _connect(self) -> tuple[asyncio.StreamReader, asyncio.StreamWriter]:
+        if self.reader is None or self.writer is None or self.writer.is_closing():
+            self.reader, self.writer = await asyncio.open_connection(self.host, self.port, limit=1 << 20)
+        return self.reader, self.writer
+
+    def close(self) -> None:
+        if self.writer is not None:
+            self.writer.close()
+        self.reader = self.writer = None
+
+    async def stream(self, body: bytes, sample: Sample, measuring: list[bool]) -> None:
+        reader, writer = await self._connect()
+        head = (
+            f"POST /v1/chat/completions HTTP/1.1\r\nHost: {self.host}:{self.port}\r\n"
+            f"Content-Type: application/json\r\nAccept: text/event-stream\r\nContent-Length: {len(body)}\r\n\r\n"
+        )
+        sent = time.perf_counter()
+        writer.write(head.encode() + body)
+        status = (await reader.readuntil(b"\r\n\r\n")).split(b" ", 2)[1]
+        if status != b"200":
+            raise RuntimeError(f"HTTP {status.decode()}")
+        last: float | None = None
+        buffer = b""
+        while True:
+            size = int((await reader.readuntil(b"\r\n")).strip(), 16)
+            data = await reader.readexactly(size + 2)
+            if size == 0:
+                break
+            now = time.perf_counter()
+            buffer += data[:-2]
+            *events, buffer = buffer.split(b"\n\n")
+            for event in events:
+                if b'"error"' in event and b"data: {" in event and b'"choices"' not in event:
+                    raise RuntimeError(event.decode(errors="replace")[:200])
+                length = text_length(event)
+                if not length:
+                    continue
+                if measuring[0]:
+                    sample.tokens += 1
+                    sample.chars += length
+                    if last is None:
+                        sample.ttft.append(now - sent)
+                    else:
+                        sample.gaps.append(now - last)
+                last = now
+        if measuring[0]:
+            sample.requests += 1
+
+
+async def run_phase(
+    host: str, port: int, body: bytes, concurrency: int, warmup: float, duration: float
+) -> tuple[Sample, float]:
+    """``concurrency`` clients stream back to back; returns what was measured after the warm-up and its length."""
+    sample = Sample()
+    measuring = [False]
+    clients = [Client(host, port) for _ in range(concurrency)]
+
+    async def worker(client: Client) -> None:
+        await asyncio.sleep(random.uniform(0, warmup))  # clients do not arrive in lockstep
+        while True:
+            try:
+                await client.stream(body, sample, measuring)
+            except asyncio.CancelledError:
+                raise
+            except Exception as error:  # noqa: BLE001 - counted; the benchmark goes on
+                if measuring[0]:
+                    sample.errors += 1
+                    if sample.errors <= 3:
+                        progress(f"  client error: {type(error).__name__}: {error}")
+                client.close()
+                await asyncio.sleep(0.05)
+
+    tasks = [asyncio.create_task(worker(client)) for client in clients]
+    await asyncio.sleep(warmup)
+    measuring[0] = True
+    started = time.perf_counter()
+    await asyncio.sleep(duration)
+    measuring[0] = False
+    elapsed = time.perf_counter() - started
+    for task in tasks:
+        task.cancel()
+    await asyncio.gather(*tasks, return_exceptions=True)
+    for client in clients:
+        client.close()
+    return sample, elapsed
+
+
+def percentile(values: list[float], q: float) -> float:
+    if not values:
+        return float("nan")
+    ordered = sorted(values)
+    return ordered[min(len(ordered) - 1, int(q / 100 * len(ordered)))]
+
+
+@dataclass
+class Row:
+    mode: str
+    tokens_per_second: float  # direct: token events/s; through thinkbrake: characters/s / direct chars per token
+    events_per_second: float
+    chars_per_token: float
+    requests: int
+    errors: int
+    ttft: tuple[float, float]
+    itl: tuple[float, float]
+    cpu_percent: float | None
+    rss_mib: float | None
+
+
+def tree_cpu_seconds(process: psutil.Process) -> float:
+    """CPU seconds of a process and its children (vLLM runs its engine core in a child)."""
+    total = 0.0
+    for member in [process, *process.children(recursive=True)]:
+        try:
+            times = member.cpu_times()
+        except psutil.Error:
+            continue
+        total += times.user + times.system
+    return total
+
+
+def tree_rss_mib(process: psutil.Process) -> float:
+    total = 0
+    for member in [process, *process.children(recursive=True)]:
+        try:
+            total += member.memory_info().rss
+        except psutil.Error:
+            continue
+    return total / 2**20
+
+
+def measure(
+    mode: str,
+    target: tuple[str, int],
+    concurrency: int,
+    body: dict[str, object],
+    args: argparse.Namespace,
+    watched: psutil.Process | None,
+    chars_per_token: float | None,
+) -> Row:
+    """One phase against ``target``. ``watched``: the server process whose CPU and RSS are reported.
+    ``chars_per_token`` (from the direct phase, one token per event) converts streamed characters to tokens:
+    thinkbrake may forward several tokens in one event when they arrive together."""
+    cpu_before = tree_cpu_seconds(watched) if watched else 0.0
+    wall_before = time.perf_counter()
+    sample, elapsed = asyncio.run(
+        run_phase(target[0], target[1], json.dumps(body).encode(), concurrency, args.warmup, args.duration)
+    )
+    wall = time.perf_counter() - wall_before
+    cpu = (tree_cpu_seconds(watched) - cpu_before) / wall * 100 if watched else None
+    return Row(
+        mode=mode,
+        tokens_per_second=sample.chars / elapsed / chars_per_token if chars_per_token else sample.tokens / elapsed,
+        events_per_second=sample.tokens / elapsed,
+        chars_per_token=sample.chars / max(1, sample.tokens),
+        requests=sample.requests,
+        errors=sample.errors,
+        ttft=(percentile(sample.ttft, 50) * 1e3, percentile(sample.ttft, 99) * 1e3),
+        itl=(percentile(sample.gaps, 50) * 1e3, percentile(sample.gaps, 99) * 1e3),
+        cpu_percent=cpu,
+        rss_mib=tree_rss_mib(watched) if watched else None,
+    )
+
+
+def request_body(mode: str, model: str, max_tokens: int, **extra: object) -> dict[str, object]:
+    body: dict[str, object] = {
+        "model": model,
+        "messages": [{"role": "user", "content": "Solve the problem."}],
+        "stream": True,
+        "max_tokens": max_tokens,
+        **extra,
+    }
+    if mode == "off":
+        body["thinkbrake"] = {"policy": "off"}
+    return body
+
+
+def table(concurrency: int, rows: list[Row], cpu_label: str = "thinkbrake CPU %") -> str:
+    direct = rows[0]
+    lines = [
+        f"### C = {concurrency}",
+        "",
+        "| path | tokens/s | ratio | events/s | requests | errors | TTFT p50 / p99 ms | +TTFT p50 / p99 ms "
+        f"| ITL p50 / p99 ms | +ITL p50 / p99 ms | {cpu_label} | RSS MiB |",
+        "|---|---|---|---|---|---|---|---|---|---|---|---|",
+    ]
+
+    def delta(row: Row, mine: tuple[float, float], base: tuple[float, float]) -> str:
+        return f"{mine[0] - base[0]:+.2f} / {mine[1] - base[1]:+.2f}" if row.mode != "direct" else "-"
+
+    for row in rows:
+        lines.append(
+            f"| {row.mode} | {row.tokens_per_second:,.0f} | {row.tokens_per_second / direct.tokens_per_second:.3f} "
+            f"| {row.events_per_second:,.0f} | {row.requests} | {row.errors} | {row.ttft[0]:.2f} / {row.ttft[1]:.2f} | {delta(row, row.ttft, direct.ttft)} "
+            f"| {row.itl[0]:.3f} / {row.itl[1]:.3f} | {delta(row, row.itl, direct.itl)} "
+            f"| {'-' if row.cpu_percent is None else f'{row.cpu_percent:.0f}'} "
+            f"| {'-' if row.rss_mib is None else f'{row.rss_mib:.0f}'} |"
+        )
+    return "\n".join(lines)
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--concurrency", default="1,16,64,256", help="comma-separated C values (default 1,16,64,256)")
+    parser.add_argument("--duration", type=float, default=8.0, help="measured seconds per phase (default 8)")
+    parser.add_argument("--warmup", type=float, default=2.0, help="unmeasured seconds before each phase (default 2)")
+    parser.add_argument("--token-rate", type=float, default=0.0, help="upstream tokens/s per stream; 0 = unpaced")
+    parser.add_argument("--max-tokens", type=int, default=2048, help="max_tokens of every request (default 2048)")
+    parser.add_argument("--traces", default=str(DEFAULT_TRACES), help="trace file the upstream replays")
+    parser.add_argument("--modes", default=",".join(MODES), help="phases to run (default direct,off,default)")
+    parser.add_argument("--logs", default="/tmp/thinkbrake-bench", help="folder for the servers' logs")
+    parser.add_argument("--thinkbrake-arg", action="append", default=[], help="extra flag for thinkbrake serve")
+    return parser.parse_args(argv)
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
+    logs = pathlib.Path(args.logs)
+    logs.mkdir(parents=True, exist_ok=True)
+    upstream_port, thinkbrake_port = free_port(), free_port()
+    upstream_command = [
+        sys.executable, "-m", "tests.support.fake_upstream", "--port", str(upstream_port), "--no-record",
+        "--token-rate", str(args.token_rate),
+    ]  # fmt: skip
+    if args.traces and pathlib.Path(args.traces).exists():
+        upstream_command += ["--traces", args.traces, "--limit", "64"]
+    upstream_url = f"http://127.0.0.1:{upstream_port}"
+    thinkbrake_command = [
+        sys.executable, "-m", "server.cli", "serve", "--upstream", upstream_url, "--port", str(thinkbrake_port),
+        "--log-level", "warning", *args.thinkbrake_arg,
+    ]  # fmt: skip
+    concurrencies = [int(value) for value in args.concurrency.split(",")]
+    modes = [mode for mode in args.modes.split(",") if mode]
+    if modes[0] != "direct":
+        modes.insert(0, "direct")
+    rate = f"{args.token_rate:g} tokens/s per stream" if args.token_rate else "unpaced"
+    progress(f"upstream: {rate}; {len(concurrencies)} x {len(modes)} phases of {args.warmup + args.duration:g} s")
+    tables: list[str] = []
+    with ExitStack() as stack:
+        stack.enter_context(process(upstream_command, f"{upstream_url}/health", "fake upstream", logs / "upstream.log"))
+        thinkbrake = stack.enter_context(
+            process(thinkbrake_command, f"http://127.0.0.1:{thinkbrake_port}/health", "thinkbrake", logs / "tb.log")
+        )
+        tb_process = psutil.Process(thinkbrake.pid)
+        progress(f"thinkbrake pid {thinkbrake.pid}, RSS at start {tb_process.memory_info().rss / 2**20:.0f} MiB")
+        for concurrency in concurrencies:
+            rows = []
+            for mode in modes:
+                target = ("127.0.0.1", upstream_port if mode == "direct" else thinkbrake_port)
+                progress(f"C={concurrency} {mode} ...")
+                body = request_body(mode, "fake-reasoner", args.max_tokens)
+                watched = None if mode == "direct" else tb_process
+                row = measure(mode, target, concurrency, body, args, watched, rows[0].chars_per_token if rows else None)
+                progress(
+                    f"C={concurrency} {mode}: {row.tokens_per_second:,.0f} tokens/s, {row.requests} requests, "
+                    f"{row.errors} errors, ITL p99 {row.itl[1]:.2f} ms"
+                )
+                rows.append(row)
+                time.sleep(0.5)
+            tables.append(table(concurrency, rows))
+            print(tables[-1] + "\n", flush=True)
+    cpu = psutil.cpu_count()
+    print(f"Machine: {cpu} logical CPUs, load average {os.getloadavg()[0]:.2f}; upstream {rate}; "
+          f"max_tokens {args.max_tokens}; {args.duration:g} s measured per phase.")  # fmt: skip
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
