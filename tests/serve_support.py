@@ -21,7 +21,7 @@ from collections.abc import Iterator
 from typing import Any
 
 from tests.support.engine_metrics import metrics_text_value
-from tests.support.fixtures import REPO_ROOT, engine_environment, free_port, script_ids, think_end_id
+from tests.support.fixtures import REPO_ROOT, engine_environment, free_port, script_ids, stop_process, think_end_id
 
 QUESTION = "What is 6 * 7? Put the final answer in \\boxed{}."
 SOLVE = (
@@ -105,7 +105,7 @@ def thinkbrake_server(*args: str, timeout: float = 180.0, log_path: pathlib.Path
         process = subprocess.Popen(
             serve_command(port, *args), cwd=REPO_ROOT, env=env, stdout=log, stderr=subprocess.STDOUT
         )
-        stack.callback(_stop, process)
+        stack.callback(stop_process, process)
         base_url = f"http://127.0.0.1:{port}"
         _wait_healthy(base_url, process, timeout, log_path)
         yield base_url
@@ -123,16 +123,6 @@ def _wait_healthy(base_url: str, process: subprocess.Popen[bytes], timeout: floa
                     return
         time.sleep(0.25)
     raise TimeoutError(f"thinkbrake serve at {base_url} not healthy after {timeout} s")
-
-
-def _stop(process: subprocess.Popen[bytes]) -> None:
-    if process.poll() is None:
-        process.terminate()
-        try:
-            process.wait(timeout=30)
-        except subprocess.TimeoutExpired:
-            process.kill()
-            process.wait()
 
 
 def stream_message(stream: Any) -> dict[str, Any]:

@@ -44,7 +44,7 @@ from prometheus_client import CollectorRegistry
 from server.metrics import PRIOR_STOP_RATIO, PRIOR_WEIGHT_TOKENS, Metrics, RequestRecord
 from tests.serve_support import scripted_body, thinkbrake_server
 from tests.support.fake_upstream import FakeUpstream
-from tests.support.fixtures import KV_CACHE_BYTES, MAX_MODEL_LEN, SCRIPTED_PROCESSOR_FQCN
+from tests.support.fixtures import KV_CACHE_BYTES, MAX_MODEL_LEN, SCRIPTED_PROCESSOR_FQCN, stop_process
 from tests.test_deploy_files import dashboard
 from tests.test_metrics import ERROR, MODEL, NATURAL, SHADOW, STOPPED
 
@@ -165,15 +165,6 @@ def real_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[RealServer
 
         wait_for(healthy, "thinkbrake serve to be healthy")
         yield server
-
-
-def stop_process(process: subprocess.Popen[bytes]) -> None:
-    process.terminate()
-    try:
-        process.wait(timeout=15)
-    except subprocess.TimeoutExpired:
-        process.kill()
-        process.wait()
 
 
 # --- the embedded engine -------------------------------------------------------------------------------------

@@ -213,7 +213,7 @@ def openai_server(
             server_command(model_dir, port, *extra),
             cwd=REPO_ROOT, env=env, stdout=log, stderr=subprocess.STDOUT,
         )  # fmt: skip
-        stack.callback(_stop, process)
+        stack.callback(stop_process, process)
         base_url = f"http://127.0.0.1:{port}"
         _wait_healthy(base_url, process, timeout)
         yield base_url
@@ -233,12 +233,12 @@ def _wait_healthy(base_url: str, process: subprocess.Popen[bytes], timeout: floa
     raise TimeoutError(f"vLLM server at {base_url} not healthy after {timeout} s")
 
 
-def _stop(process: subprocess.Popen[bytes]) -> None:
-    """Terminate ``process``, killing it if it does not exit within 30 s."""
+def stop_process(process: subprocess.Popen[bytes], timeout: float = 30.0) -> None:
+    """Terminate ``process`` (and only it), killing it if it does not exit within ``timeout`` seconds."""
     if process.poll() is None:
         process.terminate()
         try:
-            process.wait(timeout=30)
+            process.wait(timeout=timeout)
         except subprocess.TimeoutExpired:
             process.kill()
             process.wait()

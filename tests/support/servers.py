@@ -19,7 +19,7 @@ import urllib.request
 from collections.abc import Iterator
 from typing import Any
 
-from tests.support.fixtures import REPO_ROOT, free_port
+from tests.support.fixtures import REPO_ROOT, free_port, stop_process
 
 
 def wait_healthy(base_url: str, timeout: float = 30.0, process: subprocess.Popen[bytes] | None = None) -> None:
@@ -54,22 +54,11 @@ def thinkbrake_process(
     with contextlib.ExitStack() as stack:
         log = stack.enter_context(open(log_path or os.devnull, "wb"))
         process = subprocess.Popen(command, cwd=REPO_ROOT, env=environment, stdout=log, stderr=subprocess.STDOUT)
-        stack.callback(stop_process, process)
+        stack.callback(stop_process, process, 10.0)
         base_url = f"http://127.0.0.1:{port}"
         if wait:
             wait_healthy(base_url, process=process)
         yield base_url, process
-
-
-def stop_process(process: subprocess.Popen[bytes]) -> None:
-    """Terminate ``process`` (and only it), killing it if it does not exit within 10 s."""
-    if process.poll() is None:
-        process.terminate()
-        try:
-            process.wait(timeout=10)
-        except subprocess.TimeoutExpired:
-            process.kill()
-            process.wait()
 
 
 @contextlib.contextmanager
@@ -112,4 +101,4 @@ def fake_upstream_process(*flags: str) -> Iterator[str]:
                 time.sleep(0.05)
         yield base_url
     finally:
-        stop_process(process)
+        stop_process(process, 10.0)
