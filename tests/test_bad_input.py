@@ -118,9 +118,30 @@ def test_huge_declared_length_is_refused_before_reading(thinkbrake: str) -> None
             b"POST /v1/chat/completions HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
             b"Content-Length: 10000000000\r\n\r\n{"
         )
-        reply = sock.recv(65536).decode()
+        reply = read_http_response(sock)
     assert reply.startswith("HTTP/1.1 413")
     error_of(json.loads(reply.split("\r\n\r\n", 1)[1]))
+
+
+def read_http_response(sock: socket.socket) -> str:
+    """One whole HTTP/1.1 response (headers and a Content-Length body), however the bytes arrive."""
+    data = b""
+    while b"\r\n\r\n" not in data:
+        chunk = sock.recv(65536)
+        if not chunk:
+            return data.decode()
+        data += chunk
+    head, body = data.split(b"\r\n\r\n", 1)
+    length = next(
+        (int(line.split(b":", 1)[1]) for line in head.split(b"\r\n") if line.lower().startswith(b"content-length:")),
+        0,
+    )
+    while len(body) < length:
+        chunk = sock.recv(65536)
+        if not chunk:
+            break
+        body += chunk
+    return (head + b"\r\n\r\n" + body).decode()
 
 
 # -- malformed and invalid requests -----------------------------------------------------------------------------
