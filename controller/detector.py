@@ -25,6 +25,7 @@ positions are the token counts fed up to the delta in which the event became cer
 
 from __future__ import annotations
 
+import dataclasses
 import re
 from dataclasses import dataclass
 
@@ -204,16 +205,5 @@ class SolutionDetector:
         self._open = None
         self.solutions += 1
         events.append(
-            Event(
-                SOLUTION,
-                self.offset,
-                self.tokens,
-                solution=last.solution,
-                answer=last.answer,
-                key=last.key,
-                explicit=last.explicit,
-                start_offset=last.start_offset,
-                start_tokens=last.start_tokens,
-                answer_tokens=last.tokens,
-            )
+            dataclasses.replace(last, kind=SOLUTION, offset=self.offset, tokens=self.tokens, answer_tokens=last.tokens)
         )

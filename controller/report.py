@@ -32,6 +32,7 @@ def summarize(results: Sequence[TraceResult], policy: str) -> dict[str, Any]:
     with_oracle = [(r, o) for r, o in zip(results, outcomes, strict=True) if r.first_correct_tokens is not None]
     oracle_tokens = sum(r.first_correct_tokens or 0 for r, _ in with_oracle)
     outcome_effs = [r.outcome_efficiency for r in results if r.outcome_efficiency is not None]
+    harmful = sum(r.correct and not o.correct for r, o in zip(results, outcomes, strict=True))
     return {
         "policy": policy,
         "traces": count,
@@ -39,8 +40,8 @@ def summarize(results: Sequence[TraceResult], policy: str) -> dict[str, Any]:
         "acc_stop": _pct(sum(o.correct for o in outcomes), count),
         "acc_delta": _pct(sum(o.correct for o in outcomes) - sum(r.correct for r in results), count),
         "agreement": _pct(sum(o.agrees for o in outcomes), count),
-        "harmful": _pct(sum(r.correct and not o.correct for r, o in zip(results, outcomes, strict=True)), count),
-        "harmful_count": sum(r.correct and not o.correct for r, o in zip(results, outcomes, strict=True)),
+        "harmful": _pct(harmful, count),
+        "harmful_count": harmful,
         "tokens_full": tokens_full,
         "tokens_stop": tokens_stop,
         "saved": _pct(tokens_full - tokens_stop, tokens_full),
