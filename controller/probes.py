@@ -20,6 +20,7 @@ Invariants:
 from __future__ import annotations
 
 import math
+import re
 from collections.abc import Sequence
 from dataclasses import dataclass
 
@@ -28,11 +29,17 @@ WAIT = "wait"  # just before a reflection opener such as "Wait" (the DEER trigge
 SOLUTION = "solution"  # at a solution boundary: an answer followed by a reflection
 
 
+HESITATION = ("wait", "hold", "but", "okay", "no", "hmm")
+
+
 @dataclass(frozen=True)
 class ProbeSpec:
-    """How a probe is asked and read: the recorded DEER probe of ``dev-probes`` ``wait_probes``.
+    """How a probe is asked and read; each is a probe recorded in ``dev-probes`` so replay carries over.
 
-    ``confidence``: ``"mean"`` (arithmetic mean of the answer tokens' probabilities) or ``"geometric"``.
+    ``suffix`` is appended to the prefix; ``in_braces``: the suffix already opened the ``\\boxed{`` (the
+    answer runs to the first unmatched ``}``), otherwise the text starts with ``{``.
+    ``confidence``: ``"mean"`` (arithmetic mean of the answer tokens' probabilities), ``"geometric"``, or
+    ``"certain"`` (1.0 unless the probe text holds a hesitation word, as Dynasor reads it).
     ``needs_close``: confidence is 0 unless the probe's own output closed thinking (Qwen3 is over-confident).
     """
 
@@ -40,6 +47,22 @@ class ProbeSpec:
     max_tokens: int = 20
     confidence: str = "mean"
     needs_close: bool = False
+    in_braces: bool = False
+
+
+#: the DEER probe of ``wait_probes`` (R1-distill reading; Qwen3: see :func:`probe_spec`)
+WAIT_PROBE = ProbeSpec()
+#: the dense probe of ``probes`` (Dynasor family)
+DENSE_PROBE = ProbeSpec("**Final Answer**\n\n\\[ \\boxed{", 32, "certain", False, True)
+
+
+def probe_spec(trigger: str, model: str = "") -> ProbeSpec:
+    """The probe to send for ``trigger`` on ``model`` (a name or path; Qwen3 reads confidence differently)."""
+    if trigger == WAIT:
+        if "qwen3" in model.lower():
+            return ProbeSpec(confidence="geometric", needs_close=True)
+        return WAIT_PROBE
+    return DENSE_PROBE
 
 
 @dataclass(frozen=True)
@@ -72,7 +95,11 @@ def read_probe(spec: ProbeSpec, request_id: int, text: str, logprobs: Sequence[f
     The answer is the content of the braces that open the text, up to the matching ``}``; confidence is the
     mean (or geometric mean) probability over the tokens generated up to that brace.
     """
-    answer, answer_tokens = _braced(text, len(logprobs))
+    answer, answer_tokens = _braced(text, len(logprobs), spec.in_braces)
+    if spec.confidence == "certain":
+        words = set(re.findall(r"[a-z]+", text.lower()))
+        certain = answer is not None and not words.intersection(HESITATION)
+        return ProbeResult(request_id, answer, 1.0 if certain else 0.0, len(logprobs))
     values = list(logprobs[:answer_tokens]) if answer_tokens else list(logprobs)
     if not values or answer is None:
         return ProbeResult(request_id, answer, 0.0, len(logprobs))
@@ -85,9 +112,10 @@ def read_probe(spec: ProbeSpec, request_id: int, text: str, logprobs: Sequence[f
     return ProbeResult(request_id, answer, min(1.0, max(0.0, confidence)), len(logprobs))
 
 
-def _braced(text: str, tokens: int) -> tuple[str | None, int]:
-    """The ``{...}`` content at the start of ``text`` and an estimate of the tokens it spans (all of them)."""
-    stripped = text.lstrip()
+def _braced(text: str, tokens: int, in_braces: bool) -> tuple[str | None, int]:
+    """The ``{...}`` content at the start of ``text`` (or, ``in_braces``, up to the first unmatched ``}``) and
+    an estimate of the tokens it spans (all of them)."""
+    stripped = "{" + text if in_braces else text.lstrip()
     if not stripped.startswith("{"):
         return None, tokens
     depth = 0
