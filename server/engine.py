@@ -53,7 +53,7 @@ class EngineGeneration:
                 completion = output.outputs[0]
                 yield Chunk(completion.text, list(completion.token_ids), completion.finish_reason)
         except ValueError as error:  # vLLM validates the request when it is added (length, params)
-            raise BackendError(str(error), status_code=400, error_type="BadRequestError") from error
+            raise BackendError(str(error), status_code=400) from error
 
     async def abort(self) -> None:
         if self._aborted:
@@ -145,7 +145,7 @@ class EmbeddedBackend:
             try:
                 text = self._render(prompt.messages, prompt.template_kwargs)
             except Exception as error:  # noqa: BLE001 - jinja/template errors are the client's messages
-                raise BackendError(f"chat template: {error}", 400, "BadRequestError") from error
+                raise BackendError(f"chat template: {error}", 400) from error
             return list(self.tokenizer.encode(text, add_special_tokens=False))
         if prompt.token_ids is not None:
             return list(prompt.token_ids)
@@ -165,7 +165,7 @@ class EmbeddedBackend:
                 **options,
             )
         except (TypeError, ValueError) as error:
-            raise BackendError(str(error), 400, "BadRequestError") from error
+            raise BackendError(str(error), 400) from error
 
     def generate(self, prompt: Prompt, sampling: Sampling, request_id: str) -> EngineGeneration:
         return self.continue_tokens(self._prompt_ids(prompt), sampling, request_id)
@@ -174,7 +174,7 @@ class EmbeddedBackend:
         from vllm.inputs import TokensPrompt
 
         if self.engine is None:
-            raise BackendError("the engine is not running", 503, "ServiceUnavailableError")
+            raise BackendError("the engine is not running", 503)
         prompt = TokensPrompt(prompt_token_ids=list(token_ids))
         return EngineGeneration(self, prompt, self._params(sampling), request_id)
 
