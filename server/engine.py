@@ -28,6 +28,15 @@ _SAMPLING_OPTIONS = frozenset(
 )  # fmt: skip
 
 
+def _client_errors() -> tuple[type[Exception], ...]:
+    """What vLLM raises for a bad request (a prompt too long, bad sampling values): 400s, not 500s."""
+    try:
+        from vllm.exceptions import VLLMClientError
+    except ImportError:  # vLLM before its exception hierarchy raised ValueError
+        return (ValueError,)
+    return (ValueError, VLLMClientError)
+
+
 class EngineGeneration:
     """One engine request streamed in DELTA mode; ``abort`` stops decoding at once."""
 
@@ -43,6 +52,7 @@ class EngineGeneration:
 
     async def __aiter__(self) -> AsyncGenerator[Chunk, None]:
         engine = self._backend.engine
+        client_errors = _client_errors()
         self._stream = engine.generate(self._prompt, self._params, self.request_id)
         try:
             async for output in self._stream:
@@ -52,7 +62,7 @@ class EngineGeneration:
                     self.num_cached_tokens = output.num_cached_tokens
                 completion = output.outputs[0]
                 yield Chunk(completion.text, list(completion.token_ids), completion.finish_reason)
-        except ValueError as error:  # vLLM validates the request when it is added (length, params)
+        except client_errors as error:  # vLLM validates the request when it is added (length, params)
             raise BackendError(str(error), status_code=400) from error
 
     async def abort(self) -> None:
@@ -164,7 +174,7 @@ class EmbeddedBackend:
                 extra_args=dict(sampling.extra_args) if sampling.extra_args else None,
                 **options,
             )
-        except (TypeError, ValueError) as error:
+        except (TypeError, *_client_errors()) as error:
             raise BackendError(str(error), 400) from error
 
     def generate(self, prompt: Prompt, sampling: Sampling, request_id: str) -> EngineGeneration:
