@@ -2,7 +2,8 @@
 
 The backend starts in the lifespan context, in the background so ``GET /health`` can answer 503 while the
 model loads, and is always shut down when the app stops. Every error leaves in the OpenAI shape
-``{"error": {"message", "type", "param", "code"}}``; all handlers are registered in :func:`_add_error_handlers`.
+``{"error": {"message", "type", "param", "code"}}`` (``type`` ``invalid_request_error`` or ``server_error``,
+``code`` a string); all handlers are registered in :func:`_add_error_handlers`.
 """
 
 from __future__ import annotations
@@ -85,7 +86,7 @@ def build_app(
             return Response(status_code=200)
         error = app.state.startup_error
         message = f"backend failed to start: {error}" if error else "the model is still loading"
-        return error_response(503, message, "ServiceUnavailableError", code=503)
+        return error_response(503, message)
 
     @app.get("/metrics")
     async def metrics_endpoint() -> Response:
@@ -100,31 +101,43 @@ def _param(location: tuple[Any, ...]) -> str | None:
     return ".".join(parts) or None
 
 
+def validation_error_response(errors: list[Any]) -> JSONResponse:
+    """A 400 for the first validation error: ``param`` names the request field (dotted path), or is None when
+    the body as a whole is wrong (not JSON, empty, not an object); the message then says so plainly."""
+    first = errors[0] if errors else {"loc": (), "msg": "invalid request"}
+    location = tuple(first.get("loc", ()))
+    if first.get("type") == "json_invalid":  # loc is ("body", character position): not a field
+        reason = (first.get("ctx") or {}).get("error") or "JSON decode error"
+        where = f" at character {location[1]}" if len(location) > 1 else ""
+        return error_response(400, f"The request body is not valid JSON: {reason}{where}.", code="invalid_json")
+    param = _param(location)
+    if param is None:
+        return error_response(400, f"The request body must be a JSON object ({first.get('msg')}).")
+    return error_response(400, f"{param}: {first.get('msg')}", param=param)
+
+
 def _add_error_handlers(app: FastAPI) -> None:
     @app.exception_handler(RequestValidationError)
     async def validation_error(_: Request, error: RequestValidationError) -> JSONResponse:
-        first = error.errors()[0] if error.errors() else {"loc": (), "msg": "invalid request"}
-        param = _param(tuple(first.get("loc", ())))
-        message = f"{param}: {first.get('msg')}" if param else str(first.get("msg"))
-        return error_response(400, message, "BadRequestError", param=param, code=400)
+        return validation_error_response(list(error.errors()))
 
     @app.exception_handler(PolicyError)
     async def policy_error(_: Request, error: PolicyError) -> JSONResponse:
-        return error_response(400, str(error), "BadRequestError", param=error.field, code=400)
+        return error_response(400, str(error), param=error.field)
 
     @app.exception_handler(ModelNotFound)
     async def model_not_found(_: Request, error: ModelNotFound) -> JSONResponse:
-        return error_response(404, str(error), "NotFoundError", param="model", code="model_not_found")
+        return error_response(404, str(error), param="model", code="model_not_found")
 
     @app.exception_handler(BackendError)
     async def backend_error(_: Request, error: BackendError) -> JSONResponse:
-        return error_response(error.status_code, error.message, error.error_type, code=error.status_code)
+        return error_response(error.status_code, error.message, error.param, error.code)
 
     @app.exception_handler(HTTPException)
     async def http_error(_: Request, error: HTTPException) -> JSONResponse:
-        return error_response(error.status_code, str(error.detail), "HTTPError", code=error.status_code)
+        return error_response(error.status_code, str(error.detail))
 
     @app.exception_handler(Exception)
     async def internal_error(_: Request, error: Exception) -> JSONResponse:
         log.exception("unhandled error", exc_info=error)
-        return error_response(500, f"{type(error).__name__}: {error}", "InternalServerError", code=500)
+        return error_response(500, f"{type(error).__name__}: {error}")

@@ -19,13 +19,15 @@ from controller.delimiters import Delimiters
 
 
 class BackendError(Exception):
-    """A backend failure reported to the client in the OpenAI error shape."""
+    """A backend failure reported to the client in the OpenAI error shape: the error's ``type`` follows
+    ``status_code``; ``code`` (a string) and ``param`` (a request field) are None where the status says it all."""
 
-    def __init__(self, message: str, status_code: int = 502, error_type: str = "BackendError") -> None:
+    def __init__(self, message: str, status_code: int = 502, code: str | None = None, param: str | None = None) -> None:
         super().__init__(message)
         self.message = message
         self.status_code = status_code
-        self.error_type = error_type
+        self.code = code
+        self.param = param
 
 
 @dataclass(frozen=True)

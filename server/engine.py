@@ -28,6 +28,15 @@ _SAMPLING_OPTIONS = frozenset(
 )  # fmt: skip
 
 
+def _client_errors() -> tuple[type[Exception], ...]:
+    """What vLLM raises for a bad request (a prompt too long, bad sampling values): 400s, not 500s."""
+    try:
+        from vllm.exceptions import VLLMClientError
+    except ImportError:  # vLLM before its exception hierarchy raised ValueError
+        return (ValueError,)
+    return (ValueError, VLLMClientError)
+
+
 class EngineGeneration:
     """One engine request streamed in DELTA mode; ``abort`` stops decoding at once."""
 
@@ -43,6 +52,7 @@ class EngineGeneration:
 
     async def __aiter__(self) -> AsyncGenerator[Chunk, None]:
         engine = self._backend.engine
+        client_errors = _client_errors()
         self._stream = engine.generate(self._prompt, self._params, self.request_id)
         try:
             async for output in self._stream:
@@ -52,8 +62,8 @@ class EngineGeneration:
                     self.num_cached_tokens = output.num_cached_tokens
                 completion = output.outputs[0]
                 yield Chunk(completion.text, list(completion.token_ids), completion.finish_reason)
-        except ValueError as error:  # vLLM validates the request when it is added (length, params)
-            raise BackendError(str(error), status_code=400, error_type="BadRequestError") from error
+        except client_errors as error:  # vLLM validates the request when it is added (length, params)
+            raise BackendError(str(error), status_code=400) from error
 
     async def abort(self) -> None:
         if self._aborted:
@@ -145,7 +155,7 @@ class EmbeddedBackend:
             try:
                 text = self._render(prompt.messages, prompt.template_kwargs)
             except Exception as error:  # noqa: BLE001 - jinja/template errors are the client's messages
-                raise BackendError(f"chat template: {error}", 400, "BadRequestError") from error
+                raise BackendError(f"chat template: {error}", 400) from error
             return list(self.tokenizer.encode(text, add_special_tokens=False))
         if prompt.token_ids is not None:
             return list(prompt.token_ids)
@@ -164,8 +174,8 @@ class EmbeddedBackend:
                 extra_args=dict(sampling.extra_args) if sampling.extra_args else None,
                 **options,
             )
-        except (TypeError, ValueError) as error:
-            raise BackendError(str(error), 400, "BadRequestError") from error
+        except (TypeError, *_client_errors()) as error:
+            raise BackendError(str(error), 400) from error
 
     def generate(self, prompt: Prompt, sampling: Sampling, request_id: str) -> EngineGeneration:
         return self.continue_tokens(self._prompt_ids(prompt), sampling, request_id)
@@ -174,7 +184,7 @@ class EmbeddedBackend:
         from vllm.inputs import TokensPrompt
 
         if self.engine is None:
-            raise BackendError("the engine is not running", 503, "ServiceUnavailableError")
+            raise BackendError("the engine is not running", 503)
         prompt = TokensPrompt(prompt_token_ids=list(token_ids))
         return EngineGeneration(self, prompt, self._params(sampling), request_id)
 

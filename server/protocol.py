@@ -9,9 +9,10 @@ from __future__ import annotations
 import time
 import uuid
 from dataclasses import dataclass
+from http import HTTPStatus
 from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import MISSING, BaseModel, ConfigDict, Field
 
 from controller.policies import PolicyConfig, PolicyError, parse_policy
 from server.settings import Finalize, Settings
@@ -116,26 +117,45 @@ def now() -> int:
     return int(time.time())
 
 
+def _is_none(value: Any) -> bool:
+    return value is None
+
+
+def omitted() -> Any:
+    """A field left out of the JSON while it is None (fields without it are always written, null included)."""
+    return Field(None, exclude_if=_is_none)
+
+
+# Response shapes follow the OpenAI specification (openai-openapi): every field it requires is written, null
+# where there is nothing (``logprobs``, ``refusal``, a stream choice's ``finish_reason``); optional fields
+# are left out rather than sent as null where the specification wants an object (``prompt_tokens_details``).
+# ``usage`` on chat stream chunks has three states, as OpenAI sends it: absent (no ``include_usage``), null
+# (every chunk but the last with ``include_usage``), the counts (the last chunk). On completion chunks it is
+# absent or the counts: there the specification does not allow null. The extra ``thinkbrake``,
+# ``reasoning_content`` and ``reasoning`` fields are allowed by the specification (no additionalProperties).
+
+
 class Usage(BaseModel):
     prompt_tokens: int
     completion_tokens: int
     total_tokens: int
-    completion_tokens_details: dict[str, int] | None = None
-    prompt_tokens_details: dict[str, int] | None = None
+    completion_tokens_details: dict[str, int] | None = omitted()
+    prompt_tokens_details: dict[str, int] | None = omitted()
 
 
 class DeltaMessage(BaseModel):
-    role: Literal["assistant"] | None = None
-    content: str | None = None
-    reasoning_content: str | None = None
-    reasoning: str | None = None
+    role: Literal["assistant"] | None = omitted()
+    content: str | None = omitted()
+    reasoning_content: str | None = omitted()
+    reasoning: str | None = omitted()
 
 
 class ChatStreamChoice(BaseModel):
     index: int
     delta: DeltaMessage
+    logprobs: None = None
     finish_reason: str | None = None
-    thinkbrake: dict[str, Any] | None = None
+    thinkbrake: dict[str, Any] | None = omitted()
 
 
 class ChatCompletionChunk(BaseModel):
@@ -144,13 +164,14 @@ class ChatCompletionChunk(BaseModel):
     created: int
     model: str
     choices: list[ChatStreamChoice]
-    usage: Usage | None = None
-    thinkbrake: dict[str, Any] | None = None
+    usage: Usage | None | MISSING = MISSING
+    thinkbrake: dict[str, Any] | None = omitted()
 
 
 class ResponseMessage(BaseModel):
     role: Literal["assistant"] = "assistant"
     content: str | None
+    refusal: None = None
     reasoning_content: str | None = None
     reasoning: str | None = None
 
@@ -158,8 +179,9 @@ class ResponseMessage(BaseModel):
 class ChatChoice(BaseModel):
     index: int
     message: ResponseMessage
-    finish_reason: str | None
-    thinkbrake: dict[str, Any] | None = None
+    logprobs: None = None
+    finish_reason: str
+    thinkbrake: dict[str, Any] | None = omitted()
 
 
 class ChatCompletionResponse(BaseModel):
@@ -169,32 +191,68 @@ class ChatCompletionResponse(BaseModel):
     model: str
     choices: list[ChatChoice]
     usage: Usage
-    thinkbrake: dict[str, Any] | None = None
+    thinkbrake: dict[str, Any] | None = omitted()
 
 
 class CompletionChoice(BaseModel):
+    """A completion choice; streamed, ``finish_reason`` is null until the choice's last chunk (as OpenAI sends)."""
+
     index: int
     text: str
+    logprobs: None = None
     finish_reason: str | None = None
-    thinkbrake: dict[str, Any] | None = None
+    thinkbrake: dict[str, Any] | None = omitted()
 
 
 class CompletionResponse(BaseModel):
+    """A completion response, and (as in OpenAI's API) also the shape of each streamed chunk."""
+
     id: str
     object: Literal["text_completion"] = "text_completion"
     created: int
     model: str
     choices: list[CompletionChoice]
-    usage: Usage | None = None
-    thinkbrake: dict[str, Any] | None = None
+    usage: Usage | MISSING = MISSING
+    thinkbrake: dict[str, Any] | None = omitted()
+
+
+#: ``error.code`` by HTTP status where nothing more specific is known
+_ERROR_CODES = {
+    400: "invalid_request_error", 401: "invalid_api_key", 404: "not_found", 405: "method_not_allowed",
+    413: "request_too_large", 500: "internal_error", 502: "upstream_error", 503: "service_unavailable",
+}  # fmt: skip
+
+
+def error_type_for(status: int) -> str:
+    """OpenAI's ``error.type`` for an HTTP status: ``invalid_request_error`` (4xx) or ``server_error``."""
+    return "invalid_request_error" if 400 <= status < 500 else "server_error"
+
+
+def error_code_for(status: int) -> str:
+    """The default ``error.code`` (a string, never the status number) for an HTTP status."""
+    known = _ERROR_CODES.get(status)
+    if known is not None:
+        return known
+    try:
+        return HTTPStatus(status).phrase.lower().replace(" ", "_").replace("-", "_")
+    except ValueError:
+        return error_type_for(status)
 
 
 class ErrorDetail(BaseModel):
     message: str
     type: str
     param: str | None = None
-    code: int | str | None = None
+    code: str | None = None
 
 
 class ErrorResponse(BaseModel):
     error: ErrorDetail
+
+    @classmethod
+    def of(cls, status: int, message: str, param: str | None = None, code: str | None = None) -> ErrorResponse:
+        """The error body for ``status``: type from the status, ``code`` defaulting to the status's code."""
+        detail = ErrorDetail(
+            message=message, type=error_type_for(status), param=param, code=code or error_code_for(status)
+        )
+        return cls(error=detail)

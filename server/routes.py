@@ -37,7 +37,6 @@ from server.protocol import (
     CompletionRequest,
     CompletionResponse,
     DeltaMessage,
-    ErrorDetail,
     ErrorResponse,
     GenerationRequest,
     RequestControl,
@@ -63,21 +62,29 @@ class ModelNotFound(Exception):
 
 
 def sse(payload: BaseModel | str) -> str:
-    data = payload if isinstance(payload, str) else payload.model_dump_json(exclude_none=True)
+    data = payload if isinstance(payload, str) else payload.model_dump_json()
     return f"data: {data}\n\n"
 
 
-class DeltaFrames:
-    """SSE frames of text deltas, the one frame sent per token: the same JSON as
-    ``sse(ChatCompletionChunk(choices=[ChatStreamChoice(delta=DeltaMessage(...))]))`` (fields in model order,
-    None left out), built from a fixed prefix and ``json.dumps`` of the text (a few times cheaper than the
-    pydantic round trip)."""
+class _TextFrames:
+    """SSE frames of one choice's new text, the frame sent per token, built from a fixed prefix and suffix and
+    ``json.dumps`` of the text (a few times cheaper than the pydantic round trip). Each frame is the same JSON
+    as ``sse()`` of the chunk model (fields in model order, spec-required nulls written: ``logprobs``,
+    ``finish_reason``, and ``usage`` when the client asked for ``include_usage``)."""
 
-    def __init__(self, chunk_id: str, created: int, model: str) -> None:
-        head = {"id": chunk_id, "object": "chat.completion.chunk", "created": created, "model": model}
+    def __init__(self, kind: str, chunk_id: str, created: int, model: str, include_usage: bool) -> None:
+        head = {"id": chunk_id, "object": kind, "created": created, "model": model}
         self._prefix = (
             "data: " + json.dumps(head, ensure_ascii=False, separators=(",", ":"))[:-1] + ',"choices":[{"index":'
         )
+        self._suffix = ',"logprobs":null,"finish_reason":null}]' + (',"usage":null}' if include_usage else "}") + "\n\n"
+
+
+class DeltaFrames(_TextFrames):
+    """Chat: ``sse(ChatCompletionChunk(choices=[ChatStreamChoice(delta=DeltaMessage(...))]))``."""
+
+    def __init__(self, chunk_id: str, created: int, model: str, include_usage: bool = False) -> None:
+        super().__init__("chat.completion.chunk", chunk_id, created, model, include_usage)
 
     def __call__(self, index: int, reasoning: str, content: str) -> str:
         fields = []
@@ -86,7 +93,18 @@ class DeltaFrames:
         if reasoning:
             text = json.dumps(reasoning, ensure_ascii=False)
             fields.append(f'"reasoning_content":{text},"reasoning":{text}')
-        return f'{self._prefix}{index},"delta":{{{",".join(fields)}}}}}]}}\n\n'
+        return f'{self._prefix}{index},"delta":{{{",".join(fields)}}}{self._suffix}'
+
+
+class CompletionFrames(_TextFrames):
+    """Completions: ``sse(CompletionResponse(choices=[CompletionChoice(index=..., text=...)]))`` (no ``usage``
+    field: the specification's completion object does not allow null there)."""
+
+    def __init__(self, chunk_id: str, created: int, model: str) -> None:
+        super().__init__("text_completion", chunk_id, created, model, include_usage=False)
+
+    def __call__(self, index: int, text: str) -> str:
+        return f'{self._prefix}{index},"text":{json.dumps(text, ensure_ascii=False)}{self._suffix}'
 
 
 def usage_of(results: list[ChoiceResult]) -> Usage:
@@ -184,7 +202,7 @@ class Service:
 
     def check_model(self, model: str | None) -> None:
         if not self.backend.ready:
-            raise BackendError("the model is still loading", 503, "ServiceUnavailableError")
+            raise BackendError("the model is still loading", 503)
         if model is not None and model not in {self.backend.model_name, self.settings.model}:
             raise ModelNotFound(model)
 
@@ -267,11 +285,13 @@ class Service:
         include_usage: bool,
     ) -> AsyncIterator[str]:  # fmt: skip
         chunk_id, created, model = new_id("chatcmpl"), now(), self.backend.model_name
+        usage_field: dict[str, Any] = {"usage": None} if include_usage else {}  # null until the last chunk
 
         def chunk(choices: list[ChatStreamChoice], **extra: Any) -> str:
-            return sse(ChatCompletionChunk(id=chunk_id, created=created, model=model, choices=choices, **extra))
+            fields = {**usage_field, **extra}
+            return sse(ChatCompletionChunk(id=chunk_id, created=created, model=model, choices=choices, **fields))
 
-        text_frame = DeltaFrames(chunk_id, created, model)
+        text_frame = DeltaFrames(chunk_id, created, model, include_usage)
         results: list[ChoiceResult | None] = [None] * n
         try:
             for index in range(n):
@@ -292,7 +312,7 @@ class Service:
                 done = _done(results)
                 yield chunk([], usage=usage_of(done), thinkbrake=summary(done, control))
         except Exception as error:  # noqa: BLE001 - mid-stream failure: one error event, then [DONE]
-            yield sse(error_body(error).model_dump_json())  # all four fields, param and code too
+            yield sse(error_body(error))  # all four fields, param and code too
         yield sse("[DONE]")
 
     async def _completion_response(
@@ -326,11 +346,12 @@ class Service:
         def chunk(choices: list[CompletionChoice], **extra: Any) -> str:
             return sse(CompletionResponse(id=chunk_id, created=created, model=model, choices=choices, **extra))
 
+        text_frame = CompletionFrames(chunk_id, created, model)
         results: list[ChoiceResult | None] = [None] * n
         try:
             async for event in _chain(first, events):
                 if event.text:
-                    yield chunk([CompletionChoice(index=event.index, text=event.text)])
+                    yield text_frame(event.index, event.text)
                 if event.result is not None:
                     results[event.index] = result = event.result
                     last = all(item is not None for item in results)
@@ -344,7 +365,7 @@ class Service:
                 done = _done(results)
                 yield chunk([], usage=usage_of(done), thinkbrake=summary(done, control))
         except Exception as error:  # noqa: BLE001 - mid-stream failure: one error event, then [DONE]
-            yield sse(error_body(error).model_dump_json())  # all four fields, param and code too
+            yield sse(error_body(error))  # all four fields, param and code too
         yield sse("[DONE]")
 
 
@@ -399,13 +420,11 @@ async def _chain(
 def error_body(error: Exception) -> ErrorResponse:
     """The OpenAI error shape for an exception raised while serving a request."""
     if isinstance(error, BackendError):
-        return ErrorResponse(error=ErrorDetail(message=error.message, type=error.error_type, code=error.status_code))
+        return ErrorResponse.of(error.status_code, error.message, error.param, error.code)
     log.exception("request failed", exc_info=error)
-    return ErrorResponse(error=ErrorDetail(message=f"{type(error).__name__}: {error}", type="InternalServerError"))
+    return ErrorResponse.of(500, f"{type(error).__name__}: {error}")
 
 
-def error_response(
-    status: int, message: str, error_type: str, param: str | None = None, code: Any = None
-) -> JSONResponse:
-    body = ErrorResponse(error=ErrorDetail(message=message, type=error_type, param=param, code=code))
-    return JSONResponse(body.model_dump(), status_code=status)
+def error_response(status: int, message: str, param: str | None = None, code: str | None = None) -> JSONResponse:
+    """An OpenAI-shaped error: ``type`` follows the status, ``code`` is a string (the status's default if None)."""
+    return JSONResponse(ErrorResponse.of(status, message, param, code).model_dump(), status_code=status)

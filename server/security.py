@@ -60,8 +60,10 @@ class KeyChecker:
         return matched
 
 
-def error_json(status: int, message: str, error_type: str, code: str | int) -> bytes:
-    return json.dumps({"error": {"message": message, "type": error_type, "param": None, "code": code}}).encode()
+def error_json(message: str, code: str) -> bytes:
+    """An OpenAI-shaped client error (``server.protocol.ErrorResponse``), built without pydantic."""
+    error = {"message": message, "type": "invalid_request_error", "param": None, "code": code}
+    return json.dumps({"error": error}).encode()
 
 
 async def send_error(send: Send, status: int, body: bytes, extra_headers: Sequence[tuple[bytes, bytes]] = ()) -> None:
@@ -95,7 +97,7 @@ class ApiKeyMiddleware:
             await self.app(scope, receive, send)
             return
         message = "Missing API key: send 'Authorization: Bearer <key>'." if token is None else "Incorrect API key."
-        body = error_json(401, message, "AuthenticationError", "invalid_api_key")
+        body = error_json(message, "invalid_api_key")
         await send_error(send, 401, body, [(b"www-authenticate", b"Bearer")])
 
 
@@ -149,7 +151,7 @@ class BodyLimitMiddleware:
 
     async def _refuse(self, send: Send) -> None:
         message = f"Request body too large: the limit is {self.max_bytes} bytes."
-        await send_error(send, 413, error_json(413, message, "RequestTooLargeError", 413), [(b"connection", b"close")])
+        await send_error(send, 413, error_json(message, "request_too_large"), [(b"connection", b"close")])
 
 
 def _content_length(scope: Scope) -> int | None:

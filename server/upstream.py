@@ -214,20 +214,24 @@ def upstream_error(response: httpx.Response, secret: str | None = None) -> Backe
     """A :class:`BackendError` carrying the upstream's own message and a matching status.
 
     The upstream's key never reaches the client: it is cut out of the message (an upstream may quote the key it
-    was sent), and an authentication failure upstream is a 502 (the client's own key is not at fault).
+    was sent), and an authentication failure upstream is a 502 (the client's own key is not at fault). A client
+    error (4xx) keeps the upstream's string ``code`` and ``param``; otherwise the code is ``upstream_error``.
     """
+    code = param = None
     try:
         detail = response.json()
-        message = detail.get("error", {}).get("message") or detail.get("message") or response.text
+        error = detail.get("error", {})
+        message = error.get("message") or detail.get("message") or response.text
+        code = error.get("code") if isinstance(error.get("code"), str) else None  # vLLM sends the status number
+        param = error.get("param") if isinstance(error.get("param"), str) else None
     except (ValueError, AttributeError):
         message = response.text
     if secret:
         message = str(message).replace(secret, "***")
     status = response.status_code
     if not 400 <= status < 500 or status in _GATEWAY_STATUSES:
-        status = 502
-    error_type = "BadRequestError" if status == 400 else "UpstreamError"
-    return BackendError(f"upstream: {message}", status, error_type)
+        status, code, param = 502, None, None
+    return BackendError(f"upstream: {message}", status, code or "upstream_error", param)
 
 
 class UpstreamClients:

@@ -90,7 +90,7 @@ def test_oversized_body_with_content_length_is_413(client: openai.OpenAI) -> Non
     with pytest.raises(openai.APIStatusError) as raised:
         client.chat.completions.create(model=MODEL, messages=big)  # type: ignore[arg-type]
     assert raised.value.status_code == 413
-    assert error_of(raised.value.body)["code"] == 413
+    assert error_of(raised.value.body)["code"] == "request_too_large"
 
 
 def test_oversized_chunked_body_is_413(thinkbrake: str) -> None:

@@ -29,6 +29,7 @@ from tests.serve_support import (
     thinkbrake_server,
     wait_metric,
 )
+from tests.support import openai_spec as spec
 from tests.support.engine_metrics import GENERATION_TOKENS, PROMPT_TOKENS_CACHED
 from tests.support.fixtures import (
     KV_CACHE_BYTES,
@@ -243,8 +244,9 @@ def test_client_disconnect_aborts_the_engine_request(server, tiny_tokenizer):
 def test_bad_requests_get_openai_errors(server, body, status, param):
     code, data = http_json(f"{server}/v1/chat/completions", body)
     assert code == status, data
+    spec.assert_valid(spec.ERROR, data)
     error = data["error"]
-    assert set(error) == {"message", "type", "param", "code"}
+    assert set(error) == {"message", "type", "param", "code"} and isinstance(error["code"], str)
     assert error["param"] == param and param.split(".")[-1] in error["message"]
 
 
@@ -267,3 +269,56 @@ def test_client_disconnect_aborts_a_non_streaming_request(server, tiny_tokenizer
     total = len(body["vllm_xargs"]["script"])
     after = wait_metric(server, GENERATION_TOKENS, before + total, timeout=3.0)
     assert after - before < total // 2  # measured: 400-500 of 1763 (0.3 s timeout + disconnect poll)
+
+
+def test_responses_follow_the_openai_specification(server, tiny_tokenizer):
+    """Real engine responses, whole and streamed, n = 1 and 2, usage on and off, and the error classes the
+    embedded engine can produce, each validated against the official OpenAI specification."""
+    short = {"thinking": "Six sevens are 42. ", "answer": "42", "max_tokens": 64}
+    chat, completions = "/v1/chat/completions", "/v1/completions"
+    prompt = tiny_tokenizer.apply_chat_template(
+        [{"role": "user", "content": QUESTION}], tokenize=False, add_generation_prompt=True
+    )
+
+    def request(path, stream, n=1, include_usage=False, script=None, **fields):
+        body = {"model": "tiny-r1", **scripted_body(tiny_tokenizer, **(short if script is None else script)), **fields}
+        body.update(n=n, stream=stream)
+        if path == completions:
+            body["prompt"] = prompt
+            del body["messages"]
+        if include_usage:
+            body["stream_options"] = {"include_usage": True}
+        response = httpx.post(f"{server}{path}", json=body, timeout=300)
+        assert response.status_code == 200, response.text
+        return spec.assert_valid_response(response, path, stream)
+
+    spec.assert_valid(spec.MODELS, httpx.get(f"{server}/v1/models", timeout=30).json())
+    whole = request(chat, False, n=2, script={})  # the full scripted trace: both choices stop and continue
+    assert [c["thinkbrake"]["stopped"] for c in whole["choices"]] == [True, True]
+    assert all(c["logprobs"] is None and c["message"]["refusal"] is None for c in whole["choices"])
+    assert "prompt_tokens_details" not in whole["usage"] or whole["usage"]["prompt_tokens_details"] is not None
+    streamed = request(chat, True, n=2, include_usage=True, script={})
+    assert streamed[-1]["choices"] == [] and streamed[-1]["usage"]["completion_tokens"] > 0
+    assert all(chunk["usage"] is None for chunk in streamed[:-1])
+    assert all(c["finish_reason"] is None for chunk in streamed for c in chunk["choices"] if c["delta"])
+    assert all("usage" not in chunk for chunk in request(chat, True))
+    assert request(completions, False, n=2)["choices"][1]["logprobs"] is None
+    chunks = request(completions, True, n=2, include_usage=True)
+    assert chunks[-1]["choices"] == [] and all("usage" not in chunk for chunk in chunks[:-1])
+    assert len([c for chunk in chunks for c in chunk["choices"] if c["finish_reason"] is not None]) == 2
+    request(completions, True)
+
+    errors = [
+        (chat, {"model": "tiny-r1", "messages": [{"role": "user", "content": "hi"}], "top_p": 2}, 400),
+        (chat, {"model": "nope", "messages": [{"role": "user", "content": "hi"}]}, 404),
+        (completions, {"model": "tiny-r1", "prompt": [1] * (MAX_MODEL_LEN + 10), "max_tokens": 4}, 400),  # engine
+        (completions, {"model": "tiny-r1", "prompt": "hi", "stream": True, "max_tokens": -1}, 400),
+        (chat, {"model": "tiny-r1", "messages": [{"role": "user", "content": "hi"}], "min_p": 2}, 400),  # engine
+    ]
+    for path, body, status in errors:
+        response = httpx.post(f"{server}{path}", json=body, timeout=120)
+        assert response.status_code == status, response.text
+        spec.assert_valid(spec.ERROR, response.json(), f"{path} {status}")
+    broken = httpx.post(f"{server}{chat}", content=b'{"model": ', headers={"content-type": "application/json"})
+    assert broken.status_code == 400 and broken.json()["error"]["param"] is None
+    spec.assert_valid(spec.ERROR, broken.json(), "invalid JSON")

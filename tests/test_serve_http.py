@@ -22,7 +22,15 @@ from server import cli
 from server.app import build_app
 from server.backend import BackendError, Chunk, Prompt, Sampling, TextPrompt
 from server.metrics import Metrics
-from server.protocol import parse_control
+from server.protocol import (
+    ChatCompletionChunk,
+    ChatStreamChoice,
+    CompletionChoice,
+    CompletionResponse,
+    DeltaMessage,
+    parse_control,
+)
+from server.routes import CompletionFrames, DeltaFrames, sse
 from server.settings import Settings
 from server.upstream import RawTextRebuilder
 
@@ -120,12 +128,43 @@ def test_failure_mid_stream_is_one_error_event_then_done():
     assert "error" in json.loads(events[-2])
 
 
+TRICKY_TEXTS = ["", "plain", 'q"uote\\back\nline\ttab', "\u00e9\u4e2d\U0001f600", "\x01\x1f\x7f", "\u2028</think>"]
+
+
+@pytest.mark.parametrize("include_usage", [False, True])
+def test_delta_frames_are_the_pydantic_chunk(include_usage):
+    """The hand-built per-token chat frame is byte for byte ``sse()`` of the model (spec-required nulls included)."""
+    frames = DeltaFrames("chatcmpl-1", 1700000000, 'm\u00e9"x', include_usage)
+    for reasoning in TRICKY_TEXTS:
+        for content in TRICKY_TEXTS[:3]:
+            delta = DeltaMessage(
+                content=content or None, reasoning_content=reasoning or None, reasoning=reasoning or None
+            )
+            chunk = ChatCompletionChunk(
+                id="chatcmpl-1", created=1700000000, model="m\u00e9\"x", choices=[ChatStreamChoice(index=3, delta=delta)],
+                **({"usage": None} if include_usage else {}),
+            )  # fmt: skip
+            assert frames(3, reasoning, content) == sse(chunk)
+    assert '"logprobs":null,"finish_reason":null' in frames(0, "", "x")
+    assert ('"usage":null' in frames(0, "", "x")) == include_usage
+
+
+def test_completion_frames_are_the_pydantic_chunk():
+    frames = CompletionFrames("cmpl-1", 1700000000, "m")
+    for text in TRICKY_TEXTS:
+        choice = CompletionChoice(index=1, text=text)
+        assert frames(1, text) == sse(CompletionResponse(id="cmpl-1", created=1700000000, model="m", choices=[choice]))
+    assert '"logprobs":null,"finish_reason":null' in frames(0, "x") and "usage" not in frames(0, "x")
+
+
 def test_failure_before_any_output_is_an_http_error():
     backend = FakeBackend(TRACE, "ignored", fail_after=0)
     with make_client(backend) as client:
         response = client.post("/v1/chat/completions", json={"messages": [{"role": "user", "content": "x"}]})
     assert response.status_code == 502
-    assert set(response.json()["error"]) == {"message", "type", "param", "code"}
+    assert response.json()["error"] == {
+        "message": "the engine fell over", "type": "server_error", "param": None, "code": "upstream_error"
+    }  # fmt: skip
 
 
 def test_health_is_503_until_the_backend_is_ready():
@@ -139,7 +178,8 @@ def test_health_is_503_until_the_backend_is_ready():
     backend.start = slow_start  # type: ignore[method-assign]
     with make_client(backend) as client:
         response = client.get("/health")
-        assert response.status_code == 503 and response.json()["error"]["type"] == "ServiceUnavailableError"
+        error = response.json()["error"]
+        assert response.status_code == 503 and (error["type"], error["code"]) == ("server_error", "service_unavailable")
         assert (
             client.post("/v1/chat/completions", json={"messages": [{"role": "user", "content": "x"}]}).status_code
             == 503

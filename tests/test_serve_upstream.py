@@ -26,6 +26,7 @@ from tests.serve_support import (
     thinkbrake_server,
     wait_metric,
 )
+from tests.support import openai_spec as spec
 from tests.support.engine_metrics import GENERATION_TOKENS, PROMPT_TOKENS_CACHED
 from tests.support.fixtures import (
     BLOCK_SIZE,
@@ -178,5 +179,28 @@ def test_client_disconnect_stops_the_upstream(upstream, proxy, tiny_tokenizer):
 def test_bad_requests_get_openai_errors(proxy, body, status, param):
     code, data = http_json(f"{proxy}/v1/chat/completions", body)
     assert code == status, data
-    assert set(data["error"]) == {"message", "type", "param", "code"}
+    spec.assert_valid(spec.ERROR, data)
+    assert set(data["error"]) == {"message", "type", "param", "code"} and isinstance(data["error"]["code"], str)
     assert data["error"]["param"] == param
+
+
+def test_responses_follow_the_openai_specification(proxy, tiny_tokenizer):
+    """In front of a real vLLM server: whole and streamed chat (n = 2, usage on and off) and a streamed
+    completion, validated against the official OpenAI specification (every error class: test_openai_spec.py)."""
+    prompt = tiny_tokenizer.apply_chat_template(
+        [{"role": "user", "content": QUESTION}], tokenize=False, add_generation_prompt=True
+    )
+    for path, stream, fields in [
+        ("/v1/chat/completions", False, {"n": 2}),
+        ("/v1/chat/completions", True, {"n": 2, "stream_options": {"include_usage": True}}),
+        ("/v1/chat/completions", True, {}),
+        ("/v1/completions", True, {"prompt": prompt, "stream_options": {"include_usage": True}}),
+    ]:
+        body = {"model": "tiny-r1", **scripted_body(tiny_tokenizer), **fields, "stream": stream}
+        if "prompt" in body:
+            del body["messages"]
+        response = httpx.post(f"{proxy}{path}", json=body, timeout=300)
+        assert response.status_code == 200, response.text
+        data = spec.assert_valid_response(response, path, stream)
+        finals = [c for chunk in (data if stream else [data]) for c in chunk["choices"] if c["finish_reason"]]
+        assert len(finals) == fields.get("n", 1) and all(c["thinkbrake"]["stopped"] for c in finals)
