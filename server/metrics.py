@@ -78,7 +78,9 @@ MULTIPROC_ENV: Final = "PROMETHEUS_MULTIPROC_DIR"
 #: Reason label for a stop whose record carries no reason.
 UNKNOWN_REASON: Final = "unknown"
 #: The stop reasons of controller/policies.py; their series are created at 0 up front (see :meth:`Metrics.prepare`).
-STOP_REASONS: Final = ("first_answer", "confirmed", "consistent", "loop", "budget", "max_thinking_tokens")
+STOP_REASONS: Final = (
+    "first_answer", "confirmed", "consistent", "loop", "budget", "max_thinking_tokens", "probe_confirmed", "probe_sure",
+)  # fmt: skip
 
 SOLUTION_BUCKETS: Final = (0, 1, 2, 3, 4, 5, 6, 8, 10, 15, 20, 30)
 TOKEN_BUCKETS: Final = (64, 128, 256, 512, 1024, 2048, 4096, 8192, 16384, 32768, 65536)

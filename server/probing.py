@@ -7,8 +7,9 @@ decode never waits for a probe and a probe's answer is applied as soon as it arr
 
 Invariants: a probe never raises into the choice (a failed probe is answered "no answer" and counted); after
 :meth:`ChoiceProbes.cancel` no probe task is left running (cancelling one aborts its backend request);
-:class:`Interleave` holds at most one pending read of the main stream, and :meth:`Interleave.stop` ends it
-before anyone else touches the stream (aborting a generation while a read is in flight would fail).
+:class:`Interleave` holds at most one pending read of the main stream, and :meth:`Interleave.drain` or
+:meth:`Interleave.stop` ends it before anyone else touches the stream (aborting a generation while a read is in
+flight would fail).
 """
 
 from __future__ import annotations
@@ -194,6 +195,23 @@ class Interleave:
             if chunk is _END:
                 return
             yield chunk
+
+    async def drain(self, timeout: float) -> Chunk | None:
+        """At a stop decided by a probe: wait (at most ``timeout`` seconds) for the pending read of the main
+        stream and return its chunk, so the tokens the backend already delivered are counted and shown like
+        the rest; None when no read was pending, the stream ended or failed, or the time ran out."""
+        task, self._next = self._next, None
+        if task is None:
+            return None
+        done, _ = await asyncio.wait({task}, timeout=timeout)
+        if not done:
+            task.cancel()
+            await asyncio.gather(task, return_exceptions=True)
+            return None
+        if task.cancelled() or task.exception() is not None:
+            return None
+        chunk = task.result()
+        return None if chunk is _END else chunk
 
     async def stop(self) -> None:
         """End a pending read of the main stream (cancelling it); call before aborting or closing the stream."""
