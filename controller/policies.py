@@ -121,15 +121,18 @@ class ProbeFcsConfig(PolicyConfig):
     """``probe_fcs``: answer probes at "Wait"s read each solution's answer (runtime: :mod:`controller.probe_policy`).
 
     ``max_probes``: probes per request at most; ``min_probe_tokens``: no probe earlier; ``confidence``: a probe
-    answer counts when its confidence reaches it; ``sure_confidence``: one probe suffices when it reaches this
-    and the thinking already wrote the same answer. Without probes it runs as ``fcs_reflection``.
+    answer counts when its confidence reaches it; ``confirm_confidence``: two consecutive counted probes with
+    the same answer stop when one of them reaches it; ``sure_confidence``: one probe suffices when it reaches
+    this and the thinking already wrote the same answer (1.0: never). Without probes it runs as
+    ``fcs_reflection``. Defaults: chosen on the tuning half of ``dev-probes`` (README, "Answer probes").
     """
 
     name: ClassVar[str] = "probe_fcs"
     max_probes: int = 30
     min_probe_tokens: int = 0
-    confidence: float = 0.95
-    sure_confidence: float = 0.999
+    confidence: float = 0.9
+    confirm_confidence: float = 0.999
+    sure_confidence: float = 1.0
 
     def __post_init__(self) -> None:
         super().__post_init__()
@@ -137,7 +140,7 @@ class ProbeFcsConfig(PolicyConfig):
             raise PolicyError("max_probes", "must be >= 0")
         if self.min_probe_tokens < 0:
             raise PolicyError("min_probe_tokens", "must be >= 0")
-        for field in ("confidence", "sure_confidence"):
+        for field in ("confidence", "confirm_confidence", "sure_confidence"):
             value = getattr(self, field)
             if not 0.0 <= value <= 1.0:
                 raise PolicyError(field, "must be between 0 and 1")

@@ -5,8 +5,9 @@ At every reflection point the model opens with "Wait" (the DEER trigger, seen by
 that ends just before the "Wait"). A probe answer is *reliable* when its confidence (from the probe's token
 log-probabilities) reaches ``confidence`` and its form is a plain final answer (see :func:`plain_answer`).
 The policy stops when two consecutive reliable probes give the same answer (the solution, then the reflection
-that confirms it), or when one probe reaches ``sure_confidence`` and the text detector has already reached
-the same answer in the thinking. The stop answer is the probe's answer.
+that confirms it) and one of the two reaches ``confirm_confidence``, or (off by default) when one probe
+reaches ``sure_confidence`` below 1 and the text detector has already reached the same answer in the
+thinking. An unreliable probe breaks the chain. The stop answer is the probe's answer.
 
 Invariants:
 - at most ``max_probes`` probes are asked per request, never before ``min_probe_tokens`` tokens;
@@ -93,12 +94,16 @@ class ProbeRuntime:
         if (
             previous is not None
             and previous.answer is not None
+            and plain_answer(previous.answer)
             and previous.confidence >= self.config.confidence
+            and max(previous.confidence, result.confidence) >= self.config.confirm_confidence
             and self._equal(previous.answer, result.answer)
         ):
             reason = "probe_confirmed"
-        elif result.confidence >= self.config.sure_confidence and any(
-            self._equal(text, result.answer) for text in self._text_answers
+        elif (
+            self.config.sure_confidence < 1.0
+            and result.confidence >= self.config.sure_confidence
+            and any(self._equal(text, result.answer) for text in self._text_answers)
         ):
             reason = "probe_sure"
         if reason is not None:

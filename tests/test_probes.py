@@ -66,15 +66,15 @@ def test_probe_fcs_asks_at_each_wait_and_stops_when_two_confident_probes_agree()
     assert [r.trigger for r in requests] == [WAIT] and requests[0].offset == len(SOLVE)
     assert requests[0].tokens == len(SOLVE)  # prefix = the tokens before "Wait"
     assert control.decision is None  # the text alone never stops probe_fcs
-    assert control.probe_result(ProbeResult(requests[0].id, "12", 0.97, 5)).decision is None
+    assert control.probe_result(ProbeResult(requests[0].id, "12", 0.9995, 5)).decision is None
     more = feed_text(control, CHECK)
     assert len(more) == 1 and control.probes_sent == 2
     assert control.probe_result(ProbeResult(99, "12", 1.0, 5)).decision is None  # unknown id: ignored
-    decision = control.probe_result(ProbeResult(more[0].id, "12", 0.96, 4)).decision
+    decision = control.probe_result(ProbeResult(more[0].id, "12", 0.92, 4)).decision
     assert decision is not None and decision.answer == "12" and decision.reason == "probe_confirmed"
     assert decision.tokens == len(SOLVE + CHECK + CHECK)  # applies where the result arrived
     assert control.probe_tokens == 9 and control.decision is decision
-    assert control.probe_result(ProbeResult(more[0].id, "12", 0.96, 4)).decision is None  # repeated: ignored
+    assert control.probe_result(ProbeResult(more[0].id, "12", 0.92, 4)).decision is None  # repeated: ignored
 
 
 def test_probe_fcs_ignores_low_confidence_disagreement_and_bad_forms() -> None:
@@ -82,11 +82,15 @@ def test_probe_fcs_ignores_low_confidence_disagreement_and_bad_forms() -> None:
     first = feed_text(control, SOLVE + CHECK)
     assert control.probe_result(ProbeResult(first[0].id, "12", 0.5, 5)).decision is None  # not confident
     second = feed_text(control, CHECK)
-    assert control.probe_result(ProbeResult(second[0].id, "12", 0.99, 5)).decision is None
+    assert control.probe_result(ProbeResult(second[0].id, "12", 0.9999, 5)).decision is None
     third = feed_text(control, CHECK)
-    assert control.probe_result(ProbeResult(third[0].id, "13", 0.99, 5)).decision is None  # disagrees
+    assert control.probe_result(ProbeResult(third[0].id, "13", 0.9999, 5)).decision is None  # disagrees
     fourth = feed_text(control, CHECK)
-    assert control.probe_result(ProbeResult(fourth[0].id, "x = 13", 0.99, 5)).decision is None  # not a final form
+    assert control.probe_result(ProbeResult(fourth[0].id, "x = 13", 0.9999, 5)).decision is None  # not final
+    fifth = feed_text(control, CHECK)
+    assert control.probe_result(ProbeResult(fifth[0].id, "13", 0.95, 5)).decision is None  # after a bad form
+    sixth = feed_text(control, CHECK)
+    assert control.probe_result(ProbeResult(sixth[0].id, "13", 0.95, 5)).decision is None  # neither >= 0.999
     assert not plain_answer("x = 13") and not plain_answer("?") and plain_answer("\\frac{1}{2}")
     assert control.decision is None
 
@@ -132,7 +136,7 @@ def test_replay_answers_from_the_recording_with_latency() -> None:
     trace = {
         "id": "math500/7/m/seed1",
         "probes": [[10, 10, "3", True, 4]],
-        "wait_probes": [[first, first, "12", 0.99, 5], [second, second, "12", 0.98, 6]],
+        "wait_probes": [[first, first, "12", 0.9991, 5], [second, second, "12", 0.98, 6]],
     }
     probes = RecordedProbes(trace)
     control, probe_tokens = run_controller(parse_policy({"policy": "probe_fcs"}), list(text), COMPARER, probes)
