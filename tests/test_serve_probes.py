@@ -3,7 +3,7 @@
 The tiny random-weight model decodes the scripted R1-style trace of :mod:`tests.serve_support`; its probes are
 forced to decode ``probe_script`` (the scripted logits processor sees the probe marker the server adds to the
 request's ``vllm_xargs``). The processor forces tokens *after* vLLM has taken the raw log-probabilities, so a
-random model's forced tokens have low confidence: these tests set ``confidence``/``sure_confidence`` to 0 (how
+random model's forced tokens have low confidence: these tests set the policy's confidence thresholds to 0 (how
 confidence is read is covered by tests/test_probing.py and tests/test_probes_upstream.py). Engine facts come
 from the engine's own counters (``vllm:generation_tokens_total``, ``vllm:prompt_tokens_cached_total``).
 """
@@ -29,7 +29,7 @@ from tests.support.fixtures import KV_CACHE_BYTES, MAX_MODEL_LEN, SCRIPTED_PROCE
 
 pytestmark = pytest.mark.engine
 CPU_BLOCK_SIZE = 128  # vLLM's CPU default; only full blocks are cached
-TRUST_ANY = {"policy": "probe_fcs", "confidence": 0, "sure_confidence": 0}
+TRUST_ANY = {"policy": "probe_fcs", "confidence": 0, "confirm_confidence": 0, "sure_confidence": 0}
 
 
 @pytest.fixture(scope="module")

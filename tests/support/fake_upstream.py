@@ -14,9 +14,10 @@ seconds after N tokens, then the stream goes on), ``error@N`` (an OpenAI error e
 ``echo_auth`` (a 401 whose message quotes the Authorization header it got, like a careless upstream).
 A refused connection needs no server: see :func:`closed_port_url`.
 
-Answer probes (a non-streamed ``/v1/completions`` with a token-id prompt and ``logprobs``) are answered with
-``probe_text`` (per request: ``vllm_xargs.fake_probe_text``, which thinkbrake copies from the request into its
-probes), one token per word piece, each with log-probability ``probe_logprob``, after ``probe_delay`` seconds.
+Answer probes (a non-streamed ``/v1/completions`` with a token-id prompt and ``logprobs``) are answered like a
+model that knows its answer: ``{X}`` where ``\boxed{X}`` is the final answer of the trace whose thinking the
+probe's prompt holds (``probe_text`` or, per request, ``vllm_xargs.fake_probe_text``, which thinkbrake copies
+from the request into its probes, overrides it), one token per word piece, each with log-probability ``probe_logprob``, after ``probe_delay`` seconds.
 ``token_ids=False`` plays an upstream that returns no token ids (no ``return_token_ids``, as non-vLLM servers),
 ``token_prompts=False`` one that rejects token-id prompts with a 400.
 
@@ -183,8 +184,8 @@ class FakeUpstream:
         record: bool = True,
         token_ids: bool = True,
         token_prompts: bool = True,
-        probe_text: str = "{42}",
-        probe_logprob: float = -0.01,
+        probe_text: str | None = None,
+        probe_logprob: float = -0.0001,
         probe_delay: float = 0.0,
     ) -> None:
         self.traces = traces or written_traces()
@@ -373,7 +374,9 @@ class FakeUpstream:
         if self.probe_delay:
             await asyncio.sleep(self.probe_delay)
         xargs = body.get("vllm_xargs") if isinstance(body.get("vllm_xargs"), dict) else {}
-        text = str(xargs.get("fake_probe_text", self.probe_text))
+        text = xargs.get("fake_probe_text", self.probe_text)
+        if text is None:
+            text = self._trace_answer(self.vocabulary.decode(list(body["prompt"])))
         pieces = self.vocabulary.pieces(text)[: int(body.get("max_tokens") or 16)]
         offsets = [sum(len(p) for p in pieces[:i]) for i in range(len(pieces))]
         logprobs = {"text_offset": offsets, "token_logprobs": [self.probe_logprob] * len(pieces), "tokens": pieces,
@@ -384,6 +387,15 @@ class FakeUpstream:
         record.tokens_sent = len(pieces)
         return self._json(writer, record, {"id": "cmpl-fake", "object": "text_completion", "created": 0,
                                            "model": self.model, "choices": [choice], "usage": usage})  # fmt: skip
+
+    def _trace_answer(self, prompt: str) -> str:
+        """``{X}`` for the trace whose thinking so far ends ``prompt`` (before the suffix), ``{}`` if none does."""
+        for trace in self.traces:
+            head = trace.thinking[:40]
+            if head and head in prompt:
+                boxed = re.search(r"\\boxed\{([^{}]*)\}", trace.answer)
+                return "{" + (boxed.group(1) if boxed else "") + "}"
+        return "{}"
 
     def _whole(self, writer: asyncio.StreamWriter, record: RequestRecord, body: dict[str, Any], chat: bool) -> bool:
         """A non-streaming response: the whole trace at once (no faults but ``status``)."""
