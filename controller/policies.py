@@ -4,7 +4,9 @@ Every policy honours ``min_thinking_tokens`` (never stop earlier; a stop that be
 and ``max_thinking_tokens`` (always stop there). Answer policies stop only on an answer: text that never
 reaches an answer is never stopped by them (only a token budget can stop it).
 
-- ``fcs_reflection`` (default): the first solution plus one confirming reflection. Stop as soon as a solution
+- ``probe_fcs`` (default): ``fcs_reflection`` with each solution's answer read by an answer probe (see
+  :mod:`controller.probe_policy`); where probes are impossible it runs as ``fcs_reflection``.
+- ``fcs_reflection``: the first solution plus one confirming reflection. Stop as soon as a solution
   that follows a reflection reaches the same answer as the solution before it; if it reaches a different
   answer, keep going until two consecutive solutions agree.
 - ``first_answer``: stop at the first answer.
@@ -60,6 +62,11 @@ class PolicyConfig:
         """Answer policies also stop a model stuck repeating itself (see ``loop`` events)."""
         return self.stops_on_answers
 
+    @property
+    def uses_probes(self) -> bool:
+        """The policy asks the model for its answer (answer probes); see :mod:`controller.probe_policy`."""
+        return False
+
     def as_dict(self) -> dict[str, Any]:
         return {"policy": self.name, **dataclasses.asdict(self)}
 
@@ -109,10 +116,53 @@ class BudgetConfig(PolicyConfig):
         super().__post_init__()
 
 
+@dataclass(frozen=True)
+class ProbeFcsConfig(PolicyConfig):
+    """``probe_fcs``: answer probes at "Wait"s read each solution's answer (runtime: :mod:`controller.probe_policy`).
+
+    ``max_probes``: probes per request at most; ``min_probe_tokens``: no probe earlier; ``confidence``: a probe
+    answer counts when its confidence reaches it; ``confirm_confidence``: two consecutive counted probes with
+    the same answer stop when one of them reaches it; ``sure_confidence``: one probe suffices when it reaches
+    this and the thinking already wrote the same answer (1.0: never). Without probes it runs as
+    ``fcs_reflection``. Defaults: chosen on the tuning half of ``dev-probes`` (README, "Answer probes").
+    """
+
+    name: ClassVar[str] = "probe_fcs"
+    max_probes: int = 30
+    min_probe_tokens: int = 0
+    confidence: float = 0.9
+    confirm_confidence: float = 0.999
+    sure_confidence: float = 1.0
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        if self.max_probes < 0:
+            raise PolicyError("max_probes", "must be >= 0")
+        if self.min_probe_tokens < 0:
+            raise PolicyError("min_probe_tokens", "must be >= 0")
+        for field in ("confidence", "confirm_confidence", "sure_confidence"):
+            value = getattr(self, field)
+            if not 0.0 <= value <= 1.0:
+                raise PolicyError(field, "must be between 0 and 1")
+
+    @property
+    def stops_on_answers(self) -> bool:
+        return True
+
+    @property
+    def uses_probes(self) -> bool:
+        return True
+
+    def fallback(self) -> FcsReflectionConfig:
+        """The text-only policy to run where probes are impossible (same token bounds)."""
+        return FcsReflectionConfig(self.min_thinking_tokens, self.max_thinking_tokens)
+
+
 POLICIES: dict[str, type[PolicyConfig]] = {
-    cls.name: cls for cls in (FcsReflectionConfig, FirstAnswerConfig, ConsistencyConfig, BudgetConfig, OffConfig)
+    cls.name: cls
+    for cls in (ProbeFcsConfig, FcsReflectionConfig, FirstAnswerConfig, ConsistencyConfig, BudgetConfig, OffConfig)
 }
-DEFAULT_POLICY = FcsReflectionConfig.name
+DEFAULT_POLICY = ProbeFcsConfig.name
 
 
 def parse_policy(data: Mapping[str, Any], default: str = DEFAULT_POLICY) -> PolicyConfig:
@@ -132,8 +182,23 @@ def parse_policy(data: Mapping[str, Any], default: str = DEFAULT_POLICY) -> Poli
         if key not in fields:
             allowed = ", ".join(sorted(fields))
             raise PolicyError(key, f"not an argument of policy {name!r} (arguments: {allowed})")
-        kwargs[key] = _as_int(key, value, optional=key == "max_thinking_tokens")
+        if fields[key].type in (float, "float"):
+            kwargs[key] = _as_float(key, value)
+        else:
+            kwargs[key] = _as_int(key, value, optional=key == "max_thinking_tokens")
     return cls(**kwargs)
+
+
+def _as_float(field: str, value: Any) -> float:
+    if isinstance(value, bool) or not isinstance(value, (int, float, str)):
+        raise PolicyError(field, f"must be a number, got {value!r}")
+    try:
+        number = float(value)
+    except ValueError:
+        raise PolicyError(field, f"must be a number, got {value!r}") from None
+    if number != number:
+        raise PolicyError(field, "must be a number, got NaN")
+    return number
 
 
 def _as_int(field: str, value: Any, optional: bool) -> int | None:

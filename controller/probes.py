@@ -127,3 +127,56 @@ def _braced(text: str, tokens: int, in_braces: bool) -> tuple[str | None, int]:
             if depth == 0:
                 return stripped[1:index].strip(), tokens
     return None, tokens
+
+
+_WAIT_WORD = re.compile(r"(?<![A-Za-z])wait(?![A-Za-z])", re.IGNORECASE)
+_HOLD = 4  # characters kept to see a word boundary on both sides of "wait"
+
+
+class WaitScanner:
+    """Finds every whole word "wait" (any case) in streamed thinking: the DEER trigger.
+
+    :meth:`feed` takes one delta and the tokens generated *before* it and returns ``(tokens, offset)`` for each
+    "wait" completed so far: ``offset`` is the character offset of its ``w`` in the thinking, ``tokens`` the
+    tokens generated before the delta that carried the ``w`` (so the probe prefix ends before the trigger).
+    Invariants: each occurrence is reported once, at the same offset however the text is split; work per
+    delta is O(len(delta)) (only a few held characters are scanned again).
+    """
+
+    def __init__(self) -> None:
+        self._tail = ""  # the last few characters seen, still able to take part in a match
+        self._tail_offset = 0  # offset of the tail's first character
+        self._tail_tokens: list[int] = []  # tokens before the delta that carried each tail character
+        self._reported = -1  # offset of the last reported match
+
+    def feed(self, text: str, tokens_before: int) -> list[tuple[int, int]]:
+        if not text:
+            return []
+        window = self._tail + text
+        origins = self._tail_tokens + [tokens_before] * len(text)
+        found: list[tuple[int, int]] = []
+        for match in _WAIT_WORD.finditer(window):
+            end = match.end()
+            offset = self._tail_offset + match.start()
+            if end >= len(window) or offset <= self._reported or (match.start() == 0 and self._tail_offset):
+                continue  # the next character is not known yet (it may continue the word), or already seen
+            found.append((origins[match.start()], offset))
+            self._reported = offset
+        keep = min(len(window), _HOLD + 1)
+        self._tail_offset += len(window) - keep
+        self._tail = window[len(window) - keep :]
+        self._tail_tokens = origins[len(origins) - keep :]
+        return found
+
+    def flush(self, tokens: int) -> list[tuple[int, int]]:
+        """End of thinking: a "wait" that ends the text counts too."""
+        found = []
+        match = _WAIT_WORD.search(self._tail)
+        while match is not None:
+            offset = self._tail_offset + match.start()
+            if offset > self._reported and match.end() == len(self._tail) and (match.start() or not self._tail_offset):
+                found.append((self._tail_tokens[match.start()], offset))
+                self._reported = offset
+            match = _WAIT_WORD.search(self._tail, match.end())
+        self._tail = ""
+        return found

@@ -3,11 +3,23 @@
 Each trace's thinking is tokenized with its own tokenizer (``tokenizer`` field, a folder with
 ``tokenizer.json``) and fed one token at a time to a :class:`ThinkingController` per policy. The full trace's
 answer is the last ``\\boxed{}`` of ``final`` (or of ``thinking`` when ``final`` is empty).
+
+Answer probes are replayed from the trace's recorded probes (:class:`RecordedProbes`): a probe asked at a
+"Wait" gets the wait probe recorded at that very character offset, any other probe the dense probe recorded
+at the latest position at or before its token position. A result is delivered ``out_tokens + 1`` tokens
+after it was asked (the probe decodes in the same batch as the main stream), and the decision it causes
+applies there. Traces without probe data run the policy's text-only fallback.
+
+Split rule (``split_of``): a trace belongs to ``tune`` or ``holdout`` by the SHA-256 of ``dataset/question``
+(its id without model or seed), so every model and seed of one problem fall on the same side.
 """
 
 from __future__ import annotations
 
+import bisect
 import gzip
+import hashlib
+import heapq
 import json
 import os
 from collections.abc import Iterator, Sequence
@@ -20,7 +32,52 @@ from controller.delimiters import Delimiters
 from controller.detector import ANSWER, SOLUTION, Event
 from controller.efficiency import SolutionSpan, outcome_efficiency, process_efficiency
 from controller.policies import OffConfig, PolicyConfig
+from controller.probes import WAIT, WAIT_PROBE, ProbeRequest, ProbeResult
 from controller.session import ThinkingController
+
+TUNE = "tune"
+HOLDOUT = "holdout"
+
+
+def split_of(trace: dict[str, Any]) -> str:
+    """``tune`` or ``holdout``: half of the problems each, by a stable hash of ``dataset/question-index``."""
+    parts = str(trace.get("id", "")).split("/")
+    key = "/".join(parts[:2])
+    digest = hashlib.sha256(key.encode("utf-8")).digest()
+    return TUNE if digest[0] % 2 == 0 else HOLDOUT
+
+
+def has_probe_data(trace: dict[str, Any]) -> bool:
+    return "probes" in trace or "wait_probes" in trace
+
+
+class RecordedProbes:
+    """Answers probe requests from one trace's recorded ``probes`` and ``wait_probes``.
+
+    A wait probe the data lacks (only the first 30 "Wait"s were probed) is answered with no answer and
+    charged the probe's full token limit; ``missing`` counts them.
+    """
+
+    def __init__(self, trace: dict[str, Any]) -> None:
+        self.dense = sorted(trace.get("probes") or [], key=lambda probe: probe[0])
+        self.dense_tokens = [probe[0] for probe in self.dense]
+        self.waits = {probe[1]: probe for probe in trace.get("wait_probes") or []}
+        self.missing = 0
+
+    def answer(self, request: ProbeRequest) -> ProbeResult:
+        if request.trigger == WAIT:
+            found = self.waits.get(request.offset)
+            if found is None:
+                self.missing += 1
+                return ProbeResult(request.id, None, 0.0, WAIT_PROBE.max_tokens)
+            return ProbeResult(request.id, found[2], float(found[3]), int(found[4]))
+        index = bisect.bisect_right(self.dense_tokens, request.tokens) - 1
+        if index < 0:
+            self.missing += 1
+            return ProbeResult(request.id, None, 0.0, 32)
+        _tokens, _offset, answer, certain, out_tokens = self.dense[index][:5]
+        return ProbeResult(request.id, answer, 1.0 if certain else 0.0, int(out_tokens))
+
 
 REPLAY_DELIMITERS = Delimiters(implicit_start=True)
 
@@ -96,6 +153,10 @@ class PolicyOutcome:
     answer: str | None
     correct: bool
     agrees: bool
+    probes: int = 0
+    probe_tokens: int = 0
+    fallback: bool = False
+    missing_probes: int = 0
 
 
 @dataclass
@@ -116,15 +177,36 @@ class TraceResult:
     outcomes: list[PolicyOutcome] = field(default_factory=list)
 
 
-def run_controller(config: PolicyConfig, deltas: Sequence[str], comparer: AnswerComparer) -> ThinkingController:
-    """Stream ``deltas`` (one token each) through a fresh controller until it decides to stop."""
-    controller = ThinkingController(config, REPLAY_DELIMITERS, comparer)
-    for delta in deltas:
+def run_controller(
+    config: PolicyConfig,
+    deltas: Sequence[str],
+    comparer: AnswerComparer,
+    probes: RecordedProbes | None = None,
+) -> tuple[ThinkingController, int]:
+    """Stream ``deltas`` (one token each) through a fresh controller until it decides to stop.
+
+    With ``probes``, every probe the controller asks is answered from the recording ``out_tokens + 1`` tokens
+    later; without, the controller is told it cannot probe (text-only fallback). Returns the controller and
+    the probe tokens charged: those of answered probes plus those still in flight at the stop.
+    """
+    controller = ThinkingController(config, REPLAY_DELIMITERS, comparer, probes=probes is not None)
+    pending: list[tuple[int, int, ProbeResult]] = []  # (token position where it arrives, id, result)
+    for position, delta in enumerate(deltas, 1):
         update = controller.feed(delta, 1)
+        if probes is not None:
+            for request in update.probes:
+                result = probes.answer(request)
+                heapq.heappush(pending, (position + result.out_tokens + 1, request.id, result))
         if update.decision is not None:
-            return controller
-    controller.finish()
-    return controller
+            break
+        while pending and pending[0][0] <= position:
+            if controller.probe_result(heapq.heappop(pending)[2]).decision is not None:
+                break
+        if controller.decision is not None:
+            break
+    else:
+        controller.finish()
+    return controller, controller.probe_tokens + sum(result.out_tokens for _, _, result in pending)
 
 
 def analyse_events(
@@ -186,7 +268,8 @@ def replay_trace(
         process_efficiency=process_efficiency(trace["thinking"], spans, total),
     )
     for config in configs:
-        controller = run_controller(config, deltas, comparer)
+        probes = RecordedProbes(trace) if config.uses_probes and has_probe_data(trace) else None
+        controller, probe_tokens = run_controller(config, deltas, comparer, probes)
         decision = controller.decision
         if decision is None:
             outcome = PolicyOutcome(config.name, False, "natural", total, full_answer, full_correct, True)
@@ -195,6 +278,10 @@ def replay_trace(
             correct = answer is not None and comparer.equal(answer, reference)
             agrees = answer is not None and full_answer is not None and comparer.equal(answer, full_answer)
             outcome = PolicyOutcome(config.name, True, decision.reason, decision.tokens, answer, correct, agrees)
+        outcome.probes = controller.probes_sent
+        outcome.probe_tokens = probe_tokens
+        outcome.fallback = controller.probe_fallback is not None
+        outcome.missing_probes = probes.missing if probes is not None else 0
         result.outcomes.append(outcome)
     return result
 

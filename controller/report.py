@@ -6,7 +6,9 @@ Figures per policy and group:
 - ``agreement``: % of traces whose answer at the stop equals the full trace's answer.
 - ``harmful``: % of traces where the full trace is right and the answer at the stop is wrong.
 - ``tokens_full`` / ``tokens_stop``: reasoning tokens summed over traces; ``saved``: % of the full tokens
-  not generated; ``vs_oracle``: tokens at stop / tokens up to the first correct solution, over the traces
+  not generated; ``probe_tokens``: tokens the policy's answer probes decoded; ``saved_net``: ``saved`` with
+  those probe tokens charged; ``probes``: probes per trace; ``fallback``: traces without probe data that
+  ran the text-only fallback; ``vs_oracle``: tokens at stop / tokens up to the first correct solution, over the traces
   where a correct solution was found.
 - ``solutions``: mean solutions per trace; ``outcome_eff`` / ``process_eff``: mean efficiencies (see
   :mod:`controller.efficiency`); ``reasons``: stops by reason.
@@ -45,6 +47,10 @@ def summarize(results: Sequence[TraceResult], policy: str) -> dict[str, Any]:
         "tokens_full": tokens_full,
         "tokens_stop": tokens_stop,
         "saved": _pct(tokens_full - tokens_stop, tokens_full),
+        "probe_tokens": sum(outcome.probe_tokens for outcome in outcomes),
+        "saved_net": _pct(tokens_full - tokens_stop - sum(o.probe_tokens for o in outcomes), tokens_full),
+        "probes": round(sum(o.probes for o in outcomes) / count, 2) if count else 0.0,
+        "fallback": sum(o.fallback for o in outcomes),
         "oracle_tokens": oracle_tokens,
         "vs_oracle": round(sum(o.tokens for _, o in with_oracle) / oracle_tokens, 3) if oracle_tokens else None,
         "solutions": round(sum(r.solutions for r in results) / count, 2) if count else 0.0,
@@ -90,6 +96,9 @@ COLUMNS = [
     ("tokens_full", "tok full"),
     ("tokens_stop", "tok stop"),
     ("saved", "saved %"),
+    ("saved_net", "net saved %"),
+    ("probes", "probes/trace"),
+    ("fallback", "text-only"),
     ("vs_oracle", "tok/oracle"),
     ("solutions", "sol/trace"),
     ("outcome_eff", "outcome eff"),

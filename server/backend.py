@@ -7,6 +7,10 @@ generation per choice, so every choice can be stopped on its own.
 Invariants: ``Generation.prompt_token_ids`` is known once the first chunk has arrived (None if the backend
 cannot tell); the concatenation of chunk texts is the model's raw output; ``abort`` is idempotent and makes
 the backend stop decoding; after it the iterator ends.
+
+Answer probes (:mod:`controller.probes`) are optional: a backend that can run them has a ``probe`` method
+(:class:`ProbingBackend`); one that cannot (or a generation whose token ids are unknown) makes the server run
+the text-only fallback.
 """
 
 from __future__ import annotations
@@ -16,6 +20,7 @@ from dataclasses import dataclass, field
 from typing import Any, Protocol
 
 from controller.delimiters import Delimiters
+from controller.probes import ProbeSpec
 
 
 class BackendError(Exception):
@@ -69,6 +74,34 @@ class Chunk:
     finish_reason: str | None = None
 
 
+#: key the server adds to a probe request's ``extra_args`` (HTTP: ``vllm_xargs``) next to the request's own, so
+#: logits processors can tell a probe from the main decode (value: the probe's id within its choice)
+PROBE_MARKER = "thinkbrake_probe"
+
+
+def probe_extra_args(extra_args: dict[str, Any] | None, probe_id: int) -> dict[str, Any]:
+    """The ``extra_args`` of a probe: the request's own plus :data:`PROBE_MARKER`."""
+    return {**(extra_args or {}), PROBE_MARKER: probe_id}
+
+
+@dataclass(frozen=True)
+class ProbeOutput:
+    """What one answer probe decoded: the text after the suffix, the sampled tokens' log-probabilities (one per
+    decoded token when the backend returns them), the decoded and prompt token counts, and how many prompt
+    tokens the prefix cache served (None when the backend does not say)."""
+
+    text: str
+    logprobs: list[float]
+    tokens: int
+    prompt_tokens: int
+    cached_tokens: int | None = None
+
+
+class ProbeRejected(BackendError):
+    """The backend refused a probe request (e.g. an upstream that takes no token-id prompts): the choice falls
+    back to text-only."""
+
+
 class Generation(Protocol):
     """One running request on a backend."""
 
@@ -109,4 +142,18 @@ class Backend(Protocol):
 
     async def prompt_tail(self, prompt: TextPrompt) -> str:
         """The last characters of a raw prompt as text (to see whether it leaves the model inside thinking)."""
+        ...
+
+
+class ProbingBackend(Backend, Protocol):
+    """A backend that can run answer probes."""
+
+    async def probe(
+        self, token_ids: list[int], spec: ProbeSpec, extra_args: dict[str, Any] | None, request_id: str
+    ) -> ProbeOutput:
+        """Decode ``spec`` greedily on ``token_ids`` (prompt ids + generated ids so far) + the ids of
+        ``spec.suffix``: at most ``spec.max_tokens`` tokens, with the sampled tokens' log-probabilities.
+        ``extra_args`` go to the engine as is (the caller adds :data:`PROBE_MARKER`).
+        Raises :class:`ProbeRejected` when the backend refuses such a request, :class:`BackendError` on other
+        failures. Cancelling the call aborts the probe on the backend."""
         ...

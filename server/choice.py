@@ -6,8 +6,15 @@ the :class:`ChoiceResult`. At a stop decision the backend request is aborted *be
 generated + end-of-thinking ids) so the backend reuses its prefix cache; ``answer`` writes a short final
 answer from the detected one; ``none`` ends with the thinking only. The client sees one stream.
 
+Answer probes (policies whose ``uses_probes`` is true): each probe the controller asks for runs as its own
+backend request beside the main decode (:mod:`server.probing`); its answer goes to the controller as soon as it
+arrives (between two chunks of the main stream), and a stop it decides is handled like any other. A backend
+that cannot probe (no ``probe`` method, no token ids) gets a text-only controller (``probes=False``); the
+fallback is reported in ``thinkbrake.probes.fallback`` and in ``thinkbrake_probe_fallbacks_total``.
+
 Invariants: the backend generation is aborted on every exit that is not its natural end (stop, error,
-client disconnect = cancellation); exactly one metrics record is written per choice.
+client disconnect = cancellation); no probe outlives its choice; exactly one metrics record is written per
+choice.
 """
 
 from __future__ import annotations
@@ -23,12 +30,17 @@ from controller.answers import AnswerComparer, last_boxed
 from controller.delimiters import Delimiters
 from controller.detector import ANSWER
 from controller.policies import StopDecision
+from controller.probes import ProbeRequest, ProbeResult
 from controller.session import ThinkingController, Update
-from server.backend import Backend, Generation, Prompt, Sampling
+from server.backend import Backend, Chunk, Generation, Prompt, Sampling
 from server.metrics import Metrics, RequestRecord
+from server.probing import NO_PROBE_METHOD, NO_TOKEN_IDS, ChoiceProbes, Interleave
 from server.protocol import RequestControl
 
 log = logging.getLogger(__name__)
+#: at a stop decided by a probe, how long to wait for the main stream's chunk already on its way (one engine
+#: step): its tokens were decoded, so they are counted and forwarded like the rest
+DRAIN_SECONDS = 1.0
 
 
 @dataclass
@@ -47,6 +59,7 @@ class ChoiceResult:
     solutions: int = 0
     continuation_cached_tokens: int | None = None
     controller_error: str | None = None
+    probes: dict[str, Any] | None = None
 
     def info(self, policy: str, shadow: bool) -> dict[str, Any]:
         """The ``thinkbrake`` object of the response for this choice."""
@@ -64,6 +77,8 @@ class ChoiceResult:
             data["stop_position_tokens"] = decision.tokens
         if self.continuation_cached_tokens is not None:
             data["continuation_cached_tokens"] = self.continuation_cached_tokens
+        if self.probes is not None:
+            data["probes"] = self.probes
         if shadow:
             would = self.shadow_decision
             data["shadow"] = {
@@ -119,51 +134,106 @@ class ChoiceRunner:
     _first_token_at: float | None = None
     _last_answer: str | None = None
     _content: list[str] = field(default_factory=list)
+    _probes: ChoiceProbes | None = None
+    _controller: ThinkingController | None = None
+    #: what a probing controller was fed, until its first probe answers (to replay it if probing fails)
+    _fed: list[tuple[str, int]] | None = None
+
+    @property
+    def probes(self) -> ChoiceProbes:
+        if self._probes is None:
+            context = self.context
+            self._probes = ChoiceProbes(
+                context.backend, context.metrics, context.model_name, self.control.policy.name,
+                self.request_id, self.sampling.extra_args,
+            )  # fmt: skip
+        return self._probes
+
+    @property
+    def controller(self) -> ThinkingController:
+        """The choice's controller; text-only when the policy probes but the backend cannot."""
+        if self._controller is None:
+            fallback = None if hasattr(self.context.backend, "probe") else NO_PROBE_METHOD
+            self._controller = self._new_controller(fallback)
+        return self._controller
+
+    def _new_controller(self, fallback: str | None) -> ThinkingController:
+        policy = self.control.policy
+        if policy.uses_probes and fallback is not None:
+            self.probes.stats.fallback = fallback
+        self._fed = [] if policy.uses_probes and fallback is None else None
+        return ThinkingController(policy, self.delimiters, self.context.comparer, probes=fallback is None)
+
+    def _go_text_only(self) -> StopDecision | None:
+        """Probing failed mid-choice (a probe was rejected, token ids went missing): continue with a text-only
+        controller fed everything so far (once). Returns the stop it decides on that text, if any."""
+        fed, self._fed = self._fed or [], None
+        controller = self._controller = self._new_controller(self.probes.stats.fallback)
+        decision = None
+        for text, tokens in fed:
+            decision = decision or controller.feed(text, tokens).decision
+        return decision
 
     async def run(self) -> AsyncGenerator[ChoiceEvent, None]:
         """Yield the choice's events; the last one carries the result."""
-        controller = ThinkingController(self.control.policy, self.delimiters, self.context.comparer)
         result = ChoiceResult(finish_reason="stop")
         try:
-            async with aclosing(self._generate(controller, result)) as events:
+            async with aclosing(self._generate(result)) as events:
                 async for event in events:
                     yield event
         except BaseException:
-            self._record(controller, result, "error")
+            self._record(self.controller, result, "error")
             raise
-        self._finish_result(controller, result)
-        self._record(controller, result, self._outcome(result))
+        self._finish_result(self.controller, result)
+        self._record(self.controller, result, self._outcome(result))
         yield ChoiceEvent(self.index, result=result)
 
-    async def _generate(
-        self, controller: ThinkingController, result: ChoiceResult
-    ) -> AsyncGenerator[ChoiceEvent, None]:
+    async def _generate(self, result: ChoiceResult) -> AsyncGenerator[ChoiceEvent, None]:
         generation = self.context.backend.generate(self.prompt, self.sampling, self.request_id)
         generated: list[int] = []
         decision: StopDecision | None = None
         finished = False
         stream = generation.__aiter__()
+        probes = self.probes
+        merged = Interleave(stream, probes)
         try:
-            async for chunk in stream:
-                generated += chunk.token_ids
-                update = self._feed(controller, chunk.text, len(chunk.token_ids))
-                if update.decision is not None and self.control.shadow:
-                    result.shadow_decision = update.decision
-                elif update.decision is not None:
-                    decision = update.decision
-                    await generation.abort()  # at once: no more thinking is decoded
-                yield self._event(update, chunk.text)
-                if decision is not None:
-                    break
-                if chunk.finish_reason is not None:
-                    result.finish_reason = chunk.finish_reason
-                    finished = True
+            async with aclosing(merged.items()) as items:
+                async for item in items:
+                    if isinstance(item, ProbeResult):
+                        text, update = "", self.controller.probe_result(item)
+                    else:
+                        self._check_token_ids(generation, item, not generated)
+                        text, update = item.text, self._feed(self.controller, item.text, len(item.token_ids))
+                        generated += item.token_ids
+                        self._log_fed(item)
+                    if self._fed is not None and probes.stats.fallback is not None:
+                        update.decision = update.decision or self._go_text_only()
+                    if update.decision is not None and self.control.shadow:
+                        result.shadow_decision = update.decision
+                    elif update.decision is not None:
+                        decision = update.decision
+                        late = await merged.drain(DRAIN_SECONDS)  # a probe decided while a chunk was on its way
+                        if late is not None:
+                            generated += late.token_ids
+                            self._merge(update, self._feed(self.controller, late.text, len(late.token_ids)))
+                            text += late.text
+                        await generation.abort()  # at once: no more thinking is decoded
+                    yield self._event(update, text)
+                    if decision is not None:
+                        break
+                    self._launch(update.probes, generation, generated)
+                    if isinstance(item, Chunk) and item.finish_reason is not None:
+                        result.finish_reason = item.finish_reason
+                        finished = True
         finally:
+            await merged.stop()
+            await probes.cancel()
             if not finished:
                 await generation.abort()
             await stream.aclose()
         result.prompt_tokens = len(generation.prompt_token_ids or [])
         result.generated_tokens = len(generated)
+        controller = self.controller
         if decision is None:
             yield self._event(controller.finish(), "")
             return
@@ -219,6 +289,39 @@ class ChoiceRunner:
         result.continuation_cached_tokens = getattr(continuation, "num_cached_tokens", None)
         yield self._event(controller.finish(), "")
 
+    def _check_token_ids(self, generation: Generation, chunk: Chunk, first: bool) -> None:
+        """Before feeding a chunk: a probing controller on a generation without token ids goes text-only (at the
+        first chunk, by a fresh text-only controller; later, by sending no more probes)."""
+        stats = self.probes.stats
+        if stats.fallback is not None or not self.control.policy.uses_probes:
+            return
+        if generation.prompt_token_ids is not None and all(token >= 0 for token in chunk.token_ids):
+            return
+        if first:
+            self._controller = self._new_controller(NO_TOKEN_IDS)
+        else:
+            stats.fallback = NO_TOKEN_IDS  # the loop replays the text into a text-only controller
+
+    @staticmethod
+    def _merge(update: Update, late: Update) -> None:
+        update.reasoning += late.reasoning
+        update.content += late.content
+        update.events += late.events
+
+    def _log_fed(self, chunk: Chunk) -> None:
+        if self._fed is not None:
+            if self.probes.stats.answered:
+                self._fed = None  # probing works here: no replay will be needed
+            else:
+                self._fed.append((chunk.text, len(chunk.token_ids)))
+
+    def _launch(self, requests: list[ProbeRequest], generation: Generation, generated: list[int]) -> None:
+        probes = self.probes
+        if not requests or probes.stats.fallback is not None or generation.prompt_token_ids is None:
+            return
+        for request in requests:
+            probes.launch(request, generation.prompt_token_ids, generated)
+
     def _feed(self, controller: ThinkingController, text: str, tokens: int) -> Update:
         began = time.perf_counter()
         update = controller.feed(text, tokens)
@@ -244,6 +347,9 @@ class ChoiceRunner:
         result.answer_tokens = controller.answer_tokens
         result.solutions = max(controller.solutions, result.decision.solutions if result.decision else 0)
         result.controller_error = controller.error
+        stats = self.probes.stats
+        if self.control.policy.uses_probes or stats.sent:
+            result.probes = stats.info()
         would = result.shadow_decision
         if would is not None and would.answer is not None:
             final = last_boxed("".join(self._content)) or self._last_answer
@@ -279,6 +385,8 @@ class ChoiceRunner:
                     shadow_agree=result.shadow_agree,
                     ttft_seconds=None if first is None else first - self.started,
                     latency_seconds=time.perf_counter() - self.started,
+                    probe_tokens=self.probes.stats.tokens,
+                    probe_fallback=self.probes.stats.fallback,
                 )
             )
         except Exception:  # noqa: BLE001 - metrics must never break a response

@@ -1,7 +1,9 @@
 """Embedded backend: a vLLM ``AsyncLLM`` in this process. The only module that imports vLLM (lazily).
 
 Prefix caching is always on: a continuation after a stop is sent as token ids (prompt + generated + the
-end-of-thinking ids) so every full KV block of the stopped request is reused.
+end-of-thinking ids) so every full KV block of the stopped request is reused. An answer probe is a second
+engine request on prompt ids + generated ids + the probe suffix's ids, so the cache serves its prefix too; it
+runs in the same batches as the main decode, which does not wait for it.
 """
 
 from __future__ import annotations
@@ -13,7 +15,16 @@ from collections.abc import AsyncGenerator
 from typing import Any
 
 from controller.delimiters import Delimiters, delimiters_for, infer_delimiters
-from server.backend import BackendError, ChatPrompt, Chunk, Prompt, Sampling, TextPrompt
+from controller.probes import ProbeSpec
+from server.backend import (
+    BackendError,
+    ChatPrompt,
+    Chunk,
+    ProbeOutput,
+    Prompt,
+    Sampling,
+    TextPrompt,
+)
 from server.settings import Settings
 
 log = logging.getLogger(__name__)
@@ -86,6 +97,7 @@ class EmbeddedBackend:
         self.think_end_text = "\n</think>\n\n"
         self.engine: Any = None
         self.tokenizer: Any = None
+        self._suffix_ids: dict[str, list[int]] = {}
 
     @property
     def ready(self) -> bool:
@@ -190,6 +202,44 @@ class EmbeddedBackend:
 
     async def encode(self, text: str) -> list[int] | None:
         return list(self.tokenizer.encode(text, add_special_tokens=False))
+
+    async def probe(
+        self, token_ids: list[int], spec: ProbeSpec, extra_args: dict[str, Any] | None, request_id: str
+    ) -> ProbeOutput:
+        """One answer probe: greedy, ``spec.max_tokens`` at most, the sampled tokens' log-probabilities
+        (``logprobs=0``: raw model log-probabilities, as vLLM computes them by default). Cancelling aborts it
+        (vLLM aborts a request whose generator is cancelled)."""
+        from vllm import SamplingParams
+        from vllm.inputs import TokensPrompt
+        from vllm.sampling_params import RequestOutputKind
+
+        if self.engine is None:
+            raise BackendError("the engine is not running", 503, "ServiceUnavailableError")
+        suffix = self._suffix_ids.get(spec.suffix)
+        if suffix is None:
+            suffix = self._suffix_ids[spec.suffix] = list(self.tokenizer.encode(spec.suffix, add_special_tokens=False))
+        prompt_ids = [*token_ids, *suffix]
+        params = SamplingParams(
+            n=1,
+            temperature=0.0,
+            max_tokens=spec.max_tokens,
+            logprobs=0,
+            output_kind=RequestOutputKind.FINAL_ONLY,
+            extra_args=dict(extra_args) if extra_args else None,
+        )
+        final: Any = None
+        try:
+            async for output in self.engine.generate(TokensPrompt(prompt_token_ids=prompt_ids), params, request_id):
+                final = output
+        except ValueError as error:  # vLLM validates the request when it is added (e.g. too long)
+            raise BackendError(f"probe: {error}", 400, "BadRequestError") from error
+        if final is None or not final.outputs:
+            raise BackendError("probe: the engine returned no output")
+        completion = final.outputs[0]
+        token_list = list(completion.token_ids)
+        positions = list(completion.logprobs or ())  # one dict per decoded token (the sampled token's entry)
+        logprobs = [position[token].logprob for token, position in zip(token_list, positions, strict=False)]
+        return ProbeOutput(completion.text, logprobs, len(token_list), len(prompt_ids), final.num_cached_tokens)
 
     async def prompt_tail(self, prompt: TextPrompt) -> str:
         if prompt.token_ids is not None:

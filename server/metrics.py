@@ -33,6 +33,14 @@ Tokens saved: measured and estimated are separate metrics and are never added to
   multiprocess mode learns it from the shadow requests it served. ``MIN_STOP_RATIO = 0.05`` caps an estimate at
   19 times the thinking at the stop.
 
+Answer probes (see :mod:`server.probing`): ``thinkbrake_probes_total`` (sent), ``thinkbrake_probe_tokens_total``
+(tokens the probes decoded: real engine work on top of the main decode), ``thinkbrake_probe_cached_tokens_total``
+(probe prompt tokens the prefix cache served), ``thinkbrake_probe_errors_total``, the latency histogram
+``thinkbrake_probe_latency_seconds``, and ``thinkbrake_probe_fallbacks_total{reason}`` (choices of a probing policy
+that ran text-only because the backend cannot probe). Both savings are **net of the choice's own probe tokens**
+(``RequestRecord.probe_tokens``, floored at 0): a stop that cost more in probes than it saved counts as 0 saved.
+Probe tokens of choices that did not stop are not in the savings; they are in ``thinkbrake_probe_tokens_total``.
+
 Agreement: a shadow request that would have stopped is *compared* when both the answer at the would-be stop and
 the final answer could be extracted (``shadow_agree`` is not None); ``thinkbrake_shadow_agree_total`` over
 ``thinkbrake_shadow_compared_total`` is the agreement ratio.
@@ -70,13 +78,18 @@ MULTIPROC_ENV: Final = "PROMETHEUS_MULTIPROC_DIR"
 #: Reason label for a stop whose record carries no reason.
 UNKNOWN_REASON: Final = "unknown"
 #: The stop reasons of controller/policies.py; their series are created at 0 up front (see :meth:`Metrics.prepare`).
-STOP_REASONS: Final = ("first_answer", "confirmed", "consistent", "loop", "budget", "max_thinking_tokens")
+STOP_REASONS: Final = (
+    "first_answer", "confirmed", "consistent", "loop", "budget", "max_thinking_tokens", "probe_confirmed", "probe_sure",
+)  # fmt: skip
 
 SOLUTION_BUCKETS: Final = (0, 1, 2, 3, 4, 5, 6, 8, 10, 15, 20, 30)
 TOKEN_BUCKETS: Final = (64, 128, 256, 512, 1024, 2048, 4096, 8192, 16384, 32768, 65536)
 RATIO_BUCKETS: Final = (0.1, 0.2, 0.3, 0.4, 0.5, 0.6, 0.7, 0.8, 0.9, 1.0)
 CONTROLLER_BUCKETS: Final = (1e-6, 3e-6, 1e-5, 3e-5, 1e-4, 3e-4, 1e-3, 3e-3, 1e-2)
 TTFT_BUCKETS: Final = (0.001, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0)
+PROBE_BUCKETS: Final = (0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0)
+#: why a choice of a probing policy ran text-only (see server/probing.py)
+PROBE_FALLBACK_REASONS: Final = ("unsupported", "no_token_ids", "rejected")
 LATENCY_BUCKETS: Final = (0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 20.0, 40.0, 60.0, 120.0, 300.0, 600.0)
 
 
@@ -103,15 +116,19 @@ class RequestRecord:
     shadow_agree: bool | None
     ttft_seconds: float | None
     latency_seconds: float
+    probe_tokens: int = 0
+    probe_fallback: str | None = None
 
     def __post_init__(self) -> None:
         if self.outcome not in OUTCOMES:
             raise ValueError(f"outcome must be one of {sorted(OUTCOMES)}, got {self.outcome!r}")
         if self.shadow and self.outcome == "stopped":
             raise ValueError("a shadow request is never stopped; its outcome is natural, length or error")
-        counts = (self.prompt_tokens, self.thinking_tokens, self.answer_tokens, self.solutions)
+        counts = (self.prompt_tokens, self.thinking_tokens, self.answer_tokens, self.solutions, self.probe_tokens)
         if min(counts) < 0 or min(self.stop_position_tokens or 0, self.shadow_stop_tokens or 0) < 0:
             raise ValueError("token counts and solutions must be >= 0")
+        if self.probe_fallback is not None and self.probe_fallback not in PROBE_FALLBACK_REASONS:
+            raise ValueError(f"probe_fallback must be one of {PROBE_FALLBACK_REASONS}, got {self.probe_fallback!r}")
 
 
 @dataclass
@@ -186,6 +203,22 @@ class Metrics:
             "thinkbrake_shadow_agree", "Compared shadow choices whose answer at the stop equals the final answer."
         )
         self.controller_errors = counter("thinkbrake_controller_errors", "Controller failures (request continued).")
+        self.probes = counter("thinkbrake_probes", "Answer probes sent.")
+        self.probe_tokens = counter(
+            "thinkbrake_probe_tokens", "Tokens decoded by answer probes (engine work on top of the main decode)."
+        )
+        self.probe_cached_tokens = counter(
+            "thinkbrake_probe_cached_tokens", "Prompt tokens of answer probes served from the prefix cache."
+        )
+        self.probe_errors = counter("thinkbrake_probe_errors", "Answer probes that failed or were rejected.")
+        self.probe_fallbacks = counter(
+            "thinkbrake_probe_fallbacks",
+            "Choices of a probing policy that ran text-only because the backend cannot probe.",
+            "reason",
+        )
+        self.probe_latency = histogram(
+            "thinkbrake_probe_latency_seconds", "Time from sending an answer probe to its answer.", PROBE_BUCKETS
+        )
         self.solutions = histogram("thinkbrake_solutions_per_request", "Solutions found per choice.", SOLUTION_BUCKETS)
         self.thinking_per_request = histogram(
             "thinkbrake_request_thinking_tokens", "Thinking tokens generated per choice.", TOKEN_BUCKETS
@@ -222,6 +255,8 @@ class Metrics:
             self.requests.labels(*labels, outcome)
         for reason in (*STOP_REASONS, UNKNOWN_REASON):
             self.early_stops.labels(*labels, reason)
+        for reason in PROBE_FALLBACK_REASONS:
+            self.probe_fallbacks.labels(*labels, reason)
         for collector in self._per_pair_collectors():
             collector.labels(*labels)
 
@@ -231,6 +266,7 @@ class Metrics:
             self.shadow_requests, self.shadow_thinking, self.shadow_would_stop, self.shadow_would_stop_thinking,
             self.shadow_compared, self.shadow_agree, self.controller_errors, self.solutions, self.thinking_per_request,
             self.stop_position, self.shadow_stop_ratio, self.controller_seconds, self.ttft, self.latency,
+            self.probes, self.probe_tokens, self.probe_cached_tokens, self.probe_errors, self.probe_latency,
         )  # fmt: skip
 
     def observe_request(self, record: RequestRecord) -> None:
@@ -241,6 +277,8 @@ class Metrics:
         self.prompt_tokens.labels(*labels).inc(record.prompt_tokens)
         self.thinking_tokens.labels(*labels).inc(record.thinking_tokens)
         self.answer_tokens.labels(*labels).inc(record.answer_tokens)
+        if record.probe_fallback is not None:
+            self.probe_fallbacks.labels(*labels, record.probe_fallback).inc()
         if record.outcome == "error":
             return
         self.solutions.labels(*labels).observe(record.solutions)
@@ -258,7 +296,8 @@ class Metrics:
         at_stop = record.stop_position_tokens if record.stop_position_tokens is not None else record.thinking_tokens
         self.early_stops.labels(*labels, record.reason or UNKNOWN_REASON).inc()
         self.stop_position.labels(*labels).observe(at_stop)
-        self.saved_estimated.labels(*labels).inc(estimate_tokens_saved(at_stop, self.stop_ratio(*labels)))
+        estimate = estimate_tokens_saved(at_stop, self.stop_ratio(*labels))
+        self.saved_estimated.labels(*labels).inc(max(0.0, estimate - record.probe_tokens))
 
     def _observe_shadow(self, record: RequestRecord) -> None:
         labels = (record.model, record.policy)
@@ -269,7 +308,7 @@ class Metrics:
         stop = min(record.shadow_stop_tokens, record.thinking_tokens)
         self.shadow_would_stop.labels(*labels).inc()
         self.shadow_would_stop_thinking.labels(*labels).inc(record.thinking_tokens)
-        self.saved_measured.labels(*labels).inc(record.thinking_tokens - stop)
+        self.saved_measured.labels(*labels).inc(max(0, record.thinking_tokens - stop - record.probe_tokens))
         if record.thinking_tokens > 0:
             self.shadow_stop_ratio.labels(*labels).observe(stop / record.thinking_tokens)
         with self._lock:
@@ -291,6 +330,24 @@ class Metrics:
         self.prepare(model, policy)
         if tokens > 0:
             self.controller_seconds.labels(model, policy).observe(seconds / tokens)
+
+    def count_probe(self, model: str, policy: str) -> None:
+        """One answer probe sent."""
+        self.prepare(model, policy)
+        self.probes.labels(model, policy).inc()
+
+    def observe_probe(self, model: str, policy: str, seconds: float, tokens: int, cached_tokens: int | None) -> None:
+        """One answer probe answered after ``seconds``, having decoded ``tokens`` (``cached_tokens`` of its prompt
+        served from the prefix cache, None when unknown)."""
+        self.prepare(model, policy)
+        self.probe_latency.labels(model, policy).observe(seconds)
+        self.probe_tokens.labels(model, policy).inc(tokens)
+        if cached_tokens:
+            self.probe_cached_tokens.labels(model, policy).inc(cached_tokens)
+
+    def count_probe_error(self, model: str, policy: str) -> None:
+        self.prepare(model, policy)
+        self.probe_errors.labels(model, policy).inc()
 
     def count_controller_error(self, model: str, policy: str) -> None:
         self.prepare(model, policy)

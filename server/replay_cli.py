@@ -11,8 +11,16 @@ from concurrent.futures import ProcessPoolExecutor
 from pathlib import Path
 from typing import Any
 
-from controller.policies import POLICIES, PolicyConfig, PolicyError, parse_policy
-from controller.replay import TraceResult, default_tokenizer_root, init_worker, load_traces, replay_in_worker
+from controller.policies import DEFAULT_POLICY, POLICIES, PolicyConfig, PolicyError, parse_policy
+from controller.replay import (
+    TraceResult,
+    default_tokenizer_root,
+    has_probe_data,
+    init_worker,
+    load_traces,
+    replay_in_worker,
+    split_of,
+)
 from controller.report import TOTAL, build_report, markdown_table, plot
 
 ALL_POLICIES_ARGS = {"budget": {"max_thinking_tokens": 4096}}
@@ -32,7 +40,7 @@ def add_parser(commands: Any) -> None:
     parser.add_argument(
         "--policy",
         action="append",
-        help=f"policy to evaluate (repeatable; default fcs_reflection; 'all' = every policy): {', '.join(POLICIES)}",
+        help=f"policy to evaluate (repeatable; default {DEFAULT_POLICY}; 'all' = every policy): {', '.join(POLICIES)}",
     )
     parser.add_argument(
         "--policy-arg",
@@ -47,6 +55,13 @@ def add_parser(commands: Any) -> None:
     )
     parser.add_argument("--json", dest="json_out", help="write the full report as JSON here")
     parser.add_argument("--plot", help="draw tokens saved vs accuracy per policy into this PNG")
+    parser.add_argument(
+        "--split",
+        choices=["all", "tune", "holdout"],
+        default="all",
+        help="replay only one half of the problems (by a hash of dataset/question-index; every model and seed "
+        "of a problem is on the same side): 'tune' to choose rules on, 'holdout' to report on (default all)",
+    )
     parser.add_argument("--limit", type=int, help="replay only the first N traces")
     parser.add_argument("--jobs", type=int, default=os.cpu_count() or 1, help="worker processes (default: all cores)")
     parser.add_argument("--all-groups", action="store_true", help="print every dataset/model row, not just totals")
@@ -56,7 +71,7 @@ def add_parser(commands: Any) -> None:
 def build_configs(names: list[str] | None, raw_args: list[str]) -> list[PolicyConfig]:
     """Policy configs from ``--policy`` names and ``--policy-arg`` pairs; PolicyError on bad input."""
     if not names:
-        names = ["fcs_reflection"]
+        names = [DEFAULT_POLICY]
     if "all" in names:
         names = list(POLICIES)
     overrides: dict[str | None, dict[str, str]] = {}
@@ -88,6 +103,8 @@ def run(args: argparse.Namespace) -> int:
             print(f"thinkbrake replay: no such trace file: {path}", file=sys.stderr)
             return 2
     traces = list(load_traces(args.traces))
+    if args.split != "all":
+        traces = [trace for trace in traces if split_of(trace) == args.split]
     if args.limit:
         traces = traces[: args.limit]
     root = args.tokenizers_root or str(default_tokenizer_root(args.traces[0]))
@@ -96,6 +113,12 @@ def run(args: argparse.Namespace) -> int:
     report = build_report(results, policies)
     report["configs"] = [config.as_dict() for config in configs]
     print(markdown_table(report, None if args.all_groups else [TOTAL]))
+    without = sum(not has_probe_data(trace) for trace in traces)
+    if without and any(config.uses_probes for config in configs):
+        print(
+            f"{without} of {len(traces)} traces carry no probe data: probe policies ran their text-only "
+            "fallback (fcs_reflection) on them (column 'text-only')."
+        )
     if args.json_out:
         report["traces"] = [dataclasses.asdict(result) for result in results]
         Path(args.json_out).write_text(json.dumps(report, indent=1))

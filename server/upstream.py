@@ -8,6 +8,10 @@ abort: vLLM's server sees the disconnect and stops decoding.
 With a reasoning parser upstream, thinking arrives in ``reasoning`` (vLLM >= 0.32) or ``reasoning_content``
 (older) and the answer in ``content``; :class:`RawTextRebuilder` puts the thinking tags back so the controller
 sees the model's raw text either way. Without a parser the tags are already inside ``content``.
+
+An answer probe is one non-streamed ``/v1/completions`` request with a token-id prompt (prompt ids + generated
+ids + the suffix's ids from ``/tokenize``), ``temperature: 0``, ``max_tokens`` and ``logprobs: 1``. An upstream
+that refuses it (a 4xx) raises :class:`ProbeRejected`: the choice falls back to text-only.
 """
 
 from __future__ import annotations
@@ -22,7 +26,17 @@ from typing import Any
 import httpx
 
 from controller.delimiters import Delimiters, delimiters_for
-from server.backend import BackendError, ChatPrompt, Chunk, Prompt, Sampling, TextPrompt
+from controller.probes import ProbeSpec
+from server.backend import (
+    BackendError,
+    ChatPrompt,
+    Chunk,
+    ProbeOutput,
+    ProbeRejected,
+    Prompt,
+    Sampling,
+    TextPrompt,
+)
 from server.settings import Settings
 
 log = logging.getLogger(__name__)
@@ -284,6 +298,7 @@ class UpstreamBackend:
         timeout = httpx.Timeout(settings.request_timeout, connect=10.0)
         self.clients = UpstreamClients(settings.upstream, headers, timeout, settings.upstream_max_connections)
         self._ready = False
+        self._suffix_ids: dict[str, list[int]] = {}
 
     @property
     def ready(self) -> bool:
@@ -352,3 +367,59 @@ class UpstreamBackend:
             return str(response.json()["prompt"]) if response.status_code == 200 else ""
         except (httpx.HTTPError, ValueError, KeyError):
             return ""
+
+    async def probe(
+        self, token_ids: list[int], spec: ProbeSpec, extra_args: dict[str, Any] | None, request_id: str
+    ) -> ProbeOutput:
+        """One answer probe as a non-streamed token-id ``/v1/completions`` request (see the module docstring).
+        Cancelling closes the connection, which aborts the request in vLLM."""
+        suffix = self._suffix_ids.get(spec.suffix)
+        if suffix is None:
+            encoded = await self.encode(spec.suffix)
+            if encoded is None:
+                raise ProbeRejected("upstream cannot tokenize the probe suffix (no /tokenize)")
+            suffix = self._suffix_ids[spec.suffix] = encoded
+        prompt = [*token_ids, *suffix]
+        body: dict[str, Any] = {
+            "model": self.upstream_model,
+            "prompt": prompt,
+            "max_tokens": spec.max_tokens,
+            "temperature": 0,
+            "logprobs": 1,
+            "stream": False,
+        }
+        if extra_args:
+            body["vllm_xargs"] = dict(extra_args)
+        try:
+            async with self.clients.lease() as client:
+                response = await client.post("/v1/completions", json=body)
+        except httpx.HTTPError as error:
+            raise BackendError(f"upstream probe failed: {type(error).__name__}: {error}") from error
+        if response.status_code != 200:
+            error = upstream_error(response, self.settings.upstream_api_key)
+            if 400 <= response.status_code < 500 and response.status_code not in _GATEWAY_STATUSES:
+                raise ProbeRejected(f"upstream rejected a token-id probe: {error.message}")
+            raise error
+        try:
+            return probe_output(response.json(), len(prompt))
+        except (ValueError, KeyError, TypeError, IndexError) as error:
+            raise BackendError(f"upstream sent a malformed probe response ({type(error).__name__})") from error
+
+
+def probe_output(data: dict[str, Any], prompt_tokens: int) -> ProbeOutput:
+    """A non-streamed completion with ``logprobs`` (vLLM / OpenAI legacy shape) as a :class:`ProbeOutput`."""
+    choice = data["choices"][0]
+    logprobs = [
+        float(value) for value in ((choice.get("logprobs") or {}).get("token_logprobs") or []) if value is not None
+    ]
+    usage = data.get("usage") or {}
+    tokens = usage.get("completion_tokens")
+    details = usage.get("prompt_tokens_details") or {}
+    cached = details.get("cached_tokens")
+    return ProbeOutput(
+        text=str(choice.get("text") or ""),
+        logprobs=logprobs,
+        tokens=int(tokens) if tokens is not None else len(logprobs),
+        prompt_tokens=int(usage.get("prompt_tokens") or prompt_tokens),
+        cached_tokens=None if cached is None else int(cached),
+    )

@@ -20,6 +20,7 @@ from vllm.inputs import TokensPrompt
 from vllm.sampling_params import RequestOutputKind
 from vllm.v1.sample.logits_processor import BatchUpdate, MoveDirectionality
 
+from server.backend import PROBE_MARKER
 from tests.support.engine_metrics import (
     GENERATION_TOKENS,
     PROMPT_TOKENS_CACHED,
@@ -186,6 +187,28 @@ def test_processor_continuation_starts_after_think_end():
     assert forced(processor, 2) == [7, 2]
 
 
+def test_processor_probe_gets_its_own_script():
+    processor = make_processor(eos_id=2)
+    extra = {"script": [5, 6, 9, 7, 2], "think_end_id": 9, "probe_script": [11, 12]}
+    probe_out: list[int] = []
+    processor.update_state(
+        BatchUpdate(
+            batch_size=3,
+            removed=[],
+            added=[
+                (0, SamplingParams(extra_args=extra), [1, 3], []),
+                (1, SamplingParams(extra_args={**extra, PROBE_MARKER: 0}), [1, 3, 5, 6, 13], probe_out),
+                (2, SamplingParams(extra_args={"script": [5, 6], PROBE_MARKER: 1}), [1, 3, 5, 13], []),
+            ],
+            moved=[],
+        )
+    )
+    # the main request follows its script; a probe its probe script; a probe without one ends at once
+    assert forced(processor, 3) == [5, 11, 2]
+    probe_out += [11, 12]
+    assert forced(processor, 3) == [5, 2, 2]
+
+
 @pytest.mark.parametrize(
     "extra_args",
     [
@@ -194,6 +217,7 @@ def test_processor_continuation_starts_after_think_end():
         {"script": [-1]},
         {"script": 7},
         {"script": [1], "think_end_id": "y"},
+        {"script": [1], "probe_script": "1,z"},
     ],
 )
 def test_processor_rejects_malformed_args(extra_args):

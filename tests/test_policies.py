@@ -11,11 +11,13 @@ from controller.policies import (
     ConsistencyConfig,
     FcsReflectionConfig,
     PolicyError,
+    ProbeFcsConfig,
     parse_policy,
 )
 from controller.session import ThinkingController
 
 IMPLICIT = Delimiters(implicit_start=True)
+FCS = {"policy": "fcs_reflection"}
 
 FIRST = "So the answer is 12.\n\n"
 CHECK_SAME = "Wait, let me double-check. 3 times 4 is 12.\n\nSo the answer is 12.\n\n"
@@ -34,7 +36,8 @@ def run(config_dict: dict[str, object], text: str, tokens_per_char: int = 1):
 
 
 def test_parse_defaults_and_overrides() -> None:
-    assert parse_policy({}) == FcsReflectionConfig()
+    assert parse_policy({}) == ProbeFcsConfig()
+    assert parse_policy({"policy": "fcs_reflection"}) == FcsReflectionConfig()
     assert parse_policy({"policy": "consistency", "k": "4"}) == ConsistencyConfig(k=4)
     assert parse_policy({"policy": "budget", "max_thinking_tokens": 100}) == BudgetConfig(max_thinking_tokens=100)
     assert parse_policy({"policy": "off"}).as_dict() == {
@@ -64,7 +67,7 @@ def test_bad_arguments_name_the_field(data: dict[str, object], field: str) -> No
 
 
 def test_fcs_reflection_stops_on_the_confirming_solution() -> None:
-    decision = run({}, FIRST + CHECK_SAME + MORE)
+    decision = run(FCS, FIRST + CHECK_SAME + MORE)
     assert decision is not None
     assert (decision.reason, decision.key, decision.solutions) == ("confirmed", "12", 2)
     assert decision.offset == len(FIRST + CHECK_SAME.rstrip())
@@ -72,12 +75,12 @@ def test_fcs_reflection_stops_on_the_confirming_solution() -> None:
 
 def test_fcs_reflection_keeps_going_when_the_reflection_disagrees() -> None:
     text = FIRST + CHECK_OTHER + "Let me verify once more. 3 times 5 is 15.\n\nSo the answer is 15.\n\n" + MORE
-    decision = run({}, text)
+    decision = run(FCS, text)
     assert decision is not None and decision.key == "15" and decision.solutions == 3
 
 
 def test_fcs_reflection_never_stops_on_one_solution() -> None:
-    assert run({}, FIRST + MORE) is None
+    assert run(FCS, FIRST + MORE) is None
 
 
 def test_first_answer_stops_at_once() -> None:
@@ -95,9 +98,9 @@ def test_consistency_needs_k_agreeing_solutions() -> None:
 
 def test_min_thinking_tokens_defers_the_stop() -> None:
     text = FIRST + CHECK_SAME + MORE
-    early = run({}, text)
+    early = run(FCS, text)
     assert early is not None
-    late = run({"min_thinking_tokens": early.tokens + 40}, text)
+    late = run({**FCS, "min_thinking_tokens": early.tokens + 40}, text)
     assert late is not None and late.tokens == early.tokens + 40 and late.key == "12"
 
 

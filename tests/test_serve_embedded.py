@@ -49,6 +49,7 @@ def server(tiny_model_dir, tmp_path_factory) -> str:
         "--model", str(tiny_model_dir), "--served-model-name", "tiny-r1",
         "--max-model-len", str(MAX_MODEL_LEN), "--kv-cache-bytes", str(KV_CACHE_BYTES),
         "--enforce-eager", "--logits-processors", SCRIPTED_PROCESSOR_FQCN,
+        "--policy", "fcs_reflection",  # the text rule's stop mechanics (probes: tests/test_serve_probes.py)
     )  # fmt: skip
     with thinkbrake_server(*args, log_path=log) as url:
         yield url

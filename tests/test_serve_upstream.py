@@ -48,7 +48,9 @@ def upstream(tiny_model_dir, tmp_path_factory) -> str:
 @pytest.fixture(scope="module")
 def proxy(upstream, tmp_path_factory) -> str:
     log = tmp_path_factory.mktemp("proxy") / "serve.log"
-    with thinkbrake_server("--upstream", upstream, "--served-model-name", "tiny-r1", log_path=log) as url:
+    with thinkbrake_server(
+        "--upstream", upstream, "--served-model-name", "tiny-r1", "--policy", "fcs_reflection", log_path=log
+    ) as url:
         yield url
 
 

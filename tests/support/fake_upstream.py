@@ -3,8 +3,8 @@
 It speaks what ``server/upstream.py`` expects from a vLLM server: streamed chat completions whose thinking is in
 ``delta.reasoning`` (or ``reasoning_content``, or raw in ``content``), the answer in ``delta.content``, token ids
 per chunk and the prompt's ids in the first chunk (vLLM's ``return_token_ids``), usage at the end when asked,
-``/v1/completions`` with a token-id prompt (the continuation after a stop), ``/tokenize``, ``/detokenize`` and
-``/v1/models``. Text is cut into word pieces, one piece per "token" and one SSE event per token, each written on
+``/v1/completions`` with a token-id prompt (the continuation after a stop, and answer probes: non-streamed, with
+``logprobs``), ``/tokenize``, ``/detokenize`` and ``/v1/models``. Text is cut into word pieces, one piece per "token" and one SSE event per token, each written on
 its own as vLLM does. Frames are built once per trace, so serving costs a write per token.
 
 Faults, per server (``FakeUpstream(fault=...)``) or per request (a ``fake_fault`` field in the body, which
@@ -13,6 +13,13 @@ thinkbrake forwards like any sampling option): ``status:503`` (an HTTP error bef
 seconds after N tokens, then the stream goes on), ``error@N`` (an OpenAI error event mid-stream),
 ``echo_auth`` (a 401 whose message quotes the Authorization header it got, like a careless upstream).
 A refused connection needs no server: see :func:`closed_port_url`.
+
+Answer probes (a non-streamed ``/v1/completions`` with a token-id prompt and ``logprobs``) are answered like a
+model that knows its answer: ``{X}`` where ``\boxed{X}`` is the final answer of the trace whose thinking the
+probe's prompt holds (``probe_text`` or, per request, ``vllm_xargs.fake_probe_text``, which thinkbrake copies
+from the request into its probes, overrides it), one token per word piece, each with log-probability ``probe_logprob``, after ``probe_delay`` seconds.
+``token_ids=False`` plays an upstream that returns no token ids (no ``return_token_ids``, as non-vLLM servers),
+``token_prompts=False`` one that rejects token-id prompts with a 400.
 
 Every request is recorded (:class:`RequestRecord`): headers, body, outcome, tokens sent, and when the client
 closed the connection (``aborted_at``, ``time.monotonic()``), so a test can check that an abort reached the
@@ -175,6 +182,11 @@ class FakeUpstream:
         host: str = "127.0.0.1",
         port: int = 0,
         record: bool = True,
+        token_ids: bool = True,
+        token_prompts: bool = True,
+        probe_text: str | None = None,
+        probe_logprob: float = -0.0001,
+        probe_delay: float = 0.0,
     ) -> None:
         self.traces = traces or written_traces()
         self.fault = Fault.parse(fault)
@@ -184,6 +196,11 @@ class FakeUpstream:
         self.api_key = api_key
         self.host, self.port = host, port
         self.record = record
+        self.token_ids = token_ids
+        self.token_prompts = token_prompts
+        self.probe_text = probe_text
+        self.probe_logprob = probe_logprob
+        self.probe_delay = probe_delay
         self.requests: list[RequestRecord] = []
         self.connections = 0  # TCP connections accepted so far
         self.vocabulary = Vocabulary()
@@ -253,7 +270,14 @@ class FakeUpstream:
         return bool(predicate(self))
 
     def generation_requests(self) -> list[RequestRecord]:
-        return [r for r in list(self.requests) if r.path in ("/v1/chat/completions", "/v1/completions")]
+        """Streamed generations (main requests and continuations), not probes."""
+        return [
+            r for r in list(self.requests)
+            if r.path in ("/v1/chat/completions", "/v1/completions") and not is_probe(r.body)
+        ]  # fmt: skip
+
+    def probe_requests(self) -> list[RequestRecord]:
+        return [r for r in list(self.requests) if r.path == "/v1/completions" and is_probe(r.body)]
 
     # -- HTTP -------------------------------------------------------------------------------------------------
     async def _connection(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
@@ -322,6 +346,10 @@ class FakeUpstream:
                 return self._error(writer, record, 400, "invalid JSON body")
             if fault.kind == "status":
                 return self._error(writer, record, fault.status, f"injected HTTP {fault.status}")
+            if isinstance(body.get("prompt"), list) and not self.token_prompts:
+                return self._error(writer, record, 400, "'prompt' must be a string")
+            if is_probe(body):
+                return await self._probe(writer, record, body)
             if not body.get("stream"):
                 return self._whole(writer, record, body, chat=path.endswith("chat/completions"))
             await self._stream(record, reader, writer, body, fault, chat=path.endswith("chat/completions"))
@@ -340,6 +368,34 @@ class FakeUpstream:
         error = {"message": message, "type": "BadRequestError" if status < 500 else "InternalServerError",
                  "param": None, "code": status}  # fmt: skip
         return self._json(writer, record, {"error": error}, status)
+
+    async def _probe(self, writer: asyncio.StreamWriter, record: RequestRecord, body: dict[str, Any]) -> bool:
+        """A non-streamed token-id completion with ``logprobs``: the probe text, as vLLM shapes it."""
+        if self.probe_delay:
+            await asyncio.sleep(self.probe_delay)
+        xargs = body.get("vllm_xargs") if isinstance(body.get("vllm_xargs"), dict) else {}
+        text = xargs.get("fake_probe_text", self.probe_text)
+        if text is None:
+            text = self._trace_answer(self.vocabulary.decode(list(body["prompt"])))
+        pieces = self.vocabulary.pieces(text)[: int(body.get("max_tokens") or 16)]
+        offsets = [sum(len(p) for p in pieces[:i]) for i in range(len(pieces))]
+        logprobs = {"text_offset": offsets, "token_logprobs": [self.probe_logprob] * len(pieces), "tokens": pieces,
+                    "top_logprobs": [{piece: self.probe_logprob} for piece in pieces]}  # fmt: skip
+        prompt = len(body["prompt"])
+        choice = {"index": 0, "text": "".join(pieces), "logprobs": logprobs, "finish_reason": "stop"}
+        usage = {"prompt_tokens": prompt, "completion_tokens": len(pieces), "total_tokens": prompt + len(pieces)}
+        record.tokens_sent = len(pieces)
+        return self._json(writer, record, {"id": "cmpl-fake", "object": "text_completion", "created": 0,
+                                           "model": self.model, "choices": [choice], "usage": usage})  # fmt: skip
+
+    def _trace_answer(self, prompt: str) -> str:
+        """``{X}`` for the trace whose thinking so far ends ``prompt`` (before the suffix), ``{}`` if none does."""
+        for trace in self.traces:
+            head = trace.thinking[:40]
+            if head and head in prompt:
+                boxed = re.search(r"\\boxed\{([^{}]*)\}", trace.answer)
+                return "{" + (boxed.group(1) if boxed else "") + "}"
+        return "{}"
 
     def _whole(self, writer: asyncio.StreamWriter, record: RequestRecord, body: dict[str, Any], chat: bool) -> bool:
         """A non-streaming response: the whole trace at once (no faults but ``status``)."""
@@ -386,10 +442,13 @@ class FakeUpstream:
         return frames
 
     def _token_frame(self, piece: str, chat: bool, thinking: bool | None) -> bytes:
-        ids = [self.vocabulary.id_of(piece)]
+        ids = [self.vocabulary.id_of(piece)] if self.token_ids else None
         if not chat:
+            choice = {"index": 0, "text": piece, "token_ids": ids, "finish_reason": None}
+            if ids is None:
+                del choice["token_ids"]
             return sse({"id": "cmpl-fake", "object": "text_completion", "created": 0, "model": self.model,
-                        "choices": [{"index": 0, "text": piece, "token_ids": ids, "finish_reason": None}]})  # fmt: skip
+                        "choices": [choice]})  # fmt: skip
         delta: dict[str, str] = {}
         if thinking is None:  # the end-of-thinking token: a parser swallows it
             if self.reasoning_field == "content":
@@ -401,6 +460,8 @@ class FakeUpstream:
         else:
             delta[self.reasoning_field] = piece
         choice = {"index": 0, "delta": delta, "logprobs": None, "finish_reason": None, "token_ids": ids}
+        if ids is None:
+            del choice["token_ids"]
         return sse({"id": "chatcmpl-fake", "object": "chat.completion.chunk", "created": 0, "model": self.model,
                     "choices": [choice]})  # fmt: skip
 
@@ -411,7 +472,7 @@ class FakeUpstream:
         prompt = body.get("prompt", "")
         return list(prompt) if isinstance(prompt, list) else self.vocabulary.encode(str(prompt))
 
-    def _head_frame(self, chat: bool, prompt_ids: list[int]) -> bytes:
+    def _head_frame(self, chat: bool, prompt_ids: list[int] | None) -> bytes:
         head = {"id": "chatcmpl-fake", "object": "chat.completion.chunk", "created": 0, "model": self.model,
                 "choices": [{"index": 0, "delta": {"role": "assistant", "content": ""}, "finish_reason": None}],
                 "prompt_token_ids": prompt_ids}  # fmt: skip
@@ -435,7 +496,7 @@ class FakeUpstream:
         watcher = asyncio.create_task(self._watch(state, reader))
         try:
             writer.write(b"HTTP/1.1 200 OK\r\ncontent-type: text/event-stream\r\ntransfer-encoding: chunked\r\n\r\n")
-            writer.write(self._head_frame(chat, prompt_ids))
+            writer.write(self._head_frame(chat, prompt_ids if self.token_ids else None))
             if not await self._send_tokens(state, frames, fault, rate):
                 return
             record.outcome, record.finished = "complete", time.monotonic()
@@ -521,6 +582,14 @@ class FakeUpstream:
             out += sse({"id": kind[0], "object": kind[1], "created": 0, "model": self.model, "choices": [],
                         "usage": usage})  # fmt: skip
         return out + sse("[DONE]") + b"0\r\n\r\n"
+
+
+def is_probe(body: Any) -> bool:
+    """Whether a request body is an answer probe: a non-streamed token-id completion with ``logprobs``."""
+    return (
+        isinstance(body, dict) and isinstance(body.get("prompt"), list)
+        and not body.get("stream") and body.get("logprobs") is not None
+    )  # fmt: skip
 
 
 def closed_port_url() -> str:

@@ -20,6 +20,11 @@ body field ``vllm_xargs``, which vLLM copies verbatim into ``extra_args``):
   (answer tokens, eos). A script without ``</think>`` then forces eos at once.
 * ``"eos_id"`` (optional): the id forced once the script is exhausted; defaults
   to the model's eos id.
+* ``"probe_script"`` (optional): the output of the request's answer probes. The
+  server sends a probe with the request's ``extra_args`` plus the marker
+  ``"thinkbrake_probe"`` (:data:`server.backend.PROBE_MARKER`); a request with the
+  marker is forced to emit ``probe_script`` (then eos) instead of ``script``.
+  A probe of a scripted request without ``probe_script`` emits eos at once.
 
 Invariants:
 
@@ -28,7 +33,7 @@ Invariants:
   output tokens generated so far and ``start`` is 0, or the index after the
   script's ``</think>`` for a continuation; past the end of the script, eos.
   So any sampling settings (greedy or not) give the scripted stream.
-* Rows of requests without ``"script"`` are never touched.
+* Rows of requests without ``"script"`` or ``"probe_script"`` are never touched.
 * This is the v1 (``vllm.v1.sample.logits_processor``) interface used by the
   V1 model runner, which is what the CPU build runs. vLLM's Model Runner V2
   (the GPU default in 0.32) has a different interface and rejects this class;
@@ -46,12 +51,15 @@ from vllm import SamplingParams
 from vllm.v1.sample.logits_processor import BatchUpdate, LogitsProcessor
 from vllm.v1.sample.logits_processor.builtin import process_dict_updates
 
+from server.backend import PROBE_MARKER
+
 if TYPE_CHECKING:
     from vllm.config import VllmConfig
 
 SCRIPT_KEY = "script"
 THINK_END_KEY = "think_end_id"
 EOS_KEY = "eos_id"
+PROBE_SCRIPT_KEY = "probe_script"
 
 
 @dataclass(frozen=True)
@@ -126,6 +134,8 @@ class ScriptedLogitsProcessor(LogitsProcessor):
     def validate_params(cls, sampling_params: SamplingParams) -> None:
         """Reject malformed ``script`` / ``think_end_id`` / ``eos_id`` at admission."""
         extra_args = sampling_params.extra_args or {}
+        if PROBE_SCRIPT_KEY in extra_args:
+            parse_token_ids(extra_args[PROBE_SCRIPT_KEY], PROBE_SCRIPT_KEY)
         if SCRIPT_KEY not in extra_args:
             return
         parse_token_ids(extra_args[SCRIPT_KEY], SCRIPT_KEY)
@@ -154,16 +164,20 @@ class ScriptedLogitsProcessor(LogitsProcessor):
     ) -> ScriptPlan | None:
         """A plan for a newly added request, or None if it has no script."""
         extra_args = params.extra_args or {}
-        if SCRIPT_KEY not in extra_args:
+        probe = PROBE_MARKER in extra_args
+        if SCRIPT_KEY not in extra_args and not (probe and PROBE_SCRIPT_KEY in extra_args):
             return None
-        script = parse_token_ids(extra_args[SCRIPT_KEY], SCRIPT_KEY)
+        if probe:
+            script = parse_token_ids(extra_args.get(PROBE_SCRIPT_KEY, ()), PROBE_SCRIPT_KEY)
+        else:
+            script = parse_token_ids(extra_args[SCRIPT_KEY], SCRIPT_KEY)
         think_end = extra_args.get(THINK_END_KEY)
         think_end_id = None if think_end is None else parse_token_id(think_end, THINK_END_KEY)
         eos = extra_args.get(EOS_KEY)
         eos_id = self._default_eos_id if eos is None else parse_token_id(eos, EOS_KEY)
         if eos_id is None:
             raise ValueError("ScriptedLogitsProcessor needs an eos id (model or extra_args)")
-        start = script_start(script, prompt_ids, think_end_id)
+        start = 0 if probe else script_start(script, prompt_ids, think_end_id)
         return ScriptPlan(script=script, start=start, eos_id=eos_id, output=output_ids)
 
     def apply(self, logits: torch.Tensor) -> torch.Tensor:

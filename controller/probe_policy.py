@@ -1,0 +1,124 @@
+"""``probe_fcs``: the first solution plus one confirming reflection, each solution's answer read by a probe.
+
+At every reflection point the model opens with "Wait" (the DEER trigger, seen by
+:class:`controller.probes.WaitScanner`) the policy asks the model what its answer is now (a probe on the prefix
+that ends just before the "Wait"). A probe answer is *reliable* when its confidence (from the probe's token
+log-probabilities) reaches ``confidence`` and its form is a plain final answer (see :func:`plain_answer`).
+The policy stops when two consecutive reliable probes give the same answer (the solution, then the reflection
+that confirms it) and one of the two reaches ``confirm_confidence``, or (off by default) when one probe
+reaches ``sure_confidence`` below 1 and the text detector has already reached the same answer in the
+thinking. An unreliable probe breaks the chain. The stop answer is the probe's answer.
+
+Invariants:
+- at most ``max_probes`` probes are asked per request, never before ``min_probe_tokens`` tokens;
+- a decision is taken only when a probe result arrives (it applies there) or at ``max_thinking_tokens``;
+  ``min_thinking_tokens`` delays a due stop; once made, a decision never changes;
+- results with an unknown or repeated id are ignored.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import re
+
+from controller.detector import ANSWER, Event
+from controller.policies import Equal, ProbeFcsConfig, StopDecision
+from controller.probes import WAIT, ProbeRequest, ProbeResult
+
+_PLAIN = re.compile(r"^[\s\S]{1,60}$")
+_NOT_FINAL = re.compile(r"\?|\.\.\.|\\ldots|\\dots|=|\\approx|[a-zA-Z]\s*=|^\s*$")
+
+
+def plain_answer(answer: str | None) -> bool:
+    """A probe answer that reads as a final answer: short, no question mark, no ellipsis, no equation."""
+    if answer is None or not _PLAIN.match(answer):
+        return False
+    return _NOT_FINAL.search(answer) is None
+
+
+class ProbeRuntime:
+    """Per-request state of ``probe_fcs``; the session feeds it events, triggers and probe results."""
+
+    def __init__(self, config: ProbeFcsConfig, equal: Equal) -> None:
+        self.config = config
+        self._equal = equal
+        self._next_id = 0
+        self._pending: dict[int, ProbeRequest] = {}
+        self._requests: list[ProbeRequest] = []
+        self._previous: ProbeResult | None = None  # the last answered probe, in order of asking
+        self._last_asked = -1
+        self._text_answers: list[str] = []  # answers the text detector read in the thinking (recent ones)
+        self._last_text: tuple[str, str] | None = None
+        self._due: StopDecision | None = None
+        self.decision: StopDecision | None = None
+        self.asked = 0
+
+    def observe(self, event: Event) -> None:
+        """Text detector events: remember the answers the thinking reached."""
+        if event.kind == ANSWER and event.answer is not None and event.key is not None:
+            self._last_text = (event.answer, event.key)
+            self._text_answers.append(event.answer)
+            del self._text_answers[:-8]
+
+    def trigger(self, kind: str, tokens: int, offset: int) -> None:
+        """A trigger at ``tokens``/``offset`` (before the trigger word): ask a probe if the cap allows."""
+        if self.decision is not None or self._due is not None or kind != WAIT:
+            return
+        if self.asked >= self.config.max_probes or tokens < self.config.min_probe_tokens or tokens <= 0:
+            return
+        request = ProbeRequest(self._next_id, tokens, offset, kind)
+        self._next_id += 1
+        self.asked += 1
+        self._pending[request.id] = request
+        self._requests.append(request)
+
+    def take_requests(self) -> list[ProbeRequest]:
+        requests, self._requests = self._requests, []
+        return requests
+
+    def result(self, result: ProbeResult, tokens: int, offset: int) -> bool:
+        """Take one probe result (arriving at ``tokens``); True if it was expected."""
+        request = self._pending.pop(result.id, None)
+        if request is None:
+            return False
+        if self.decision is not None or self._due is not None:
+            return True
+        if request.id < self._last_asked:
+            return True  # an older probe answered after a newer one: the newer one speaks for the model
+        self._last_asked = request.id
+        previous, self._previous = self._previous, result
+        if not plain_answer(result.answer) or result.confidence < self.config.confidence:
+            return True
+        assert result.answer is not None
+        reason = None
+        if (
+            previous is not None
+            and previous.answer is not None
+            and plain_answer(previous.answer)
+            and previous.confidence >= self.config.confidence
+            and max(previous.confidence, result.confidence) >= self.config.confirm_confidence
+            and self._equal(previous.answer, result.answer)
+        ):
+            reason = "probe_confirmed"
+        elif (
+            self.config.sure_confidence < 1.0
+            and result.confidence >= self.config.sure_confidence
+            and any(self._equal(text, result.answer) for text in self._text_answers)
+        ):
+            reason = "probe_sure"
+        if reason is not None:
+            self._due = StopDecision(reason, result.answer, result.answer, tokens, offset, self.asked)
+        return True
+
+    def advance(self, tokens: int, offset: int) -> StopDecision | None:
+        if self.decision is not None:
+            return self.decision
+        config = self.config
+        if self._due is not None and tokens >= config.min_thinking_tokens:
+            self.decision = dataclasses.replace(self._due, tokens=tokens)
+        elif config.max_thinking_tokens is not None and tokens >= config.max_thinking_tokens:
+            answer = self._previous.answer if self._previous and self._previous.answer else None
+            if answer is None and self._last_text:
+                answer = self._last_text[0]
+            self.decision = StopDecision("max_thinking_tokens", answer, answer, tokens, offset, self.asked)
+        return self.decision

@@ -1,0 +1,155 @@
+"""Answer probes in the controller: the "wait" trigger, the probe API, the probe_fcs rule, the fallback, replay."""
+
+from __future__ import annotations
+
+import pytest
+
+from controller.answers import AnswerComparer
+from controller.delimiters import Delimiters
+from controller.policies import PolicyError, ProbeFcsConfig, parse_policy
+from controller.probe_policy import plain_answer
+from controller.probes import WAIT, ProbeResult, WaitScanner
+from controller.replay import HOLDOUT, TUNE, RecordedProbes, run_controller, split_of
+from controller.session import ThinkingController
+from tests.splits import every_single_split, random_splits
+
+IMPLICIT = Delimiters(implicit_start=True)
+COMPARER = AnswerComparer()
+TEXT = "So x is 12.\n\nWait, let me check: 3*4 = 12. But wait, is it? Yes.\n\nWait. Await waiting. wait"
+
+
+def wait_offsets(text: str) -> list[int]:
+    return [index for index in range(len(text)) if text[index : index + 4].lower() == "wait"
+            and (index == 0 or not text[index - 1].isalpha())
+            and (index + 4 == len(text) or not text[index + 4].isalpha())]  # fmt: skip
+
+
+def scan(pieces: list[str]) -> list[tuple[int, int]]:
+    scanner, found, tokens = WaitScanner(), [], 0
+    for piece in pieces:
+        found += scanner.feed(piece, tokens)
+        tokens += 1
+    return found + scanner.flush(tokens)
+
+
+def test_wait_scanner_finds_whole_words_at_the_same_offsets_for_every_split() -> None:
+    expected = wait_offsets(TEXT)
+    assert len(expected) == 4  # "Wait," "wait," "Wait." and the final "wait"; not "Await" or "waiting"
+    for pieces in every_single_split(TEXT):
+        assert [offset for _, offset in scan(pieces)] == expected
+    for seed in range(20):
+        assert [offset for _, offset in scan(random_splits(TEXT, seed))] == expected
+    per_char = scan(list(TEXT))
+    assert [tokens for tokens, _ in per_char] == expected  # one token per character: the tokens before the "w"
+
+
+def controller(config: dict[str, object], probes: bool = True) -> ThinkingController:
+    return ThinkingController(parse_policy(config), IMPLICIT, COMPARER, probes=probes)
+
+
+def feed_text(control: ThinkingController, text: str) -> list:
+    requests = []
+    for char in text:
+        update = control.feed(char, 1)
+        requests += update.probes
+    return requests
+
+
+SOLVE = "Three times four is 12. So the answer is 12.\n\n"
+CHECK = "Wait, let me double-check: 3 times 4 is 12.\n\nSo the answer is 12.\n\n"
+
+
+def test_probe_fcs_asks_at_each_wait_and_stops_when_two_confident_probes_agree() -> None:
+    control = controller({"policy": "probe_fcs"})
+    assert control.config.uses_probes
+    requests = feed_text(control, SOLVE + CHECK)
+    assert [r.trigger for r in requests] == [WAIT] and requests[0].offset == len(SOLVE)
+    assert requests[0].tokens == len(SOLVE)  # prefix = the tokens before "Wait"
+    assert control.decision is None  # the text alone never stops probe_fcs
+    assert control.probe_result(ProbeResult(requests[0].id, "12", 0.9995, 5)).decision is None
+    more = feed_text(control, CHECK)
+    assert len(more) == 1 and control.probes_sent == 2
+    assert control.probe_result(ProbeResult(99, "12", 1.0, 5)).decision is None  # unknown id: ignored
+    decision = control.probe_result(ProbeResult(more[0].id, "12", 0.92, 4)).decision
+    assert decision is not None and decision.answer == "12" and decision.reason == "probe_confirmed"
+    assert decision.tokens == len(SOLVE + CHECK + CHECK)  # applies where the result arrived
+    assert control.probe_tokens == 9 and control.decision is decision
+    assert control.probe_result(ProbeResult(more[0].id, "12", 0.92, 4)).decision is None  # repeated: ignored
+
+
+def test_probe_fcs_ignores_low_confidence_disagreement_and_bad_forms() -> None:
+    control = controller({"policy": "probe_fcs"})
+    first = feed_text(control, SOLVE + CHECK)
+    assert control.probe_result(ProbeResult(first[0].id, "12", 0.5, 5)).decision is None  # not confident
+    second = feed_text(control, CHECK)
+    assert control.probe_result(ProbeResult(second[0].id, "12", 0.9999, 5)).decision is None
+    third = feed_text(control, CHECK)
+    assert control.probe_result(ProbeResult(third[0].id, "13", 0.9999, 5)).decision is None  # disagrees
+    fourth = feed_text(control, CHECK)
+    assert control.probe_result(ProbeResult(fourth[0].id, "x = 13", 0.9999, 5)).decision is None  # not final
+    fifth = feed_text(control, CHECK)
+    assert control.probe_result(ProbeResult(fifth[0].id, "13", 0.95, 5)).decision is None  # after a bad form
+    sixth = feed_text(control, CHECK)
+    assert control.probe_result(ProbeResult(sixth[0].id, "13", 0.95, 5)).decision is None  # neither >= 0.999
+    assert not plain_answer("x = 13") and not plain_answer("?") and plain_answer("\\frac{1}{2}")
+    assert control.decision is None
+
+
+def test_one_sure_probe_stops_when_the_thinking_wrote_the_same_answer() -> None:
+    control = controller({"policy": "probe_fcs", "sure_confidence": 0.999})
+    requests = feed_text(control, SOLVE + CHECK)
+    decision = control.probe_result(ProbeResult(requests[0].id, "12", 0.9995, 5)).decision
+    assert decision is not None and decision.reason == "probe_sure" and decision.answer == "12"
+    other = controller({"policy": "probe_fcs", "sure_confidence": 0.999})
+    requests = feed_text(other, SOLVE + CHECK)
+    assert other.probe_result(ProbeResult(requests[0].id, "7", 0.9999, 5)).decision is None  # text never said 7
+
+
+def test_max_probes_caps_the_requests() -> None:
+    control = controller({"policy": "probe_fcs", "max_probes": 2})
+    assert len(feed_text(control, SOLVE + CHECK * 4)) == 2
+    assert control.probes_sent == 2
+
+
+def test_without_probes_probe_fcs_runs_text_only_fcs_reflection() -> None:
+    control = controller({"policy": "probe_fcs"}, probes=False)
+    assert control.probe_fallback is not None
+    requests = feed_text(control, SOLVE + CHECK)
+    assert requests == [] and control.probes_sent == 0
+    assert control.decision is not None and control.decision.reason == "confirmed"
+    assert controller({"policy": "fcs_reflection"}).probe_fallback is None
+
+
+def test_float_arguments_parse_and_are_checked() -> None:
+    config = parse_policy({"policy": "probe_fcs", "confidence": "0.9", "max_probes": 4})
+    assert isinstance(config, ProbeFcsConfig) and config.confidence == 0.9 and config.max_probes == 4
+    for data, field in [({"confidence": 2}, "confidence"), ({"confidence": "x"}, "confidence"),
+                        ({"max_probes": -1}, "max_probes"), ({"sure_confidence": True}, "sure_confidence")]:  # fmt: skip
+        with pytest.raises(PolicyError) as error:
+            parse_policy({"policy": "probe_fcs", **data})
+        assert error.value.field == field
+
+
+def test_replay_answers_from_the_recording_with_latency() -> None:
+    text = SOLVE + CHECK + CHECK + "More text that goes on and on. " * 10
+    first, second = text.index("Wait"), text.index("Wait", text.index("Wait") + 1)
+    trace = {
+        "id": "math500/7/m/seed1",
+        "probes": [[10, 10, "3", True, 4]],
+        "wait_probes": [[first, first, "12", 0.9991, 5], [second, second, "12", 0.98, 6]],
+    }
+    probes = RecordedProbes(trace)
+    control, probe_tokens = run_controller(parse_policy({"policy": "probe_fcs"}), list(text), COMPARER, probes)
+    decision = control.decision
+    assert decision is not None and decision.answer == "12"
+    asked_at = second + len("Wait,")  # the trigger is certain once the character after the word arrives
+    assert decision.tokens == asked_at + 6 + 1 and probe_tokens == 11 and probes.missing == 0
+    silent, _ = run_controller(parse_policy({"policy": "probe_fcs"}), list(text), COMPARER, None)
+    assert silent.probe_fallback is not None
+
+
+def test_split_keeps_every_model_and_seed_of_a_problem_together() -> None:
+    sides = {split_of({"id": f"math500/{q}/{m}/seed{s}"}) for q in [3] for m in ["a", "b"] for s in [1, 2]}
+    assert len(sides) == 1
+    halves = [split_of({"id": f"math500/{q}/a/seed1"}) for q in range(400)]
+    assert 150 < halves.count(TUNE) < 250 and halves.count(HOLDOUT) == 400 - halves.count(TUNE)
