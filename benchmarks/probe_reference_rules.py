@@ -30,37 +30,37 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 from controller.answers import AnswerComparer, last_boxed  # noqa: E402
 from controller.replay import Tokenizers, default_tokenizer_root, load_traces, split_of  # noqa: E402
 
-Stop = tuple[int | None, str | None, int]  # (stop position or None, answer, probe tokens)
+Stop = tuple[int | None, str | None, int, int]  # (stop position or None, answer, probe tokens, probes)
 
 
 def first_over(trace: dict[str, Any], threshold: float = 0.995) -> Stop:
     spent = 0
-    for tokens, _offset, answer, confidence, out in trace["wait_probes"]:
+    for index, (tokens, _offset, answer, confidence, out) in enumerate(trace["wait_probes"], 1):
         spent += out
         if confidence > threshold:
-            return tokens + out + 1, answer, spent
-    return None, None, spent
+            return tokens + out + 1, answer, spent, index
+    return None, None, spent, len(trace["wait_probes"])
 
 
 def two_agree(trace: dict[str, Any], threshold: float = 0.95) -> Stop:
     spent, previous = 0, None
-    for tokens, _offset, answer, confidence, out in trace["wait_probes"]:
+    for index, (tokens, _offset, answer, confidence, out) in enumerate(trace["wait_probes"], 1):
         spent += out
         if previous is not None and answer == previous and confidence > threshold:
-            return tokens + out + 1, answer, spent
+            return tokens + out + 1, answer, spent, index
         previous = answer
-    return None, None, spent
+    return None, None, spent, len(trace["wait_probes"])
 
 
 def dynasor(trace: dict[str, Any], k: int) -> Stop:
     spent, run, previous = 0, 0, None
-    for tokens, _offset, answer, certain, out in trace["probes"]:
+    for index, (tokens, _offset, answer, certain, out) in enumerate(trace["probes"], 1):
         spent += out
         run = run + 1 if certain and answer is not None and answer == previous else (1 if certain else 0)
         previous = answer if certain else None
         if run >= k:
-            return tokens + out + 1, answer, spent
-    return None, None, spent
+            return tokens + out + 1, answer, spent, index
+    return None, None, spent, len(trace["probes"])
 
 
 RULES: dict[str, Callable[[dict[str, Any]], Stop]] = {
@@ -78,12 +78,33 @@ def group_names(dataset: str) -> list[str]:
     return names
 
 
+def reference_results(
+    trace: dict[str, Any], tokenizers: Tokenizers, correct: Callable[[str | None, str], bool]
+) -> tuple[int, bool, dict[str, tuple[int, bool, int, int]]]:
+    """Thinking tokens, full-trace correctness, and (stop, correct, probe tokens, probes) per reference rule."""
+    reference = str(trace["reference"])
+    full = last_boxed(trace.get("final") or "") or last_boxed(trace["thinking"])
+    full_ok = correct(full, reference)
+    total = len(tokenizers.get(trace["tokenizer"]).encode(trace["thinking"], add_special_tokens=False).ids)
+    results: dict[str, tuple[int, bool, int, int]] = {}
+    for name, rule in RULES.items():
+        stop, answer, spent, probes = rule(trace)
+        if stop is None or stop >= total:
+            results[name] = (total, full_ok, spent, probes)
+        else:
+            results[name] = (stop, correct(answer, reference), spent, probes)
+    oracle = next((p for p in trace["probes"] if correct(p[2], reference)), None)
+    results["oracle"] = (min(total, oracle[0]), True, 0, 0) if oracle else (total, full_ok, 0, 0)
+    return total, full_ok, results
+
+
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("traces", help="dev-probes.jsonl.gz")
     parser.add_argument("--split", choices=["all", "tune", "holdout"], default="all")
     parser.add_argument("--replay", help="a `thinkbrake replay --json` report on the same traces")
     parser.add_argument("--limit", type=int)
+    parser.add_argument("--cache", help="JSON file keeping the reference rules' per-trace results between runs")
     args = parser.parse_args()
     comparer = AnswerComparer()
     tokenizers = Tokenizers(default_tokenizer_root(args.traces))
@@ -103,6 +124,10 @@ def main() -> int:
         return cache[answer, reference]
 
     rows: dict[str, dict[str, list[float]]] = defaultdict(lambda: defaultdict(lambda: [0.0] * 7))
+    cached: dict[str, Any] = (
+        json.loads(Path(args.cache).read_text()) if args.cache and Path(args.cache).exists() else {}
+    )
+    computed: dict[str, Any] = {}
     count = 0
     for trace in load_traces([args.traces]):
         if args.split != "all" and split_of(trace) != args.split:
@@ -110,19 +135,11 @@ def main() -> int:
         if args.limit and count >= args.limit:
             break
         count += 1
-        reference = str(trace["reference"])
-        full = last_boxed(trace.get("final") or "") or last_boxed(trace["thinking"])
-        full_ok = correct(full, reference)
-        total = len(tokenizers.get(trace["tokenizer"]).encode(trace["thinking"], add_special_tokens=False).ids)
-        results: dict[str, tuple[int, bool, int, int]] = {}
-        for name, rule in RULES.items():
-            stop, answer, spent = rule(trace)
-            if stop is None or stop >= total:
-                results[name] = (total, full_ok, spent, 0)
-            else:
-                results[name] = (stop, correct(answer, reference), spent, 0)
-        oracle = next((p for p in trace["probes"] if correct(p[2], reference)), None)
-        results["oracle"] = (min(total, oracle[0]), True, 0, 0) if oracle else (total, full_ok, 0, 0)
+        if trace["id"] in cached:
+            total, full_ok, results = cached[trace["id"]]
+        else:
+            total, full_ok, results = reference_results(trace, tokenizers, correct)
+        computed[trace["id"]] = (total, full_ok, results)
         outcome_by_policy = {o["policy"]: o for o in replayed.get(trace["id"], {}).get("outcomes", [])}
         for policy in policies:
             if policy in outcome_by_policy:
@@ -133,8 +150,9 @@ def main() -> int:
                 row = rows[group][name]
                 for index, value in enumerate((1, total, stop, spent, full_ok, ok, full_ok and not ok)):
                     row[index] += value
-                row[6] += 0  # keep the list length fixed
                 rows[group].setdefault(name + "#probes", [0.0] * 7)[0] += probes
+    if args.cache:
+        Path(args.cache).write_text(json.dumps(computed))
     print(f"{count} traces (split {args.split}); net saved % charges every probe's decode tokens")
     print("| group | rule | n | acc full % | Δ pts | harmful % | net saved % | probe tok/trace | probes/trace |")
     print("|---|---|---|---|---|---|---|---|---|")

@@ -64,7 +64,7 @@ def add_parser(commands: Any) -> None:
     )  # fmt: skip
 
     policy = parser.add_argument_group("stopping")
-    policy.add_argument("--policy", choices=sorted(POLICIES), help="default stop policy (default fcs_reflection)")
+    policy.add_argument("--policy", choices=sorted(POLICIES), help="default stop policy (default probe_fcs)")
     policy.add_argument(
         "--policy-arg", dest="policy_args", action="append", metavar="K=V",
         help="argument of the default policy, repeatable: k=3, min_thinking_tokens=100, max_thinking_tokens=8000",
