@@ -3,10 +3,19 @@
 The server feeds every generated text delta with its token count and forwards what comes out. The
 controller never raises into the stream: an internal error switches the request to pass-through and is
 recorded in ``error`` (the server counts it).
+
+A stop is made only while the model is visibly still thinking. A decision that becomes due on a delta whose
+thinking text ends in whitespace (a sentence completed by a newline, say) may have been completed by the text
+the model uses to close its thinking (``"\\n</think>\\n\\n"``). It is held *pending* until later thinking text
+shows that the model goes on (non-whitespace text; a prefix of the end delimiter is held back by the splitter,
+so it does not count), and dropped if the end delimiter arrives or the stream ends first. So however the end
+delimiter arrives (in one delta or split across deltas), a model that closes its thinking on its own is never
+reported as stopped. The delta that confirms a pending decision lies past the stop point (``Update.past_stop``).
 """
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 from dataclasses import dataclass, field
 
@@ -27,13 +36,18 @@ class Update:
     content: str = ""
     decision: StopDecision | None = None
     events: list[Event] = field(default_factory=list)
+    #: this delta confirmed a pending decision: its text lies past the stop point (a server acting on the stop
+    #: does not forward it and continues from the tokens fed before it, ``ThinkingController.kept_tokens``)
+    past_stop: bool = False
 
 
 class ThinkingController:
     """Routes deltas to reasoning/content and decides when thinking should stop.
 
     Invariants: thinking tokens are counted for every delta that starts inside thinking (the end tag's token
-    included); ``decision`` is set at most once and, once set, the controller only routes text.
+    included); ``decision`` is set at most once and, once set, the controller only routes text; ``decision`` is
+    never set on or after the delta in which the model closes its thinking; ``kept_tokens`` (set with
+    ``decision``) is the number of tokens fed up to the stop point.
     """
 
     def __init__(self, config: PolicyConfig, delimiters: Delimiters, comparer: AnswerComparer) -> None:
@@ -44,6 +58,12 @@ class ThinkingController:
         self.thinking_tokens = 0
         self.answer_tokens = 0
         self.decision: StopDecision | None = None
+        self.pending: StopDecision | None = None
+        self.kept_tokens: int | None = None
+        self._pending_at = 0
+        self._thinking_chars = 0  # thinking characters fed to the detector
+        self._visible_end = 0  # ... up to and including the last non-whitespace one
+        self.fed_tokens = 0
         self.error: str | None = None
         self.detection_seconds = 0.0
 
@@ -61,6 +81,8 @@ class ThinkingController:
             self.answer_tokens += tokens
         else:
             self.thinking_tokens += tokens
+        fed_before = self.fed_tokens
+        self.fed_tokens += tokens
         update = Update()
         thinking = ""
         for piece in self.splitter.feed(delta):
@@ -69,12 +91,15 @@ class ThinkingController:
                 thinking += piece.text
             else:
                 update.content += piece.text
-        if self.decision is None and self.error is None and self.splitter.saw_start:
+        if self.pending is not None:
+            self._resolve_pending(thinking, fed_before, update)
+        elif self.decision is None and self.error is None and self.splitter.saw_start:
             self._detect(thinking, tokens if thinking or not self.splitter.saw_end else 0, update)
         return update
 
     def finish(self) -> Update:
-        """End of stream: release held-back text and close detection."""
+        """End of stream: release held-back text and close detection (a pending decision is dropped)."""
+        self.pending = None
         update = Update()
         for piece in self.splitter.flush():
             if piece.kind == THINKING:
@@ -91,6 +116,9 @@ class ThinkingController:
         return update
 
     def _detect(self, thinking: str, tokens: int, update: Update) -> None:
+        if thinking.strip():
+            self._visible_end = self._thinking_chars + len(thinking.rstrip())
+        self._thinking_chars += len(thinking)
         try:
             update.events = self.detector.feed(thinking, tokens)
             for event in update.events:
@@ -101,8 +129,29 @@ class ThinkingController:
         except Exception as error:  # noqa: BLE001 - detection must never break the stream
             self._fail(error)
             return
-        if decision is not None:
-            self.decision = update.decision = decision
+        if decision is None:
+            return
+        if self._visible_end > decision.offset:
+            self._commit(decision, self.fed_tokens, update)  # text after the stop point: the model goes on
+        else:
+            self.pending = decision  # the whitespace may begin the end of thinking: wait for the next text
+            self._pending_at = self.thinking_tokens
+
+    def _resolve_pending(self, thinking: str, fed_before: int, update: Update) -> None:
+        """Commit the pending decision once the model visibly goes on thinking; drop it if thinking ends."""
+        pending = self.pending
+        assert pending is not None
+        if self.splitter.saw_end:
+            self.pending = None  # the model closed its thinking on its own: nothing to stop
+        elif thinking.strip():
+            self.pending = None
+            update.past_stop = True
+            tokens = pending.tokens + self.thinking_tokens - self._pending_at
+            self._commit(dataclasses.replace(pending, tokens=tokens), fed_before, update)
+
+    def _commit(self, decision: StopDecision, kept_tokens: int, update: Update) -> None:
+        self.decision = update.decision = decision
+        self.kept_tokens = kept_tokens
 
     def _fail(self, error: Exception) -> None:
         log.exception("thinking detection failed; this request continues without early stopping")

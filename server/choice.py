@@ -149,10 +149,12 @@ class ChoiceRunner:
                 update = self._feed(controller, chunk.text, len(chunk.token_ids))
                 if update.decision is not None and self.control.shadow:
                     result.shadow_decision = update.decision
-                elif update.decision is not None:
+                elif update.decision is not None and chunk.finish_reason is None:  # (a finished one saves nothing)
                     decision = update.decision
                     await generation.abort()  # at once: no more thinking is decoded
-                yield self._event(update, chunk.text)
+                    if update.past_stop:  # this delta only showed the model goes on: it is past the stop point
+                        update = Update(decision=decision, events=update.events, past_stop=True)
+                yield self._event(update, "" if update.past_stop else chunk.text)
                 if decision is not None:
                     break
                 if chunk.finish_reason is not None:
@@ -197,7 +199,8 @@ class ChoiceRunner:
             yield self._event(controller.finish(), "")
             return
         assert end_ids is not None and generation.prompt_token_ids is not None
-        token_ids = generation.prompt_token_ids + generated + end_ids
+        kept = generated if controller.kept_tokens is None else generated[: controller.kept_tokens]
+        token_ids = generation.prompt_token_ids + kept + end_ids
         limit = self.control.max_answer_tokens
         if self.sampling.max_tokens is not None:
             limit = max(1, min(limit, self.sampling.max_tokens - len(generated)))
