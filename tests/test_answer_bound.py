@@ -147,3 +147,54 @@ def test_the_process_exits_promptly_after_timed_out_comparisons(ending: str) -> 
     assert exited - report["done"] < 5
     time.sleep(0.5)
     assert not alive(set(report["pids"])), "worker processes outlived the process that started them"
+
+
+def test_a_server_fed_pathological_answers_stays_idle_and_stops_promptly(tmp_path) -> None:
+    """Answers that make Math-Verify run away cost the server at most its bound per pair, then nothing; SIGTERM
+    ends it in under 10 s (a stuck comparison used to hold the exit)."""
+    import signal
+
+    import httpx
+
+    from tests.support.fake_upstream import FakeUpstream, Trace
+    from tests.support.servers import thinkbrake_process
+
+    traces = [
+        Trace(
+            f"Let me work it out. So the answer is \\boxed{{{first}}}.\n\nWait, let me double-check this.\n\n"
+            f"So the answer is \\boxed{{{second}}}.\n\nHmm, let me look at it once more from the start.\n\n",
+            "\n\nDone.",
+        )
+        for first, second in PATHOLOGICAL
+    ]
+    log = tmp_path / "serve.log"
+    with FakeUpstream(traces) as upstream, thinkbrake_process(upstream.url, log_path=log) as (url, process):
+        server = psutil.Process(process.pid)
+
+        def tree_cpu() -> float:
+            total = 0.0
+            for member in [server, *server.children(recursive=True)]:
+                try:
+                    times = member.cpu_times()
+                except psutil.NoSuchProcess:
+                    continue
+                total += times.user + times.system + times.children_user + times.children_system
+            return total
+
+        for index in range(len(traces)):
+            body = {"model": "fake-reasoner", "messages": [{"role": "user", "content": "?"}], "fake_trace": index}
+            response = httpx.post(f"{url}/v1/chat/completions", json=body, timeout=120)
+            assert response.status_code == 200, response.text
+        deadline = time.monotonic() + 30  # the replaced workers import Math-Verify once, then all is quiet
+        while True:
+            before = tree_cpu()
+            time.sleep(2.0)
+            used = tree_cpu() - before
+            if used < 0.3:
+                break
+            assert time.monotonic() < deadline, f"the server still uses {used:.2f} CPU seconds per 2 s"
+        began = time.monotonic()
+        process.send_signal(signal.SIGTERM)
+        process.wait(timeout=10)
+        assert time.monotonic() - began < 10
+    assert "answer comparison stopped" in log.read_text()  # the pairs did reach Math-Verify and were cut off
