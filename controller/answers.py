@@ -2,19 +2,25 @@
 
 ``canonical`` maps an answer string to a key so that ``2``, ``2.0``, ``\\frac{4}{2}``, ``4/2`` and
 ``\\boxed{2}`` share one key; equal keys mean equal answers. When keys differ and either side is not a plain
-number, :class:`AnswerComparer` asks Math-Verify, off the calling thread and under a time bound (Math-Verify's
-own ``signal.alarm`` timeout only works on the main thread, so it is switched off and the bound is enforced
-here with a worker thread).
+number, :class:`AnswerComparer` asks Math-Verify in a worker process under a time bound (Math-Verify's own
+``signal.alarm`` timeout only works on the main thread, so it is switched off; a comparison that outlives the
+bound is stopped by killing its worker process, which a pebble process pool replaces).
 """
 
 from __future__ import annotations
 
+import logging
+import multiprocessing
 import re
 import threading
-from concurrent.futures import ThreadPoolExecutor
 from concurrent.futures import TimeoutError as FutureTimeout
 from fractions import Fraction
 from functools import lru_cache
+from typing import Any
+
+log = logging.getLogger(__name__)
+#: how long a caller waits, beyond the bound, for a worker process to come up (spawn + Math-Verify import)
+WORKER_START_SECONDS = 60.0
 
 _BOXED_OPENERS = ("\\boxed{", "\\fbox{", "\\boxed {")
 
@@ -118,23 +124,37 @@ def is_numeric_key(key: str) -> bool:
 
 
 class AnswerComparer:
-    """Decides answer equivalence: canonical keys first, Math-Verify (time-bounded, off-thread) second.
+    """Decides answer equivalence: canonical keys first, Math-Verify (time-bounded, in a worker process) second.
 
-    One comparer may be shared by many controllers; results are cached by key pair. A comparison that
-    exceeds ``timeout_seconds`` counts as "not equal" (the stuck worker thread is abandoned; the executor
-    then gets a fresh thread so later comparisons are not blocked behind it).
+    One comparer may be shared by many controllers and threads; verdicts are cached by key pair, a pair whose
+    comparison timed out included (it counts as "not equal" and is never compared again). Math-Verify runs in
+    worker processes (spawned on first use, Math-Verify imported there once); a comparison still running
+    ``timeout_seconds`` after a worker took it is stopped by killing that worker (its CPU is freed at once),
+    and a fresh one replaces it. :meth:`close` stops the workers; after it, comparisons use the keys only.
     """
 
     def __init__(self, timeout_seconds: float = 2.0) -> None:
         self.timeout_seconds = timeout_seconds
         self._cache: dict[tuple[str, str], bool] = {}
         self._lock = threading.Lock()
-        self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="math-verify")
+        self._pool: Any = None
+        self._closed = False
         self.timeouts = 0
 
     def warm_up(self) -> None:
-        """Import Math-Verify (and sympy, about a second) on the worker thread now, not at the first comparison."""
-        self._executor.submit(_math_verify_equal, "1", "1")
+        """Start the worker process now (it imports Math-Verify and sympy, a second or two), not at the first
+        comparison."""
+        pool = self._worker_pool()
+        if pool is not None:
+            pool.schedule(_math_verify_equal, args=("1", "1"))  # the pool starts its worker with its first task
+
+    def close(self) -> None:
+        """Stop the worker process (idempotent). Later comparisons fall back to "not equal" beyond the keys."""
+        with self._lock:
+            pool, self._pool, self._closed = self._pool, None, True
+        if pool is not None:
+            pool.stop()
+            pool.join(timeout=5)
 
     def equal(self, first: str, second: str) -> bool:
         """Whether two answers are the same mathematical object."""
@@ -154,15 +174,40 @@ class AnswerComparer:
             self._cache[pair] = result
         return result
 
+    def _worker_pool(self) -> Any:
+        with self._lock:
+            if self._pool is None and not self._closed:
+                from pebble import ProcessPool
+
+                # spawn, not fork: the server process runs threads (event loop, engine) that fork would copy mid-state
+                context = multiprocessing.get_context("spawn")
+                # two workers: while a killed one is replaced (a second or more), the other takes the next pair
+                self._pool = ProcessPool(max_workers=2, initializer=_import_math_verify, context=context)
+            return self._pool
+
     def _verify_bounded(self, first: str, second: str) -> bool:
-        future = self._executor.submit(_math_verify_equal, first, second)
-        try:
-            return future.result(timeout=self.timeout_seconds)
-        except FutureTimeout:
-            self.timeouts += 1
-            self._executor.shutdown(wait=False, cancel_futures=True)
-            self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="math-verify")
+        pool = self._worker_pool()
+        if pool is None:
             return False
+        try:
+            future = pool.schedule(_math_verify_equal, args=(first, second), timeout=self.timeout_seconds)
+            # the bound runs from the moment a worker takes the task; waiting for a worker that is starting up
+            # (after a kill) is not part of it, so the verdict does not depend on when the comparison is asked
+            return bool(future.result(timeout=self.timeout_seconds + WORKER_START_SECONDS))
+        except FutureTimeout:
+            future.cancel()  # the caller's own limit (no worker came up): stop the task wherever it is
+            self.timeouts += 1
+            log.warning("answer comparison stopped after %.1f s: %.80r vs %.80r", self.timeout_seconds, first, second)
+            return False
+        except Exception as error:  # noqa: BLE001 - a crashed or closed worker means "not shown equal"
+            log.warning("answer comparison failed (%s: %s); counted as not equal", type(error).__name__, error)
+            return False
+
+
+def _import_math_verify() -> None:
+    """Worker initializer: import Math-Verify (and sympy) and run one comparison (its parser builds lazily), so
+    that the first real comparison's clock starts on a warm worker."""
+    _math_verify_equal("\\frac{1}{2}", "0.5")
 
 
 def _as_latex(answer: str) -> str:

@@ -1,8 +1,11 @@
 """Replay recorded reasoning traces through the controller, token by token, as the server would stream them.
 
-Each trace's thinking is tokenized with its own tokenizer (``tokenizer`` field, a folder with
-``tokenizer.json``) and fed one token at a time to a :class:`ThinkingController` per policy. The full trace's
-answer is the last ``\\boxed{}`` of ``final`` (or of ``thinking`` when ``final`` is empty).
+The stream of a trace is what the model emitted (:func:`trace_stream`): its thinking followed, when the model
+closed its thinking, by its end-of-thinking text (``"\\n</think>\\n\\n"``, or ``<|end_of_thought|>`` for Sky-T1
+models), tokenized as one text with the trace's own tokenizer (``tokenizer`` field, a folder with
+``tokenizer.json``) and fed one token at a time to a :class:`ThinkingController` per policy, as the server
+would stream it. The full trace's answer is the last ``\\boxed{}`` of ``final`` (or of ``thinking`` when
+``final`` is empty).
 
 Answer probes are replayed from the trace's recorded probes (:class:`RecordedProbes`): a probe asked at a
 "Wait" gets the wait probe recorded at that very character offset, any other probe the dense probe recorded
@@ -17,6 +20,7 @@ Split rule (``split_of``): a trace belongs to ``tune`` or ``holdout`` by the SHA
 from __future__ import annotations
 
 import bisect
+import dataclasses
 import gzip
 import hashlib
 import heapq
@@ -28,7 +32,7 @@ from pathlib import Path
 from typing import Any
 
 from controller.answers import AnswerComparer, last_boxed
-from controller.delimiters import Delimiters
+from controller.delimiters import FAMILIES, Delimiters
 from controller.detector import ANSWER, SOLUTION, Event
 from controller.efficiency import SolutionSpan, outcome_efficiency, process_efficiency
 from controller.policies import OffConfig, PolicyConfig
@@ -80,6 +84,31 @@ class RecordedProbes:
 
 
 REPLAY_DELIMITERS = Delimiters(implicit_start=True)
+SKY_T1_DELIMITERS = dataclasses.replace(FAMILIES["sky-t1"], implicit_start=True)
+
+
+def trace_delimiters(trace: dict[str, Any]) -> Delimiters:
+    """The thinking delimiters of the model that wrote ``trace`` (thinking starts implicitly: it is all thinking)."""
+    return SKY_T1_DELIMITERS if "sky-t1" in str(trace.get("model", "")).lower() else REPLAY_DELIMITERS
+
+
+def end_of_thinking_text(thinking: str, delimiters: Delimiters) -> str:
+    """The text a model emits to close ``thinking``: a newline, the end delimiter, a blank line.
+
+    The recorded thinking keeps what the model wrote before the end delimiter, so a newline it already ends
+    with is that newline (``"...}.\\n" + "</think>\\n\\n"``).
+    """
+    lead = "" if thinking.endswith("\n") else "\n"
+    return f"{lead}{delimiters.end}\n\n"
+
+
+def trace_stream(trace: dict[str, Any]) -> str:
+    """The raw text the model streamed for ``trace`` up to its answer: the thinking, then the end of thinking if
+    the model closed it (a trace cut by its token limit ends inside its thinking)."""
+    thinking = str(trace["thinking"])
+    if not trace.get("closed", True):
+        return thinking
+    return thinking + end_of_thinking_text(thinking, trace_delimiters(trace))
 
 
 def load_traces(paths: Sequence[str | Path]) -> Iterator[dict[str, Any]]:
@@ -182,6 +211,7 @@ def run_controller(
     deltas: Sequence[str],
     comparer: AnswerComparer,
     probes: RecordedProbes | None = None,
+    delimiters: Delimiters = REPLAY_DELIMITERS,
 ) -> tuple[ThinkingController, int]:
     """Stream ``deltas`` (one token each) through a fresh controller until it decides to stop.
 
@@ -189,7 +219,7 @@ def run_controller(
     later; without, the controller is told it cannot probe (text-only fallback). Returns the controller and
     the probe tokens charged: those of answered probes plus those still in flight at the stop.
     """
-    controller = ThinkingController(config, REPLAY_DELIMITERS, comparer, probes=probes is not None)
+    controller = ThinkingController(config, delimiters, comparer, probes=probes is not None)
     pending: list[tuple[int, int, ProbeResult]] = []  # (token position where it arrives, id, result)
     for position, delta in enumerate(deltas, 1):
         update = controller.feed(delta, 1)
@@ -226,8 +256,8 @@ def analyse_events(
 class EventRecorder(ThinkingController):
     """A pass-through controller that keeps every event (used for the analysis of the full trace)."""
 
-    def __init__(self, comparer: AnswerComparer) -> None:
-        super().__init__(OffConfig(), REPLAY_DELIMITERS, comparer)
+    def __init__(self, comparer: AnswerComparer, delimiters: Delimiters = REPLAY_DELIMITERS) -> None:
+        super().__init__(OffConfig(), delimiters, comparer)
         self.events: list[Event] = []
 
     def feed(self, delta: str, tokens: int) -> Any:
@@ -242,17 +272,25 @@ class EventRecorder(ThinkingController):
 
 
 def replay_trace(
-    trace: dict[str, Any], deltas: Sequence[str], configs: Sequence[PolicyConfig], comparer: AnswerComparer
+    trace: dict[str, Any],
+    deltas: Sequence[str],
+    configs: Sequence[PolicyConfig],
+    comparer: AnswerComparer,
+    delimiters: Delimiters = REPLAY_DELIMITERS,
 ) -> TraceResult:
-    """Replay one trace under each policy config and grade the answers."""
+    """Replay one trace's stream (``deltas``, one token each) under each policy config and grade the answers.
+
+    ``tokens`` of the result is the thinking tokens of the stream, counted as the server counts them (the tokens
+    of the end delimiter included).
+    """
     reference = str(trace["reference"])
     full_answer = last_boxed(trace.get("final") or "") or last_boxed(trace["thinking"])
     full_correct = full_answer is not None and comparer.equal(full_answer, reference)
-    recorder = EventRecorder(comparer)
+    recorder = EventRecorder(comparer, delimiters)
     for delta in deltas:
         recorder.feed(delta, 1)
     recorder.finish()
-    total = len(deltas)
+    total = recorder.thinking_tokens
     spans, first_correct = analyse_events(recorder.events, reference, comparer)
     result = TraceResult(
         id=trace["id"],
@@ -269,7 +307,7 @@ def replay_trace(
     )
     for config in configs:
         probes = RecordedProbes(trace) if config.uses_probes and has_probe_data(trace) else None
-        controller, probe_tokens = run_controller(config, deltas, comparer, probes)
+        controller, probe_tokens = run_controller(config, deltas, comparer, probes, delimiters)
         decision = controller.decision
         if decision is None:
             outcome = PolicyOutcome(config.name, False, "natural", total, full_answer, full_correct, True)
@@ -306,5 +344,5 @@ def init_worker(root: str, override: str | None, configs: Sequence[PolicyConfig]
 
 def replay_in_worker(trace: dict[str, Any]) -> TraceResult:
     tokenizer = _worker.tokenizers.get(trace.get("tokenizer", ""))
-    deltas = token_deltas(tokenizer, trace["thinking"])
-    return replay_trace(trace, deltas, _worker.configs, _worker.comparer)
+    deltas = token_deltas(tokenizer, trace_stream(trace))
+    return replay_trace(trace, deltas, _worker.configs, _worker.comparer, trace_delimiters(trace))

@@ -8,10 +8,19 @@ Answer probes (policies with ``config.uses_probes``): ``Update.probes`` lists th
 caller answers each with :meth:`ThinkingController.probe_result` whenever its result arrives (or never). A
 controller built with ``probes=False`` (the backend cannot probe) runs the policy's text-only fallback and
 says why in ``probe_fallback``.
+
+A stop is made only while the model is visibly still thinking. A decision that becomes due on a delta whose
+thinking text ends in whitespace (a sentence completed by a newline, say) may have been completed by the text
+the model uses to close its thinking (``"\\n</think>\\n\\n"``). It is held *pending* until later thinking text
+shows that the model goes on (non-whitespace text; a prefix of the end delimiter is held back by the splitter,
+so it does not count), and dropped if the end delimiter arrives or the stream ends first. So however the end
+delimiter arrives (in one delta or split across deltas), a model that closes its thinking on its own is never
+reported as stopped. The delta that confirms a pending decision lies past the stop point (``Update.past_stop``).
 """
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 from dataclasses import dataclass, field
 
@@ -35,13 +44,18 @@ class Update:
     decision: StopDecision | None = None
     events: list[Event] = field(default_factory=list)
     probes: list[ProbeRequest] = field(default_factory=list)
+    #: this delta confirmed a pending decision: its text lies past the stop point (a server acting on the stop
+    #: does not forward it and continues from the tokens fed before it, ``ThinkingController.kept_tokens``)
+    past_stop: bool = False
 
 
 class ThinkingController:
     """Routes deltas to reasoning/content and decides when thinking should stop.
 
     Invariants: thinking tokens are counted for every delta that starts inside thinking (the end tag's token
-    included); ``decision`` is set at most once and, once set, the controller only routes text.
+    included); ``decision`` is set at most once and, once set, the controller only routes text; ``decision`` is
+    never set on or after the delta in which the model closes its thinking; ``kept_tokens`` (set with
+    ``decision``) is the number of tokens fed up to the stop point.
     """
 
     def __init__(
@@ -69,6 +83,12 @@ class ThinkingController:
         self.decision: StopDecision | None = None
         self.error: str | None = None
         self.detection_seconds = 0.0
+        self.pending: StopDecision | None = None
+        self.kept_tokens: int | None = None
+        self._pending_at = 0
+        self._thinking_chars = 0  # thinking characters fed to the detector
+        self._visible_end = 0  # ... up to and including the last non-whitespace one
+        self.fed_tokens = 0
 
     @property
     def solutions(self) -> int:
@@ -80,6 +100,8 @@ class ThinkingController:
 
     def feed(self, delta: str, tokens: int) -> Update:
         """Route one delta and run detection on its thinking part."""
+        fed_before = self.fed_tokens
+        self.fed_tokens += tokens
         if self.splitter.state == ANSWER:
             self.answer_tokens += tokens
         else:
@@ -92,7 +114,9 @@ class ThinkingController:
                 thinking += piece.text
             else:
                 update.content += piece.text
-        if self.decision is None and self.error is None and self.splitter.saw_start:
+        if self.pending is not None:
+            self._resolve_pending(thinking, fed_before, update)
+        elif self.decision is None and self.error is None and self.splitter.saw_start:
             self._detect(thinking, tokens if thinking or not self.splitter.saw_end else 0, update)
         return update
 
@@ -106,16 +130,17 @@ class ThinkingController:
             if not probe_policy.result(result, self.detector.tokens, self.detector.offset):
                 return update  # unknown or repeated id
             self.probe_tokens += max(0, int(result.out_tokens))
-            if self.decision is None and not self.splitter.saw_end:
+            if self.decision is None and self.pending is None and not self.splitter.saw_end:
                 decision = probe_policy.advance(self.detector.tokens, self.detector.offset)
                 if decision is not None:
-                    self.decision = update.decision = decision
+                    self._decide(decision, update)
         except Exception as error:  # noqa: BLE001 - a bad probe result must never break the stream
             self._fail(error)
         return update
 
     def finish(self) -> Update:
-        """End of stream: release held-back text and close detection."""
+        """End of stream: release held-back text and close detection (a pending decision is dropped)."""
+        self.pending = None
         update = Update()
         for piece in self.splitter.flush():
             if piece.kind == THINKING:
@@ -132,6 +157,9 @@ class ThinkingController:
         return update
 
     def _detect(self, thinking: str, tokens: int, update: Update) -> None:
+        if thinking.strip():
+            self._visible_end = self._thinking_chars + len(thinking.rstrip())
+        self._thinking_chars += len(thinking)
         try:
             before = self.detector.tokens
             update.events = self.detector.feed(thinking, tokens)
@@ -149,7 +177,31 @@ class ThinkingController:
             self._fail(error)
             return
         if decision is not None:
-            self.decision = update.decision = decision
+            self._decide(decision, update)
+
+    def _decide(self, decision: StopDecision, update: Update) -> None:
+        """Commit a decision while text after its stop point shows the model goes on; else hold it pending."""
+        if self._visible_end > decision.offset:
+            self._commit(decision, self.fed_tokens, update)  # text after the stop point: the model goes on
+        else:
+            self.pending = decision  # the whitespace may begin the end of thinking: wait for the next text
+            self._pending_at = self.thinking_tokens
+
+    def _resolve_pending(self, thinking: str, fed_before: int, update: Update) -> None:
+        """Commit the pending decision once the model visibly goes on thinking; drop it if thinking ends."""
+        pending = self.pending
+        assert pending is not None
+        if self.splitter.saw_end:
+            self.pending = None  # the model closed its thinking on its own: nothing to stop
+        elif thinking.strip():
+            self.pending = None
+            update.past_stop = True
+            tokens = pending.tokens + self.thinking_tokens - self._pending_at
+            self._commit(dataclasses.replace(pending, tokens=tokens), fed_before, update)
+
+    def _commit(self, decision: StopDecision, kept_tokens: int, update: Update) -> None:
+        self.decision = update.decision = decision
+        self.kept_tokens = kept_tokens
 
     def _fail(self, error: Exception) -> None:
         log.exception("thinking detection failed; this request continues without early stopping")

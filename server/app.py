@@ -60,6 +60,7 @@ def build_app(
             task.cancel()
             await asyncio.gather(task, return_exceptions=True)
             await backend.shutdown()
+            service.close()
 
     app = FastAPI(title="thinkbrake", lifespan=lifespan)
     app.state.service = service

@@ -210,14 +210,17 @@ class ChoiceRunner:
                         update.decision = update.decision or self._go_text_only()
                     if update.decision is not None and self.control.shadow:
                         result.shadow_decision = update.decision
-                    elif update.decision is not None:
-                        decision = update.decision
+                    elif update.decision is not None and not (isinstance(item, Chunk) and item.finish_reason):
+                        decision = update.decision  # (a decision on the stream's last chunk saves nothing)
                         late = await merged.drain(DRAIN_SECONDS)  # a probe decided while a chunk was on its way
                         if late is not None:
                             generated += late.token_ids
                             self._merge(update, self._feed(self.controller, late.text, len(late.token_ids)))
                             text += late.text
+                            self.controller.kept_tokens = self.controller.fed_tokens  # shown, so kept
                         await generation.abort()  # at once: no more thinking is decoded
+                        if update.past_stop:  # this delta only showed the model goes on: it is past the stop point
+                            update, text = Update(decision=decision, events=update.events, past_stop=True), ""
                     yield self._event(update, text)
                     if decision is not None:
                         break
@@ -267,7 +270,8 @@ class ChoiceRunner:
             yield self._event(controller.finish(), "")
             return
         assert end_ids is not None and generation.prompt_token_ids is not None
-        token_ids = generation.prompt_token_ids + generated + end_ids
+        kept = generated if controller.kept_tokens is None else generated[: controller.kept_tokens]
+        token_ids = generation.prompt_token_ids + kept + end_ids
         limit = self.control.max_answer_tokens
         if self.sampling.max_tokens is not None:
             limit = max(1, min(limit, self.sampling.max_tokens - len(generated)))

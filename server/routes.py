@@ -200,6 +200,10 @@ class Service:
         self.random = random.Random()
         self.cleanups: set[asyncio.Future[Any]] = set()  # aborts still running after a disconnect
 
+    def close(self) -> None:
+        """Stop the answer comparer's worker process (at shutdown)."""
+        self.comparer.close()
+
     def check_model(self, model: str | None) -> None:
         if not self.backend.ready:
             raise BackendError("the model is still loading", 503)

@@ -56,6 +56,15 @@ class RawTextRebuilder:
         self._closed = False
         self._at_start = True
 
+    def close_thinking(self) -> str:
+        """A token the parser swallowed while in the thinking (vLLM sends it as a delta without any text field):
+        the end-of-thinking token. Returns the end tag, so the controller sees it with that token, as the
+        embedded engine streams it (the tokens after it are then answer tokens)."""
+        if not self._in_reasoning or self._closed:
+            return ""
+        self._closed = True
+        return self.delimiters.end
+
     def feed(self, reasoning: str | None, content: str | None) -> str:
         text = ""
         if reasoning:
@@ -171,7 +180,8 @@ class UpstreamGeneration:
             reasoning = delta.get("reasoning")
             if reasoning is None:
                 reasoning = delta.get("reasoning_content")
-            text = rebuilder.feed(reasoning, delta.get("content"))
+            swallowed = choice.get("token_ids") and not {"reasoning", "reasoning_content", "content"} & delta.keys()
+            text = rebuilder.close_thinking() if swallowed else rebuilder.feed(reasoning, delta.get("content"))
         else:
             text = choice.get("text") or ""
         token_ids = choice.get("token_ids")

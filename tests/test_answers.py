@@ -113,19 +113,6 @@ def test_math_verify_runs_off_the_main_thread_with_a_bound() -> None:
     assert result == [True]
 
 
-def test_timeout_counts_as_not_equal(monkeypatch: pytest.MonkeyPatch) -> None:
-    import time
-
-    import controller.answers as answers
-
-    monkeypatch.setattr(answers, "_math_verify_equal", lambda a, b: time.sleep(2) or True)
-    comparer = AnswerComparer(timeout_seconds=0.1)
-    started = time.monotonic()
-    assert comparer.equal("\\sqrt{2}", "\\pi") is False
-    assert time.monotonic() - started < 1.5
-    assert comparer.timeouts == 1
-
-
 def test_boxed_extraction() -> None:
     assert find_boxed("a \\boxed{\\frac{1}{2}} b \\boxed{x^{2}}") == ["\\frac{1}{2}", "x^{2}"]
     assert last_boxed("no box") is None

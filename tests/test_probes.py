@@ -70,9 +70,13 @@ def test_probe_fcs_asks_at_each_wait_and_stops_when_two_confident_probes_agree()
     more = feed_text(control, CHECK)
     assert len(more) == 1 and control.probes_sent == 2
     assert control.probe_result(ProbeResult(99, "12", 1.0, 5)).decision is None  # unknown id: ignored
-    decision = control.probe_result(ProbeResult(more[0].id, "12", 0.92, 4)).decision
+    held = control.probe_result(ProbeResult(more[0].id, "12", 0.92, 4))
+    # the thinking so far ends in whitespace, which may begin the end of thinking: held until the model goes on
+    assert held.decision is None and control.pending is not None
+    update = control.feed("H", 1)
+    decision = update.decision
     assert decision is not None and decision.answer == "12" and decision.reason == "probe_confirmed"
-    assert decision.tokens == len(SOLVE + CHECK + CHECK)  # applies where the result arrived
+    assert update.past_stop and control.kept_tokens == len(SOLVE + CHECK + CHECK)  # applies where it arrived
     assert control.probe_tokens == 9 and control.decision is decision
     assert control.probe_result(ProbeResult(more[0].id, "12", 0.92, 4)).decision is None  # repeated: ignored
 
@@ -98,7 +102,8 @@ def test_probe_fcs_ignores_low_confidence_disagreement_and_bad_forms() -> None:
 def test_one_sure_probe_stops_when_the_thinking_wrote_the_same_answer() -> None:
     control = controller({"policy": "probe_fcs", "sure_confidence": 0.999})
     requests = feed_text(control, SOLVE + CHECK)
-    decision = control.probe_result(ProbeResult(requests[0].id, "12", 0.9995, 5)).decision
+    assert control.probe_result(ProbeResult(requests[0].id, "12", 0.9995, 5)).decision is None  # held: "\n\n"
+    decision = control.feed("H", 1).decision  # the model goes on thinking: the held stop is made
     assert decision is not None and decision.reason == "probe_sure" and decision.answer == "12"
     other = controller({"policy": "probe_fcs", "sure_confidence": 0.999})
     requests = feed_text(other, SOLVE + CHECK)
@@ -114,7 +119,7 @@ def test_max_probes_caps_the_requests() -> None:
 def test_without_probes_probe_fcs_runs_text_only_fcs_reflection() -> None:
     control = controller({"policy": "probe_fcs"}, probes=False)
     assert control.probe_fallback is not None
-    requests = feed_text(control, SOLVE + CHECK)
+    requests = feed_text(control, SOLVE + CHECK + "H")  # "H": the model goes on after the confirming sentence
     assert requests == [] and control.probes_sent == 0
     assert control.decision is not None and control.decision.reason == "confirmed"
     assert controller({"policy": "fcs_reflection"}).probe_fallback is None
