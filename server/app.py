@@ -34,8 +34,10 @@ def build_app(
     backend: Backend,
     metrics: Metrics | None = None,
     on_startup_failure: Callable[[BaseException], None] | None = None,
+    on_ready: Callable[[], None] | None = None,
 ) -> FastAPI:
-    """The server app. ``on_startup_failure`` is called if the backend cannot start (the CLI exits then)."""
+    """The server app. ``on_startup_failure`` is called if the backend cannot start (the CLI exits then);
+    ``on_ready`` once it has started (``/health`` answers 200 from then on)."""
     service = Service(settings, backend, metrics or Metrics(registry=None))
 
     @asynccontextmanager
@@ -46,10 +48,14 @@ def build_app(
             except asyncio.CancelledError:
                 raise
             except BaseException as error:  # noqa: BLE001 - reported, and the server stays unready
-                log.error("backend failed to start: %s", error)
+                if on_startup_failure is None:  # else the caller reports it (the CLI: one line on exit)
+                    log.error("backend failed to start: %s", error)
                 app.state.startup_error = error
                 if on_startup_failure is not None:
                     on_startup_failure(error)
+            else:
+                if on_ready is not None:
+                    on_ready()
 
         app.state.startup_error = None
         task = asyncio.create_task(start())
