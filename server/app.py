@@ -27,6 +27,8 @@ from server.security import install as install_security
 from server.settings import Settings
 
 log = logging.getLogger(__name__)
+#: seconds a client told 429/503 (loading, busy) should wait before trying again
+RETRY_AFTER_S = 1
 
 
 def build_app(
@@ -124,7 +126,10 @@ def _add_error_handlers(app: FastAPI) -> None:
 
     @app.exception_handler(BackendError)
     async def backend_error(_: Request, error: BackendError) -> JSONResponse:
-        return error_response(error.status_code, error.message, error.error_type, code=error.status_code)
+        response = error_response(error.status_code, error.message, error.error_type, code=error.status_code)
+        if error.status_code in (429, 503):  # busy or still loading: the client may come back
+            response.headers["Retry-After"] = str(RETRY_AFTER_S)
+        return response
 
     @app.exception_handler(HTTPException)
     async def http_error(_: Request, error: HTTPException) -> JSONResponse:

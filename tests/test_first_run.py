@@ -297,6 +297,26 @@ def _request(sock: socket.socket, path: str) -> bytes:
     return head
 
 
+def test_not_ready_is_a_503_with_retry_after() -> None:
+    with socket.socket() as closed:
+        closed.bind(("127.0.0.1", 0))
+        nowhere = f"http://127.0.0.1:{closed.getsockname()[1]}"
+    import httpx
+
+    with thinkbrake_process(nowhere, wait=False) as (url, process):
+        body = {"model": "m", "messages": [{"role": "user", "content": "q"}]}
+        deadline = time.monotonic() + 120
+        while True:
+            try:
+                response = httpx.post(f"{url}/v1/chat/completions", json=body, timeout=10)
+                break
+            except httpx.TransportError:
+                assert time.monotonic() < deadline and process.poll() is None
+                time.sleep(0.1)
+        assert response.status_code == 503 and response.headers["retry-after"] == "1"
+        assert response.json()["error"]["message"] == "the model is still loading"
+
+
 def test_an_idle_connection_outlives_the_clients_keep_alive() -> None:
     """httpx (the openai client) keeps an idle connection 5 s; the server must keep it longer, or a client may
     send its next request just as the server closes the connection: a reset (``httpcore.ReadError``)."""
