@@ -120,6 +120,8 @@ def markdown_table(report: dict[str, Any], groups: Sequence[str] | None = None) 
                 value = row[key]
                 if key == "reasons":
                     value = ", ".join(f"{reason} {n}" for reason, n in sorted(value.items()))
+                elif key == "acc_delta" and value is not None and value > 0:
+                    value = f"+{value}"  # a gain shows its sign, as a loss does
                 cells.append("" if value is None else str(value))
             lines.append("| " + " | ".join(cells) + " |")
     return "\n".join(lines)
@@ -133,17 +135,17 @@ def plot(report: dict[str, Any], path: str) -> None:
     import matplotlib.pyplot as plt
 
     total = report["groups"][TOTAL]
-    figure, axes = plt.subplots(figsize=(6, 4.5))
-    for policy in report["policies"]:
+    figure, axes = plt.subplots(figsize=(7.5, 4.5))
+    markers = "osD^vP*X"
+    for index, policy in enumerate(report["policies"]):  # a legend entry per policy: labels never overlap points
         figures = total[policy]
-        axes.scatter(figures["saved"], figures["acc_stop"], s=60)
-        axes.annotate(policy, (figures["saved"], figures["acc_stop"]), textcoords="offset points", xytext=(6, 4))
+        axes.scatter(figures["saved"], figures["acc_stop"], s=60, marker=markers[index % len(markers)], label=policy)
     first = total[report["policies"][0]]
     axes.axhline(first["acc_full"], linestyle="--", color="grey", label="full-trace accuracy")
     axes.set_xlabel("reasoning tokens saved (%)")
     axes.set_ylabel("accuracy at stop (%)")
     axes.set_title(f"thinkbrake replay: {first['traces']} traces")
-    axes.legend(loc="lower left")
+    axes.legend(loc="upper left", bbox_to_anchor=(1.02, 1.0), borderaxespad=0.0, fontsize="small")
     axes.grid(alpha=0.3)
     figure.tight_layout()
     figure.savefig(path, dpi=120)

@@ -28,6 +28,8 @@ from server.security import install as install_security
 from server.settings import Settings
 
 log = logging.getLogger(__name__)
+#: seconds a client told 429/503 (loading, busy) should wait before trying again
+RETRY_AFTER_S = 1
 
 
 def build_app(
@@ -35,8 +37,10 @@ def build_app(
     backend: Backend,
     metrics: Metrics | None = None,
     on_startup_failure: Callable[[BaseException], None] | None = None,
+    on_ready: Callable[[], None] | None = None,
 ) -> FastAPI:
-    """The server app. ``on_startup_failure`` is called if the backend cannot start (the CLI exits then)."""
+    """The server app. ``on_startup_failure`` is called if the backend cannot start (the CLI exits then);
+    ``on_ready`` once it has started (``/health`` answers 200 from then on)."""
     service = Service(settings, backend, metrics or Metrics(registry=None))
 
     @asynccontextmanager
@@ -47,10 +51,14 @@ def build_app(
             except asyncio.CancelledError:
                 raise
             except BaseException as error:  # noqa: BLE001 - reported, and the server stays unready
-                log.error("backend failed to start: %s", error)
+                if on_startup_failure is None:  # else the caller reports it (the CLI: one line on exit)
+                    log.error("backend failed to start: %s", error)
                 app.state.startup_error = error
                 if on_startup_failure is not None:
                     on_startup_failure(error)
+            else:
+                if on_ready is not None:
+                    on_ready()
 
         app.state.startup_error = None
         task = asyncio.create_task(start())
@@ -132,7 +140,10 @@ def _add_error_handlers(app: FastAPI) -> None:
 
     @app.exception_handler(BackendError)
     async def backend_error(_: Request, error: BackendError) -> JSONResponse:
-        return error_response(error.status_code, error.message, error.param, error.code)
+        response = error_response(error.status_code, error.message, error.param, error.code)
+        if error.status_code in (429, 503):  # busy or still loading: the client may come back
+            response.headers["Retry-After"] = str(RETRY_AFTER_S)
+        return response
 
     @app.exception_handler(HTTPException)
     async def http_error(_: Request, error: HTTPException) -> JSONResponse:

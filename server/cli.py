@@ -1,4 +1,6 @@
-"""The ``thinkbrake`` command: ``replay`` evaluates the controller on traces; ``serve`` runs the server."""
+"""The ``thinkbrake`` command: ``serve`` runs the server, ``demo`` shows it stop a scripted model, ``replay``
+evaluates the controller on traces. ``serve`` and ``demo`` parse their own arguments (``serve`` takes vLLM's
+engine flags, whose parser is vLLM's own)."""
 
 from __future__ import annotations
 
@@ -8,6 +10,15 @@ from collections.abc import Sequence
 
 
 def main(argv: Sequence[str] | None = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if argv[:1] == ["serve"]:
+        from server import serve_cli
+
+        return serve_cli.main(argv[1:])
+    if argv[:1] == ["demo"]:
+        from server import demo
+
+        return demo.main(argv[1:])
     parser = argparse.ArgumentParser(
         prog="thinkbrake",
         description="Stop reasoning models from overthinking: an OpenAI-compatible server and its evaluation tools.",
@@ -16,12 +27,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     from server import replay_cli
 
     replay_cli.add_parser(commands)
-    try:
-        from server import serve_cli
-    except ImportError:
-        serve_cli = None  # type: ignore[assignment]
-    if serve_cli is not None:
-        serve_cli.add_parser(commands)
+    from server import demo, serve_cli
+
+    serve_cli.add_parser(commands)
+    demo.add_parser(commands)
     args = parser.parse_args(argv)
     return int(args.run(args) or 0)
 

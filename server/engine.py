@@ -9,8 +9,8 @@ runs in the same batches as the main decode, which does not wait for it.
 from __future__ import annotations
 
 import asyncio
+import gc
 import logging
-import os
 from collections.abc import AsyncGenerator
 from typing import Any
 
@@ -110,10 +110,8 @@ class EmbeddedBackend:
         self.think_end_text = f"\n{self.delimiters.end}\n\n"
         log.info("engine ready: model %s, thinking delimiters %s", self.model_path, self.delimiters)
 
-    def _build_engine(self) -> Any:
-        from vllm.engine.arg_utils import AsyncEngineArgs
-        from vllm.v1.engine.async_llm import AsyncLLM
-
+    def engine_kwargs(self) -> dict[str, Any]:
+        """``AsyncEngineArgs`` keywords: thinkbrake's defaults, then the settings, then vLLM flags as given."""
         settings = self.settings
         args: dict[str, Any] = {
             "model": self.model_path,
@@ -128,17 +126,46 @@ class EmbeddedBackend:
             args["kv_cache_memory_bytes"] = settings.kv_cache_bytes
         if settings.logits_processors:
             args["logits_processors"] = list(settings.logits_processors)
+        return {**args, **settings.engine_args}
+
+    def _build_engine(self) -> Any:
         try:
-            return AsyncLLM.from_engine_args(AsyncEngineArgs(**args))
+            return self._start_engine()
         except Exception as error:
-            if os.path.isdir(self.model_path):
-                raise
-            raise BackendError(
-                f"could not load model {self.model_path!r} ({type(error).__name__}: {error}). "
-                "If this machine is offline or cannot reach the Hugging Face hub, download the model elsewhere "
-                "and pass its local folder: thinkbrake serve --model /path/to/model",
-                status_code=503,
-            ) from error
+            from server.engine_config import explain_start_failure
+
+            log.debug("engine start failed", exc_info=error)
+            raise BackendError(explain_start_failure(error, self.model_path), status_code=503) from error
+
+    def _start_engine(self) -> Any:
+        from vllm.engine.arg_utils import AsyncEngineArgs
+        from vllm.v1.engine.async_llm import AsyncLLM
+
+        from server.engine_config import check_cpu_memory, cpu_default_kv_bytes, fit_context
+
+        args = self.engine_kwargs()
+        check_cpu_memory(args)
+        default_kv = cpu_default_kv_bytes(args)
+        if default_kv is not None:
+            args["kv_cache_memory_bytes"] = default_kv
+        engine_args = AsyncEngineArgs(**args)
+        vllm_config = engine_args.create_engine_config()
+        if default_kv is not None and not args.get("max_model_len"):
+            context = fit_context(default_kv, vllm_config)
+            if context is not None:
+                log.info(
+                    "context: %d tokens (the model's %d do not fit the default KV cache; "
+                    "--max-model-len or --kv-cache-memory-bytes to change)",
+                    context,
+                    vllm_config.model_config.max_model_len,
+                )
+                engine_args = AsyncEngineArgs(**{**args, "max_model_len": context})
+                vllm_config = engine_args.create_engine_config()
+        return AsyncLLM.from_vllm_config(
+            vllm_config,
+            enable_log_requests=engine_args.enable_log_requests,
+            disable_log_stats=engine_args.disable_log_stats,
+        )
 
     def _delimiters(self) -> Delimiters:
         family = self.settings.delimiters
@@ -157,6 +184,8 @@ class EmbeddedBackend:
         if self.engine is not None:
             engine, self.engine = self.engine, None
             engine.shutdown()
+            del engine
+            gc.collect()  # free it now: left to interpreter exit, its __del__ runs with vLLM's modules torn down
 
     def _render(self, messages: list[dict[str, Any]], kwargs: dict[str, Any]) -> str:
         rendered = self.tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True, **kwargs)

@@ -12,7 +12,7 @@ from dataclasses import dataclass
 from http import HTTPStatus
 from typing import Any, Literal
 
-from pydantic import MISSING, BaseModel, ConfigDict, Field
+from pydantic import MISSING, BaseModel, ConfigDict, Field, model_validator
 
 from controller.policies import PolicyConfig, PolicyError, parse_policy
 from server.settings import Finalize, Settings
@@ -35,8 +35,22 @@ class StreamOptions(BaseModel):
     include_usage: bool = False
 
 
+#: ``reasoning_effort`` (the OpenAI request field) as thinkbrake policies: low stops at the first confirmed
+#: answer and caps thinking at 2048 tokens; medium is the default rule; high waits for three agreeing solutions.
+REASONING_EFFORT_PRESETS: dict[str, dict[str, Any]] = {
+    "low": {"policy": "fcs_reflection", "max_thinking_tokens": 2048},
+    "medium": {"policy": "fcs_reflection"},
+    "high": {"policy": "consistency", "k": 3},
+}
+
+
 class GenerationRequest(BaseModel):
-    """Fields shared by chat and completion requests."""
+    """Fields shared by chat and completion requests.
+
+    ``reasoning_effort`` selects a preset of :data:`REASONING_EFFORT_PRESETS` as the ``thinkbrake`` object; an
+    explicit ``thinkbrake`` object wins: with a ``policy`` it replaces the preset, without one its fields are
+    laid over the preset's. The field itself is still passed on to the backend like any sampling option.
+    """
 
     model_config = ConfigDict(extra="allow")
     model: str | None = None
@@ -53,6 +67,15 @@ class GenerationRequest(BaseModel):
     stop: str | list[str] | None = None
     vllm_xargs: dict[str, str | int | float | list[str | int | float]] | None = None
     thinkbrake: dict[str, Any] | None = None
+    reasoning_effort: Literal["low", "medium", "high"] | None = None
+
+    @model_validator(mode="after")
+    def _effort_preset(self) -> GenerationRequest:
+        if self.reasoning_effort is not None:
+            explicit = self.thinkbrake or {}
+            preset = REASONING_EFFORT_PRESETS[self.reasoning_effort]
+            self.thinkbrake = dict(explicit) if "policy" in explicit else {**preset, **explicit}
+        return self
 
     def sampling_options(self) -> dict[str, Any]:
         """Pass-through sampling options (known and unknown fields the server does not consume)."""

@@ -1,10 +1,21 @@
-"""``thinkbrake serve``: run the OpenAI-compatible server on an embedded vLLM engine or in front of an upstream."""
+"""``thinkbrake serve``: run the OpenAI-compatible server on an embedded vLLM engine or in front of an upstream.
+
+Start-up order (each step fails with one line on stderr and exit code 2 or 1, never a long traceback):
+1. a cheap look at the command line: a model that looks like a path and does not exist, or a hub id with no hub
+   reachable and nothing cached, fails here, before vLLM is imported (:mod:`server.model_source`);
+2. the full command line: thinkbrake's flags plus, for the embedded engine, vLLM's own engine flags
+   (:mod:`server.engine_config`); the proxy never imports vLLM;
+3. the server listens at once (``/health`` answers 503) while "loading MODEL ..." runs; the listening address is
+   printed only when the model is loaded and requests can be served.
+"""
 
 from __future__ import annotations
 
 import argparse
 import logging
+import os
 import sys
+from collections.abc import Callable, Sequence
 from typing import Any
 
 from controller.policies import POLICIES
@@ -13,7 +24,7 @@ SETTING_FLAGS = (
     "model", "upstream", "host", "port", "policy", "policy_args", "delimiters", "finalize", "max_answer_tokens",
     "shadow_rate", "served_model_name", "upstream_api_key", "request_timeout", "max_model_len", "kv_cache_bytes",
     "logits_processors", "enforce_eager", "log_level", "upstream_max_connections", "api_keys", "api_key_file",
-    "protect_health", "protect_metrics", "max_body_bytes",
+    "protect_health", "protect_metrics", "max_body_bytes", "keep_alive_timeout",
 )  # fmt: skip
 
 DESCRIPTION = """\
@@ -23,28 +34,92 @@ and confirmed, it aborts decoding, closes the thinking and lets the model write 
 (a continuation from the same token ids, so the prefix cache is reused).
 
 Two modes:
-  thinkbrake serve --model NAME_OR_PATH     embedded vLLM engine (default; prefix caching on)
-  thinkbrake serve --upstream URL           proxy in front of an OpenAI-compatible server (e.g. vllm serve)
+  thinkbrake serve MODEL [vLLM engine flags]  embedded vLLM engine, a drop-in for `vllm serve MODEL ...`
+                                              (MODEL: a local folder or a hub id; --model MODEL works too)
+  thinkbrake serve --upstream URL             proxy in front of an OpenAI-compatible server (e.g. vllm serve)
 
-Every flag can also be set by an environment variable THINKBRAKE_<FLAG> (e.g. THINKBRAKE_MODEL,
+The embedded engine takes vLLM's own engine flags (--gpu-memory-utilization, --max-model-len,
+--tensor-parallel-size, --kv-cache-memory-bytes, --enable-prefix-caching, --reasoning-parser, ...), exactly as
+`vllm serve` does. On a CPU-only machine the KV cache defaults to a quarter of the free memory (at most 4 GiB).
+
+Every thinkbrake flag can also be set by an environment variable THINKBRAKE_<FLAG> (e.g. THINKBRAKE_MODEL,
 THINKBRAKE_POLICY_ARGS="k=3,min_thinking_tokens=100"); a flag wins over the variable.
 Per request, clients override the policy with a "thinkbrake" object in the body, e.g.
   {"thinkbrake": {"policy": "consistency", "k": 3, "finalize": "answer", "max_answer_tokens": 512}}
+or choose a preset with the OpenAI field "reasoning_effort": "low" | "medium" | "high".
 """
+USAGE = "thinkbrake serve [MODEL] [thinkbrake flags] [vLLM engine flags]\n       thinkbrake serve --upstream URL [thinkbrake flags]"
 
 
-def add_parser(commands: Any) -> None:
-    parser = commands.add_parser(
-        "serve",
-        help="run the OpenAI-compatible server that stops overthinking",
-        description=DESCRIPTION,
-        formatter_class=argparse.RawDescriptionHelpFormatter,
-        argument_default=argparse.SUPPRESS,
+class _EngineFlagsHelp:
+    """``--help`` of the embedded-engine parser: thinkbrake's flags in full, vLLM's groups as one line each
+    (vLLM's own ``--help=all``, ``--help=CacheConfig``, ``--help=memory`` search them, as in ``vllm serve``)."""
+
+    own_groups: list[Any]
+
+    def format_help(self) -> str:
+        if getattr(self, "_search_keyword", None) is not None:
+            return super().format_help()  # type: ignore[misc,no-any-return]
+        formatter = self._get_formatter()  # type: ignore[attr-defined]
+        formatter.add_usage(USAGE, [], [])
+        formatter.add_text(DESCRIPTION)
+        for group in self.own_groups:
+            formatter.start_section(group.title)
+            formatter.add_arguments(group._group_actions)
+            formatter.end_section()
+        own = {id(group) for group in self.own_groups}
+        lines = []
+        for group in self._action_groups:  # type: ignore[attr-defined]
+            if id(group) in own or not group._group_actions or group.title in ("positional arguments", "options"):
+                continue
+            summary = (group.description or "").strip().split("\n")[0]
+            lines.append(f"{group.title:<24} {summary}")
+        formatter.start_section("vLLM engine flags (as `vllm serve`: --help=all, --help=CacheConfig, --help=WORD)")
+        formatter.add_text("\n".join(lines))
+        formatter.end_section()
+        return str(formatter.format_help())
+
+
+def build_parser(engine: bool) -> tuple[argparse.ArgumentParser, list[str]]:
+    """The ``serve`` parser; with ``engine`` (and vLLM installed) it takes vLLM's engine flags too.
+
+    Returns the parser and the destinations of vLLM's flags (empty without them).
+    """
+    parser: argparse.ArgumentParser
+    engine_dests: list[str] = []
+    kwargs: dict[str, Any] = {"prog": "thinkbrake serve", "usage": USAGE, "description": DESCRIPTION}
+    kwargs.update(argument_default=argparse.SUPPRESS, conflict_handler="resolve")
+    flexible: Any = None
+    if engine:
+        try:
+            from vllm.utils.argparse_utils import FlexibleArgumentParser
+
+            flexible = FlexibleArgumentParser
+        except ImportError:
+            flexible = None
+    if flexible is not None:
+        parser_class = type("ServeParser", (_EngineFlagsHelp, flexible), {})
+        parser = parser_class(**kwargs)
+    else:
+        parser = argparse.ArgumentParser(formatter_class=argparse.RawDescriptionHelpFormatter, **kwargs)
+    parser.add_argument(
+        "model_tag", nargs="?", metavar="MODEL", help="model folder or hub id for the embedded engine (as --model)"
     )
+    if flexible is not None:
+        from server.engine_config import add_vllm_arguments
+
+        engine_dests = add_vllm_arguments(parser)
+    own_groups = _add_own_flags(parser, vllm_flags=flexible is not None)
+    if flexible is not None:
+        parser.own_groups = own_groups  # type: ignore[attr-defined]
+    return parser, engine_dests
+
+
+def _add_own_flags(parser: argparse.ArgumentParser, vllm_flags: bool) -> list[Any]:
     backend = parser.add_argument_group("backend (choose one)")
     backend.add_argument(
         "--model",
-        help="model id or local folder for the embedded vLLM engine (default: "
+        help="model id or local folder for the embedded vLLM engine, same as the MODEL argument (default: "
         "deepseek-ai/DeepSeek-R1-Distill-Qwen-1.5B; offline, pass a local folder)",
     )
     backend.add_argument("--upstream", metavar="URL", help="base URL of an OpenAI-compatible server to proxy")
@@ -86,8 +161,17 @@ def add_parser(commands: Any) -> None:
     server = parser.add_argument_group("server")
     server.add_argument("--host", help="address to listen on (default 127.0.0.1)")
     server.add_argument("--port", type=int, help="port (default 8000)")
-    server.add_argument("--served-model-name", help="model name clients use (default: the model / upstream's)")
-    server.add_argument("--log-level", choices=["debug", "info", "warning", "error"], help="default info")
+    server.add_argument(
+        "--keep-alive-timeout", type=float, metavar="S",
+        help="seconds an idle client connection stays open (default 75: longer than clients and load balancers "
+        "keep theirs, so a client never reuses a connection the server is closing)",
+    )  # fmt: skip
+    server.add_argument(
+        "--log-level", type=str.lower, choices=["debug", "info", "warning", "error", "critical"],
+        help="default info; debug also prints the traceback of an engine that fails to start",
+    )  # fmt: skip
+    if not vllm_flags:
+        server.add_argument("--served-model-name", help="model name clients use (default: the model / upstream's)")
 
     access = parser.add_argument_group("access and limits")
     access.add_argument(
@@ -104,44 +188,140 @@ def add_parser(commands: Any) -> None:
     )  # fmt: skip
 
     engine = parser.add_argument_group("embedded engine")
-    engine.add_argument("--max-model-len", type=int, help="context length (default: the model's)")
-    engine.add_argument("--kv-cache-bytes", type=int, help="KV cache size in bytes (small values for tests)")
-    engine.add_argument(
-        "--logits-processors", action="append", metavar="MODULE:CLASS",
-        help="vLLM v1 logits processor to load, repeatable (enabled per request through vllm_xargs)",
-    )  # fmt: skip
-    engine.add_argument("--enforce-eager", action="store_true", help="skip graph compilation (faster start)")
-    parser.set_defaults(run=run)
+    if vllm_flags:
+        kv_type: Any = next(a.type for a in parser._actions if a.dest == "kv_cache_memory_bytes")
+        engine.add_argument(
+            "--kv-cache-bytes", dest="kv_cache_memory_bytes", type=kv_type, metavar="BYTES",
+            help="KV cache size, same as vLLM's --kv-cache-memory-bytes (e.g. 2G; CPU default: a quarter of "
+            "the free memory, at most 4 GiB)",
+        )  # fmt: skip
+    else:
+        engine.add_argument("--max-model-len", type=int, help="context length (default: the model's)")
+        engine.add_argument("--kv-cache-bytes", type=int, help="KV cache size in bytes")
+        engine.add_argument(
+            "--logits-processors", action="append", metavar="MODULE:CLASS",
+            help="vLLM v1 logits processor to load, repeatable (enabled per request through vllm_xargs)",
+        )  # fmt: skip
+        engine.add_argument("--enforce-eager", action="store_true", help="skip graph compilation (faster start)")
+    return [backend, policy, server, access, engine]
 
 
-def load_settings(args: argparse.Namespace) -> Any:
+def add_parser(commands: Any) -> None:
+    """List ``serve`` in ``thinkbrake --help``; :func:`main` parses its arguments (see :mod:`server.cli`)."""
+    commands.add_parser("serve", help="run the OpenAI-compatible server that stops overthinking", add_help=False)
+
+
+def prescan(argv: Sequence[str]) -> tuple[bool, str | None]:
+    """(proxy mode?, the model) from a glance at the command line and environment, before any parsing."""
+    upstream = bool(os.environ.get("THINKBRAKE_UPSTREAM")) or any(
+        arg == "--upstream" or arg.startswith("--upstream=") for arg in argv
+    )
+    model = None
+    for index, arg in enumerate(argv):
+        if arg == "--model" and index + 1 < len(argv):
+            model = argv[index + 1]
+        elif arg.startswith("--model="):
+            model = arg.removeprefix("--model=")
+    if model is None and argv and not argv[0].startswith("-"):
+        model = argv[0]
+    return upstream, model or os.environ.get("THINKBRAKE_MODEL") or None
+
+
+def main(argv: Sequence[str]) -> int:
+    """``thinkbrake serve ARGS``."""
+    argv = list(argv)
+    wants_help = any(arg in ("-h", "--help") or arg.startswith("--help=") for arg in argv)
+    upstream, model = prescan(argv)
+    checked = None
+    if not wants_help and not upstream:
+        from server.model_source import check_model_source
+        from server.settings import DEFAULT_MODEL
+
+        checked = model or DEFAULT_MODEL
+        reason = check_model_source(checked)
+        if reason:
+            print(f"thinkbrake serve: {reason}", file=sys.stderr)
+            return 2
+    parser, engine_dests = build_parser(engine=not upstream)
+    namespace = argparse.Namespace()
+    if engine_dests:
+        from server.engine_config import unset_namespace
+
+        namespace = unset_namespace(engine_dests)
+    args = parser.parse_args(argv, namespace)
+    try:
+        settings = load_settings(args, engine_dests)
+    except ValueError as error:  # pydantic's ValidationError is a ValueError
+        print(f"thinkbrake serve: {_settings_error(error)}", file=sys.stderr)
+        return 2
+    if settings.mode == "embedded" and settings.model != checked:
+        from server.model_source import check_model_source
+
+        reason = check_model_source(str(settings.model))
+        if reason:
+            print(f"thinkbrake serve: {reason}", file=sys.stderr)
+            return 2
+    return run(settings)
+
+
+def _settings_error(error: ValueError) -> str:
+    errors = getattr(error, "errors", None)
+    if errors is None:
+        return str(error)
+    return "; ".join(f"{'.'.join(map(str, e['loc'])) or 'settings'}: {e['msg']}" for e in errors())
+
+
+def load_settings(args: argparse.Namespace, engine_dests: Sequence[str] = ()) -> Any:
+    """Settings from parsed flags (thinkbrake's and vLLM's) over ``THINKBRAKE_*`` variables and defaults."""
+    from server.engine_config import SETTING_DESTS, given_engine_args
     from server.settings import Settings
 
-    overrides = {name: getattr(args, name) for name in SETTING_FLAGS if hasattr(args, name)}
+    own = [name for name in SETTING_FLAGS if name not in engine_dests and hasattr(args, name)]
+    overrides = {name: getattr(args, name) for name in own}
+    model_tag = getattr(args, "model_tag", None)
+    if model_tag:
+        overrides["model"] = model_tag
+    engine_args = given_engine_args(args, list(engine_dests))
+    for dest, setting in SETTING_DESTS.items():
+        if dest not in engine_args:
+            continue
+        value = engine_args.pop(dest)
+        if dest == "served_model_name" and isinstance(value, list):
+            value = value[0] if value else None
+        if dest == "max_model_len" and isinstance(value, int) and value < 1:  # "auto": let vLLM size it
+            engine_args[dest] = value
+            continue
+        if value is not None:
+            overrides[setting] = value
+    if engine_args:
+        overrides["engine_args"] = engine_args
     return Settings(**overrides)
 
 
-def run(args: argparse.Namespace) -> int:
+def run(settings: Any, when_ready: Callable[[str, Callable[[], None]], None] | None = None) -> int:
+    """Serve until stopped; 1 if the backend could not start.
+
+    ``when_ready(base_url, stop)`` runs on a thread of its own once the backend is ready (``thinkbrake demo``).
+    """
+    import threading
+
     import uvicorn
-    from pydantic import ValidationError
 
     from server.app import build_app
 
-    try:
-        settings = load_settings(args)
-    except ValidationError as error:
-        messages = "; ".join(f"{'.'.join(map(str, e['loc'])) or 'settings'}: {e['msg']}" for e in error.errors())
-        print(f"thinkbrake serve: {messages}", file=sys.stderr)
-        return 2
-    logging.basicConfig(level=settings.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    level = settings.log_level.upper()
+    logging.basicConfig(level=level, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    logging.getLogger("uvicorn.error").addFilter(_HideEarlyAddress())
     if settings.upstream:
         from server.upstream import UpstreamBackend
 
         backend: Any = UpstreamBackend(settings)
+        what = f"upstream {settings.upstream}"
     else:
         from server.engine import EmbeddedBackend
 
         backend = EmbeddedBackend(settings)
+        what = f"model {settings.model}"
     failures: list[BaseException] = []
     servers: list[uvicorn.Server] = []
 
@@ -150,11 +330,45 @@ def run(args: argparse.Namespace) -> int:
         for server in servers:
             server.should_exit = True
 
-    app = build_app(settings, backend, on_startup_failure=stop)
-    server = uvicorn.Server(uvicorn.Config(app, host=settings.host, port=settings.port, log_level=settings.log_level))
+    def stop_serving() -> None:
+        for server in servers:
+            server.should_exit = True
+
+    def ready() -> None:
+        address = f"http://{settings.host}:{_bound_port(servers, settings.port)}"
+        log.info("ready: serving %s at %s/v1 (policy %s; Ctrl+C to stop)", backend.model_name, address, settings.policy)
+        if when_ready is not None:
+            threading.Thread(target=when_ready, args=(address, stop_serving), name="when-ready", daemon=True).start()
+
+    log.info("loading %s ... (GET /health answers 503 until it is ready)", what)
+    app = build_app(settings, backend, on_startup_failure=stop, on_ready=ready)
+    config = uvicorn.Config(
+        app, host=settings.host, port=settings.port, log_level=settings.log_level,
+        timeout_keep_alive=settings.keep_alive_timeout,
+    )  # fmt: skip
+    server = uvicorn.Server(config)
     servers.append(server)
     server.run()
     if failures:
         print(f"thinkbrake serve: {failures[0]}", file=sys.stderr)
         return 1
     return 0
+
+
+log = logging.getLogger("thinkbrake")
+
+
+class _HideEarlyAddress(logging.Filter):
+    """Drops uvicorn's "Uvicorn running on ..." line: it comes before the model is loaded; thinkbrake prints
+    the address when it is ready."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return not str(record.msg).startswith("Uvicorn running on")
+
+
+def _bound_port(servers: Sequence[Any], configured: int) -> int:
+    for server in servers:
+        for listener in getattr(server, "servers", []):
+            for sock in listener.sockets:
+                return int(sock.getsockname()[1])
+    return configured

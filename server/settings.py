@@ -44,10 +44,14 @@ class Settings(BaseSettings):
     protect_health: bool = False
     protect_metrics: bool = False
     max_body_bytes: int = Field(4 << 20, ge=1)
+    keep_alive_timeout: float = Field(75.0, gt=0, description="seconds an idle client connection is kept open")
     max_model_len: int | None = Field(None, ge=1)
     kv_cache_bytes: int | None = Field(None, ge=1, description="KV cache size of the embedded engine in bytes")
     logits_processors: Annotated[list[str], NoDecode] = Field(default_factory=list)
     enforce_eager: bool = False
+    engine_args: dict[str, Any] = Field(
+        default_factory=dict, description="more vLLM engine arguments (AsyncEngineArgs keywords), e.g. from flags"
+    )
     log_level: str = "info"
 
     @field_validator("upstream")

@@ -268,16 +268,23 @@ class UpstreamClients:
     """
 
     SHARD_CONNECTIONS = 32
+    CONNECT_RETRIES = 2
 
     def __init__(self, base_url: str, headers: dict[str, str], timeout: httpx.Timeout, max_connections: int) -> None:
         shards = -(-max_connections // self.SHARD_CONNECTIONS)
         per_shard = -(-max_connections // shards)
         limits = httpx.Limits(max_connections=per_shard, max_keepalive_connections=per_shard)
         tls = httpx.create_ssl_context()  # one for all shards: each context holds its own copy of the CA store
+        # A connect that fails or times out sent nothing, so it is retried (twice, the first at once): on a machine
+        # busy enough that this process sees a socket's connect complete only seconds late, a fresh connection
+        # must not fail the request.
         self._clients = [
-            httpx.AsyncClient(base_url=base_url, headers=headers, timeout=timeout, limits=limits, verify=tls)
+            httpx.AsyncClient(
+                base_url=base_url, headers=headers, timeout=timeout,
+                transport=httpx.AsyncHTTPTransport(limits=limits, verify=tls, retries=self.CONNECT_RETRIES),
+            )
             for _ in range(shards)
-        ]
+        ]  # fmt: skip
         self._in_flight = [0] * shards
 
     @contextlib.asynccontextmanager

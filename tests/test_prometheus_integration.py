@@ -303,7 +303,8 @@ def scraped(
     A few flat scrapes first keep ``rate``'s extrapolation towards a counter's zero point out of the window, so
     ratios of rates over the second traffic equal ratios of its increases.
     """
-    binary = shutil.which("prometheus")
+    # .ci/install-prometheus.sh links it into the environment's bin folder (.venv/bin), which may not be on PATH
+    binary = shutil.which("prometheus", path=os.pathsep.join([str(Path(sys.executable).parent), os.environ["PATH"]]))
     if binary is None:
         message = "prometheus not found: install it with .ci/install-prometheus.sh (Debian package prometheus)"
         if os.environ.get("CI", "").lower() == "true":
