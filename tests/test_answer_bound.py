@@ -168,7 +168,10 @@ def test_a_server_fed_pathological_answers_stays_idle_and_stops_promptly(tmp_pat
         for first, second in PATHOLOGICAL
     ]
     log = tmp_path / "serve.log"
-    with FakeUpstream(traces) as upstream, thinkbrake_process(upstream.url, log_path=log) as (url, process):
+    with (
+        FakeUpstream(traces) as upstream,
+        thinkbrake_process(upstream.url, "--policy", "fcs_reflection", log_path=log) as (url, process),
+    ):
         server = psutil.Process(process.pid)
 
         def tree_cpu() -> float:
