@@ -9,7 +9,6 @@ runs in the same batches as the main decode, which does not wait for it.
 from __future__ import annotations
 
 import asyncio
-import gc
 import logging
 from collections.abc import AsyncGenerator
 from typing import Any
@@ -184,8 +183,9 @@ class EmbeddedBackend:
         if self.engine is not None:
             engine, self.engine = self.engine, None
             engine.shutdown()
-            del engine
-            gc.collect()  # free it now: left to interpreter exit, its __del__ runs with vLLM's modules torn down
+            # AsyncLLM.__del__ calls shutdown() again, at interpreter exit when vLLM's modules are torn down, and
+            # that call raises ("Exception ignored in ... __del__"). The engine is shut down: make it a no-op.
+            engine.shutdown = lambda *args, **kwargs: None
 
     def _render(self, messages: list[dict[str, Any]], kwargs: dict[str, Any]) -> str:
         rendered = self.tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True, **kwargs)
