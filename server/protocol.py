@@ -35,12 +35,12 @@ class StreamOptions(BaseModel):
     include_usage: bool = False
 
 
-#: ``reasoning_effort`` (the OpenAI request field) as thinkbrake policies: low stops at the first confirmed
-#: answer and caps thinking at 2048 tokens; medium is the default rule; high waits for three agreeing solutions.
+#: ``reasoning_effort`` (the OpenAI request field) as thinkbrake policies: low stops at the first answer the text
+#: confirms and caps thinking at 2048 tokens; medium is the default rule; high never stops thinking early.
 REASONING_EFFORT_PRESETS: dict[str, dict[str, Any]] = {
     "low": {"policy": "fcs_reflection", "max_thinking_tokens": 2048},
-    "medium": {"policy": "fcs_reflection"},
-    "high": {"policy": "consistency", "k": 3},
+    "medium": {"policy": "probe_fcs"},
+    "high": {"policy": "off"},
 }
 
 
