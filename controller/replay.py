@@ -10,6 +10,7 @@ from __future__ import annotations
 import gzip
 import json
 import os
+import zlib
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -23,6 +24,16 @@ from controller.policies import OffConfig, PolicyConfig
 from controller.session import ThinkingController
 
 REPLAY_DELIMITERS = Delimiters(implicit_start=True)
+
+
+def split_of(trace: dict[str, Any]) -> str:
+    """``"tune"`` or ``"holdout"``: a stable half of the problems, the same for every model and seed.
+
+    The key is ``dataset/question-index`` (the trace id without model and seed), so all generations of one
+    problem fall on the same side: rules are tuned on one half and reported on the other.
+    """
+    key = "/".join(str(trace["id"]).split("/")[:2])
+    return "tune" if zlib.crc32(key.encode()) % 2 == 0 else "holdout"
 
 
 def load_traces(paths: Sequence[str | Path]) -> Iterator[dict[str, Any]]:

@@ -12,7 +12,7 @@ from pathlib import Path
 from typing import Any
 
 from controller.policies import POLICIES, PolicyConfig, PolicyError, parse_policy
-from controller.replay import TraceResult, default_tokenizer_root, init_worker, load_traces, replay_in_worker
+from controller.replay import TraceResult, default_tokenizer_root, init_worker, load_traces, replay_in_worker, split_of
 from controller.report import TOTAL, build_report, markdown_table, plot
 
 ALL_POLICIES_ARGS = {"budget": {"max_thinking_tokens": 4096}}
@@ -47,6 +47,11 @@ def add_parser(commands: Any) -> None:
     )
     parser.add_argument("--json", dest="json_out", help="write the full report as JSON here")
     parser.add_argument("--plot", help="draw tokens saved vs accuracy per policy into this PNG")
+    parser.add_argument(
+        "--split",
+        choices=["tune", "holdout"],
+        help="replay only one half of the problems (a stable hash of dataset/question-index; see split_of)",
+    )
     parser.add_argument("--limit", type=int, help="replay only the first N traces")
     parser.add_argument("--jobs", type=int, default=os.cpu_count() or 1, help="worker processes (default: all cores)")
     parser.add_argument("--all-groups", action="store_true", help="print every dataset/model row, not just totals")
@@ -88,6 +93,8 @@ def run(args: argparse.Namespace) -> int:
             print(f"thinkbrake replay: no such trace file: {path}", file=sys.stderr)
             return 2
     traces = list(load_traces(args.traces))
+    if args.split:
+        traces = [trace for trace in traces if split_of(trace) == args.split]
     if args.limit:
         traces = traces[: args.limit]
     root = args.tokenizers_root or str(default_tokenizer_root(args.traces[0]))
