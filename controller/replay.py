@@ -127,9 +127,12 @@ class TraceResult:
     outcomes: list[PolicyOutcome] = field(default_factory=list)
 
 
-def run_controller(config: PolicyConfig, deltas: Sequence[str], comparer: AnswerComparer) -> ThinkingController:
-    """Stream ``deltas`` (one token each) through a fresh controller until it decides to stop."""
-    controller = ThinkingController(config, REPLAY_DELIMITERS, comparer)
+def run_controller(
+    config: PolicyConfig, deltas: Sequence[str], comparer: AnswerComparer, question: str | None = None
+) -> ThinkingController:
+    """Stream ``deltas`` (one token each) through a fresh controller (that knows the trace's ``question``)
+    until it decides to stop."""
+    controller = ThinkingController(config, REPLAY_DELIMITERS, comparer, question=question)
     for delta in deltas:
         update = controller.feed(delta, 1)
         if update.decision is not None:
@@ -155,8 +158,8 @@ def analyse_events(
 class EventRecorder(ThinkingController):
     """A pass-through controller that keeps every event (used for the analysis of the full trace)."""
 
-    def __init__(self, comparer: AnswerComparer) -> None:
-        super().__init__(OffConfig(), REPLAY_DELIMITERS, comparer)
+    def __init__(self, comparer: AnswerComparer, question: str | None = None) -> None:
+        super().__init__(OffConfig(), REPLAY_DELIMITERS, comparer, question=question)
         self.events: list[Event] = []
 
     def feed(self, delta: str, tokens: int) -> Any:
@@ -177,7 +180,8 @@ def replay_trace(
     reference = str(trace["reference"])
     full_answer = last_boxed(trace.get("final") or "") or last_boxed(trace["thinking"])
     full_correct = full_answer is not None and comparer.equal(full_answer, reference)
-    recorder = EventRecorder(comparer)
+    question = trace.get("question") or None
+    recorder = EventRecorder(comparer, question)
     for delta in deltas:
         recorder.feed(delta, 1)
     recorder.finish()
@@ -197,7 +201,7 @@ def replay_trace(
         process_efficiency=process_efficiency(trace["thinking"], spans, total),
     )
     for config in configs:
-        controller = run_controller(config, deltas, comparer)
+        controller = run_controller(config, deltas, comparer, question)
         decision = controller.decision
         if decision is None:
             outcome = PolicyOutcome(config.name, False, "natural", total, full_answer, full_correct, True)

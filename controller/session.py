@@ -14,6 +14,7 @@ from controller.answers import AnswerComparer
 from controller.delimiters import Delimiters
 from controller.detector import Event, SolutionDetector
 from controller.policies import PolicyConfig, PolicyRuntime, StopDecision
+from controller.question import read_question
 from controller.splitter import ANSWER, THINKING, ThinkingSplitter
 
 log = logging.getLogger(__name__)
@@ -36,10 +37,14 @@ class ThinkingController:
     included); ``decision`` is set at most once and, once set, the controller only routes text.
     """
 
-    def __init__(self, config: PolicyConfig, delimiters: Delimiters, comparer: AnswerComparer) -> None:
+    def __init__(
+        self, config: PolicyConfig, delimiters: Delimiters, comparer: AnswerComparer, question: str | None = None
+    ) -> None:
+        """``question``: the request's question (last user message, or a completion's prompt), if known; the
+        detector then only takes answers of the form it asks for (see :mod:`controller.question`)."""
         self.config = config
         self.splitter = ThinkingSplitter(delimiters)
-        self.detector = SolutionDetector()
+        self.detector = SolutionDetector(question=read_question(question) if question else None)
         self.policy = PolicyRuntime(config, comparer.equal)
         self.thinking_tokens = 0
         self.answer_tokens = 0
