@@ -97,7 +97,8 @@ class Question:
     degrees: bool = False
     expression: bool = False
     words: tuple[str, ...] = ()
-    target: str | None = None  # the symbol or combination of symbols asked for ("x", "m+n", "Q+R")
+    target: str | None = None  # the symbol or expression asked for ("x", "m+n", "Q+R", "6x+5")
+    combination: bool = False  # the target combines single-letter symbols (m+n, Q+R, a+b+m)
     ask_symbols: frozenset[str] = frozenset()  # single-letter symbols named in the final ask
     options: dict[str, str] = field(default_factory=dict)  # letter -> option text (multiple choice)
     given: frozenset[str] = frozenset()  # keys of the numbers the question itself gives
@@ -131,7 +132,7 @@ class Question:
             return True
         if key in self.given:
             return False
-        if self.target is not None and len(self.target) > 1:
+        if self.target is not None and self.combination:
             return self.target in re.sub(r"\s|\$|\\\(|\\\)|\\cdot|\*", "", sentence)
         return True
 
@@ -207,7 +208,7 @@ def read_question(text: str | None) -> Question:
     solve_for = _SOLVE_FOR.search(ask)
     if target is None and solve_for is not None:
         target = solve_for.group(1)
-    combination = target if target is not None and len(target) > 1 else None
+    combination = target if target is not None and _COMBINATION.fullmatch(target) and len(target) > 1 else None
     other_form = _OTHER_FORM.search(question) is not None
     integer = combination is not None and _INTEGERS_DECLARED.search(question) is not None
     count = _COUNT.search(ask) is not None
@@ -232,6 +233,7 @@ def read_question(text: str | None) -> Question:
         tuple_=_TUPLE.search(question) is not None,
         words=words,
         target=target,
+        combination=combination is not None,
         ask_symbols=symbols,
         given=_given(question),
     )
@@ -260,6 +262,8 @@ def _target(ask: str) -> tuple[str | None, frozenset[str]]:
     target = next(group for group in ending.groups() if group is not None).strip().rstrip(".?,").strip()
     if re.fullmatch(r"[A-Za-z]", target) or _COMBINATION.fullmatch(target):
         return re.sub(r"\s+", "", target), symbols
+    if len(target) <= 30 and re.search(r"[A-Za-z]", target) and not re.search(r"[=<>]|\\[a-zA-Z]", target):
+        return re.sub(r"\s+|\*|\\cdot", "", target), symbols  # an expression: "6x + 5"
     return None, symbols
 
 

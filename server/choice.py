@@ -115,6 +115,7 @@ class ChoiceRunner:
     control: RequestControl
     delimiters: Delimiters
     raw_text: bool = False
+    question: str | None = None  # the request's question (last user message / completion prompt), for detection
     started: float = field(default_factory=time.perf_counter)
     _first_token_at: float | None = None
     _last_answer: str | None = None
@@ -122,7 +123,7 @@ class ChoiceRunner:
 
     async def run(self) -> AsyncGenerator[ChoiceEvent, None]:
         """Yield the choice's events; the last one carries the result."""
-        controller = ThinkingController(self.control.policy, self.delimiters, self.context.comparer)
+        controller = ThinkingController(self.control.policy, self.delimiters, self.context.comparer, self.question)
         result = ChoiceResult(finish_reason="stop")
         try:
             async with aclosing(self._generate(controller, result)) as events:
