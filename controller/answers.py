@@ -106,6 +106,7 @@ _NUMBER = re.compile(r"^[-+]?(?:\d{1,3}(?:,\d{3})+|\d+)?(?:\.\d+)?$")
 _FRACTION = re.compile(r"^([-+]?)\\[dt]?frac\{([-+]?\d+)\}\{([-+]?\d+)\}$")
 _SIMPLE_FRACTION = re.compile(r"^([-+]?\d+)\s*/\s*(\d+)$")
 _CHOICE = re.compile(r"^\(?([A-J])\)?$")
+_POWER = re.compile(r"^([-+]?)(\d{1,6})\^(?:\{([-+]?\d{1,2})\}|([-+]?\d))$")
 _MIXED = re.compile(r"^([-+]?)(\d+)(?:\s*\\frac\{(\d+)\}\{(\d+)\}|\s+(\d+)/(\d+))$")
 _VECTOR = re.compile(
     r"^\\begin\{[pb]matrix\}(.*)\\end\{[pb]matrix\}$|^\[([^\[\];]*;[^\[\]]*)\]$|^\[([^\[\],]*(?:,[^\[\],]*){2,})\]$",
@@ -143,6 +144,11 @@ def _as_fraction(text: str) -> Fraction | None:
         value = int(match.group(2)) + Fraction(numerator, denominator)
         return -value if match.group(1) == "-" else value
     compact = text.replace(" ", "")
+    power = _POWER.match(compact)
+    exponent = int(power.group(3) or power.group(4)) if power else 0
+    if power and (int(power.group(2)) or exponent > 0):
+        value = Fraction(int(power.group(2))) ** exponent
+        return -value if power.group(1) == "-" else value  # -2^2 is -(2^2)
     if _NUMBER.match(compact) and any(ch.isdigit() for ch in compact):
         return Fraction(compact.replace(",", ""))
     match = _FRACTION.match(compact)

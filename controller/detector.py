@@ -83,6 +83,7 @@ class SolutionDetector:
     ) -> None:
         self.question = question
         self._tuples = question is not None and (question.tuple_ or question.interval)
+        self._choices = question is not None and question.multiple_choice
         self.loop_chars = loop_chars
         self.repeated_chars = 0
         self._seen: set[int] = set()  # hashes of sentences seen (bounded by _MAX_REMEMBERED)
@@ -194,7 +195,9 @@ class SolutionDetector:
             self._code_countdown = _CODE_CONTEXT_SENTENCES
         elif self._code_countdown:
             self._code_countdown -= 1
-        found = sentences.find_answer(sentence, implicit=not self._code_countdown, tuples=self._tuples)
+        found = sentences.find_answer(
+            sentence, implicit=not self._code_countdown, tuples=self._tuples, choices=self._choices
+        )
         if found is None:
             return
         answer, key = found.text, found.key

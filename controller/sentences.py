@@ -71,7 +71,8 @@ _FINAL_HEADING = re.compile(r"^[#*\s]*final answer[*:\s]*$", re.IGNORECASE)
 _MATH_SPAN = re.compile(r"\\\((.+?)\\\)|\\\[(.+?)\\\]|\$\$(.+?)\$\$|\$(.+?)\$")
 _NUM = r"(?:\d{1,3}(?:,\d{3})+(?!\d)|\d+(?:\.\d+)?)"
 _ATOM = r"(?:(?:\\sqrt(?:\[\d\])?\{[^{}]{1,30}\}|\\pi\b)(?:\^\{?\d{1,2}\}?)?|\\frac\{\d+\}\{\d+\})"
-_TERM = rf"(?:\d+ \d{{1,3}}/\d{{1,3}}(?![\d/])|{_NUM}(?:\s?{_ATOM})*|{_ATOM}+)"
+_POWER = r"(?:\^(?:\{-?\d{1,3}\}|-?\d{1,3}(?!\d)))"
+_TERM = rf"(?:\d+ \d{{1,3}}/\d{{1,3}}(?![\d/])|{_NUM}{_POWER}?(?:\s?{_ATOM})*|{_ATOM}+)"
 # a number, possibly with a root, pi or a fraction attached (16\sqrt{3}, 2\pi, 3840/289, \sqrt{3}/3, 137\frac{1}{2})
 _BARE_NUMBER = re.compile(rf"(?<![\w^_.\\{{])-?{_TERM}(?:\s?/\s?{_TERM})?(?:\^\\circ)?(?![\w^.]\w|[\w^])")
 _LABEL_BEFORE = re.compile(
@@ -88,7 +89,7 @@ _NEGATION_BEFORE = re.compile(
 )
 _ANNOUNCING_END = re.compile(r"(?:\bis|\bare|\bbe|\bequals|=|\bget|\bgives?|\bobtain|\bresult)\s*:$", re.IGNORECASE)
 _OPERATOR_AFTER = re.compile(
-    r"\s*(?:[-+*/×÷^]|\\times|\\cdot|\\div)\s*[\w(\\]|\s+(?:minus|plus|times|divided by|multiplied by)\b|"
+    r"\s*(?:[-+*/×÷^]|\\times|\\cdot|\\div)\s*[\w(\\]|,?\s+(?:minus|plus|times|divided by|multiplied by)\b|"
     r"\s*\\?(?:cos|sin|tan|cot|sec|csc|log|ln|exp)\b|(?:\$|\\\()\\|\}|\s*(?:≡|\\equiv\b|=(?!>))"
 )  # an operand, not a result: "180 minus 74", "2 cos(π/9)", "9$\sqrt{2}$", "sum_{k=1}"
 _APPROXIMATE_BEFORE = re.compile(
@@ -100,6 +101,11 @@ _DISCARDED_AFTER = re.compile(
     r"rejected|inconsistent|contradictory|not (?:a |the )?(?:valid|correct|right|possible|allowed|consistent|solution|answer))\b",
     re.IGNORECASE,
 )  # "x = 326/35 is extraneous", "n = 4 is wrong": a value given up
+_CHOICE_VALUE = re.compile(
+    r"(?:\b(?:option|choice|answer)\s*(?:is\s*|would be\s*|must be\s*)?:?\s*|\b(?:is|be)\s+)"
+    r"(?:\\textbf\{)?\(?([A-J])\)?\}?(?![\w'’])"
+)  # "option B", "the correct choice is (C)", "the answer is B) 42"
+_LETTER_HEAD = re.compile(r"(?:\\textbf\{)?\(?([A-J])\)\}?(?=\s|$|[.,;])|([A-J])(?=\s*(?:$|[.,;]))")
 _LHS_CUT = re.compile(
     r".*(?:[=,;:]|=>|⇒|\\implies|\\Rightarrow|\b(?:so|then|thus|therefore|hence|that|is|are|get|gives|and|where|with|plus|minus|for|at|when|if|set)\b)",
     re.IGNORECASE | re.DOTALL,
@@ -174,11 +180,13 @@ def has_code_hint(sentence: str) -> bool:
     return _CODE_HINT.search(sentence) is not None
 
 
-def find_answer(sentence: str, implicit: bool = True, tuples: bool = False) -> Found | None:
+def find_answer(sentence: str, implicit: bool = True, tuples: bool = False, choices: bool = False) -> Found | None:
     """The answer a sentence reaches, or None. ``sentence`` is one complete sentence (or a lead-in + block).
 
     ``tuples``: a conclusion may also end on a tuple or an interval ("So the solution is (0, 9) ∪ (9, 36).");
-    only when the question asks for one (otherwise a point or a range on the way is not the answer)."""
+    only when the question asks for one (otherwise a point or a range on the way is not the answer).
+    ``choices``: the question is multiple choice, so a conclusion may end on an option letter ("So the correct
+    option is (B).")."""
     text = math_text(sentence.strip())
     if not text or text.endswith("?"):
         return None
@@ -198,6 +206,10 @@ def find_answer(sentence: str, implicit: bool = True, tuples: bool = False) -> F
         return _found(value, explicit=True) if value is not None else None
     if not implicit or not _CONCLUSION.match(_NUMBERED_ITEM_START.sub("", text)):
         return None
+    if choices:
+        letters = list(_CHOICE_VALUE.finditer(text))
+        if letters:
+            return _found(letters[-1].group(1), explicit=False)
     value = _last_value(text, tuples)
     return _found(value, explicit=False) if value is not None else None
 
@@ -225,6 +237,9 @@ def _value_after(rest: str) -> str | tuple[str, str | None, bool] | None:
     number = _BARE_NUMBER.match(rest)
     if number and not _OPERATOR_AFTER.match(rest, number.end()) and not _LIST_AFTER.match(rest, number.end()):
         return number.group(0)
+    letter = _LETTER_HEAD.match(rest)
+    if letter:
+        return letter.group(1) or letter.group(2)  # "B) 42", "(C).", "B."
     bracketed = _bracketed(rest)
     if bracketed is not None:
         return bracketed
