@@ -6,7 +6,11 @@ reasoning models (R1, QwQ, Qwen3, Sky-T1) talk in general, not one trace: a refl
 is X" or a "Final Answer" heading; an *implicit* answer is a conclusion sentence ("So ...", "Therefore ...",
 "Thus ...") whose last mathematical value is the result. Questions, conditionals ("If x = 5 ...") and negated
 values ("not 5") are never answers; numbers that label things ("step 2", "case 1", list numbering, "March 3")
-are skipped.
+are skipped. A sentence is first read with :func:`controller.answers.math_text`, so Unicode math (``16√3``,
+``3840⁄289``, ``2π``) is one value. Operands ("180° minus 74°", "2 cos(π/9)", "= 24 ≡ 4"), inequalities
+("a² + 2a >= 0"), values given up ("x = 326/35 is extraneous") and digit lists are not results. A found answer
+carries what it was assigned to (``subject``: "N" in "N = 5694") and whether it was an approximation, for
+:mod:`controller.question` to judge.
 """
 
 from __future__ import annotations
