@@ -5,6 +5,11 @@
 number, :class:`AnswerComparer` asks Math-Verify in a worker process under a time bound (Math-Verify's own
 ``signal.alarm`` timeout only works on the main thread, so it is switched off; a comparison that outlives the
 bound is stopped by killing its worker process, which a pebble process pool replaces).
+
+:func:`math_text` rewrites the Unicode math models write in plain text (``6√2``, ``3840⁄289``, ``2π``, ``−3``,
+``x²``, ``90°``) as the LaTeX Math-Verify reads, so an answer is extracted and compared whole. Mixed numbers
+(``137\\frac{1}{2}``) and column vectors (``\\begin{pmatrix} 1 \\\\ 2 \\end{pmatrix}``, ``[1; 2]``) get keys of
+their own (``275/2``, ``(1,2)``).
 """
 
 from __future__ import annotations
@@ -57,6 +62,44 @@ def last_boxed(text: str) -> str | None:
     return boxes[-1] if boxes else None
 
 
+_SUPERSCRIPTS = str.maketrans("⁰¹²³⁴⁵⁶⁷⁸⁹⁻⁺", "0123456789-+")
+_SUBSCRIPTS = str.maketrans("₀₁₂₃₄₅₆₇₈₉", "0123456789")
+_PLAIN = {
+    "−": "-", "–": "-", "×": "\\times", "·": "\\cdot", "⋅": "\\cdot", "÷": "\\div", "⁄": "/", "∕": "/",
+    "π": "\\pi", "°": "^\\circ", "∞": "\\infty", "∪": "\\cup", "≤": "\\le", "≥": "\\ge", "≠": "\\ne",
+    "≈": "\\approx", "θ": "\\theta", "√": "\\sqrt", "∛": "\\sqrt[3]", "∜": "\\sqrt[4]",
+}  # fmt: skip
+_UNICODE = re.compile("|".join(map(re.escape, _PLAIN)) + "|[⁰¹²³⁴⁵⁶⁷⁸⁹⁻⁺]+|[₀₁₂₃₄₅₆₇₈₉]+")
+_ROOT_ARGUMENT = re.compile(
+    r"(\\sqrt(?:\[\d\])?)\s*(?:\(([^()]*(?:\([^()]*\)[^()]*)*)\)|(\d+(?:\.\d+)?|[a-zA-Z]\b|\\pi\b))"
+)
+_GLUED_COMMAND = re.compile(r"(\\(?:times|cdot|div|pi|infty|cup|le|ge|ne|approx|theta))(?=[A-Za-z])")
+_PLAIN_WORDS = re.compile(r"(?<![A-Za-z\\])(?:pi|infinity)(?![A-Za-z])")
+_ASCII_MATH = re.compile(r"sqrt|cbrt|(?<![A-Za-z\\])(?:pi|infinity)(?![A-Za-z])")
+_ASCII_ROOT = re.compile(r"(?<![\\a-zA-Z])(sqrt|cbrt)\s*(?=[({\d])")
+
+
+def math_text(text: str) -> str:
+    """``text`` with Unicode math and ASCII ``sqrt(..)`` spelled as LaTeX: ``6√2`` -> ``6\\sqrt{2}``,
+    ``3840⁄289`` -> ``3840/289``, ``x²`` -> ``x^{2}``, ``−3`` -> ``-3``, ``2π`` -> ``2\\pi``. Length-bounded work."""
+    if text.isascii() and not _ASCII_MATH.search(text):
+        return text
+
+    def plain(match: re.Match[str]) -> str:
+        found = match.group(0)
+        if found in _PLAIN:
+            return _PLAIN[found]
+        if found[0] in "₀₁₂₃₄₅₆₇₈₉":
+            return "_{" + found.translate(_SUBSCRIPTS) + "}"
+        return "^{" + found.translate(_SUPERSCRIPTS) + "}"
+
+    text = _UNICODE.sub(plain, text)
+    text = _PLAIN_WORDS.sub(lambda m: "\\pi" if m.group(0) == "pi" else "\\infty", text)
+    text = _GLUED_COMMAND.sub(r"\1 ", text)  # "\\piW" -> "\\pi W": a command never swallows the next letter
+    text = _ASCII_ROOT.sub(lambda m: "\\sqrt" if m.group(1) == "sqrt" else "\\sqrt[3]", text)
+    return _ROOT_ARGUMENT.sub(lambda m: f"{m.group(1)}{{{(m.group(2) or m.group(3)).strip()}}}", text)
+
+
 _TEXT_WRAPPERS = re.compile(r"\\(?:text|textbf|mathrm|mathbf|textit|mbox|operatorname)\s*\{([^{}]*)\}")
 _UNIT_WORDS = re.compile(
     r"\s*(?:\\[,;!]\s*)*(?:units?|square\s+units|sq\.?\s*units|miles?|mph|km|kilometers?|meters?|cm|mm|inches|inch|"
@@ -68,11 +111,17 @@ _UNIT_WORDS = re.compile(
 _NUMBER = re.compile(r"^[-+]?(?:\d{1,3}(?:,\d{3})+|\d+)?(?:\.\d+)?$")
 _FRACTION = re.compile(r"^([-+]?)\\[dt]?frac\{([-+]?\d+)\}\{([-+]?\d+)\}$")
 _SIMPLE_FRACTION = re.compile(r"^([-+]?\d+)\s*/\s*(\d+)$")
-_CHOICE = re.compile(r"^\(?([A-E])\)?$")
+_CHOICE = re.compile(r"^\(?([A-J])\)?$")
+_POWER = re.compile(r"^([-+]?)(\d{1,6})\^(?:\{([-+]?\d{1,2})\}|([-+]?\d))$")
+_MIXED = re.compile(r"^([-+]?)(\d+)(?:\s*\\frac\{(\d+)\}\{(\d+)\}|\s+(\d+)/(\d+))$")
+_VECTOR = re.compile(
+    r"^\\begin\{[pb]matrix\}(.*)\\end\{[pb]matrix\}$|^\[([^\[\];]*;[^\[\]]*)\]$|^\[([^\[\],]*(?:,[^\[\],]*){2,})\]$",
+    re.DOTALL,
+)
 
 
 def _strip_wrappers(answer: str) -> str:
-    text = answer.strip()
+    text = math_text(answer.strip())
     boxed = last_boxed(text)
     if boxed is not None:
         text = boxed
@@ -85,14 +134,27 @@ def _strip_wrappers(answer: str) -> str:
     text = text.replace("\\left", "").replace("\\right", "").replace("\\displaystyle", "")
     text = text.replace("\\dfrac", "\\frac").replace("\\tfrac", "\\frac")
     text = text.replace("^\\circ", "").replace("^{\\circ}", "").replace("°", "").replace("\\%", "").replace("%", "")
-    text = text.replace("\\$", "").replace("\\!", "").replace("\\,", "").replace("\\ ", " ")
+    text = re.sub(r"(?<!\\)\\[$!,]", "", text)
+    text = re.sub(r"(?<!\\)\\ ", " ", text)
     text = re.sub(r"^[a-zA-Z]\s*=\s*(?=[-+\d\\(])", "", text)  # "x = 5" -> "5"
     text = _UNIT_WORDS.sub("", text)
     return text.strip().rstrip(".").strip()
 
 
 def _as_fraction(text: str) -> Fraction | None:
+    match = _MIXED.match(text.strip())
+    if match:
+        numerator, denominator = int(match.group(3) or match.group(5)), int(match.group(4) or match.group(6))
+        if not 0 < numerator < denominator:
+            return None
+        value = int(match.group(2)) + Fraction(numerator, denominator)
+        return -value if match.group(1) == "-" else value
     compact = text.replace(" ", "")
+    power = _POWER.match(compact)
+    exponent = int(power.group(3) or power.group(4)) if power else 0
+    if power and (int(power.group(2)) or exponent > 0):
+        value = Fraction(int(power.group(2))) ** exponent
+        return -value if power.group(1) == "-" else value  # -2^2 is -(2^2)
     if _NUMBER.match(compact) and any(ch.isdigit() for ch in compact):
         return Fraction(compact.replace(",", ""))
     match = _FRACTION.match(compact)
@@ -105,6 +167,18 @@ def _as_fraction(text: str) -> Fraction | None:
     return None
 
 
+def _vector(text: str) -> str | None:
+    """``(a,b,c)`` for a column vector written as a pmatrix or as ``[a; b; c]``."""
+    match = _VECTOR.match(text.strip())
+    if not match:
+        return None
+    body = next(group for group in match.groups() if group is not None)
+    parts = [part.strip() for part in re.split(r"\\\\|;|,", body) if part.strip()]
+    if len(parts) < 2 or any("&" in part for part in parts):
+        return None
+    return "(" + ",".join(canonical(part) for part in parts) + ")"
+
+
 @lru_cache(maxsize=4096)
 def canonical(answer: str) -> str:
     """A normalized key: numbers as reduced fractions, choices as a capital letter, else compact LaTeX."""
@@ -115,6 +189,9 @@ def canonical(answer: str) -> str:
     choice = _CHOICE.match(text)
     if choice:
         return choice.group(1)
+    vector = _vector(text)
+    if vector is not None:
+        return vector
     return re.sub(r"\s+", "", text)
 
 

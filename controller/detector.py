@@ -16,6 +16,11 @@ as the sentence that causes them is complete:
   ("Wait, no", "That can't be right") discards it. ``answer_tokens`` is where
   that last answer was reached; ``tokens`` is where the closing reflection was seen.
 
+With a :class:`~controller.question.Question`, a value whose form cannot be what the question asks for (a
+fraction where m + n is asked, ``k = 8`` where the number of k is asked, a number that is no option of a
+multiple-choice question) is not an answer: it neither opens nor closes a solution. A multiple-choice
+answer's key is its option letter, whether the model wrote the letter or the option's text.
+
 Complexity: text is cut into sentences at ``.``/``!``/``?`` followed by whitespace, or at a newline. Each
 delta is searched for boundaries only in its own text plus one held character, and each completed sentence
 (at most ``max_sentence_chars``) is classified once, so work per delta is O(len(delta) + bounded window).
@@ -30,6 +35,7 @@ import re
 from dataclasses import dataclass
 
 from controller import sentences
+from controller.question import Question
 
 REFLECTION = "reflection"
 ANSWER = "answer"
@@ -68,7 +74,16 @@ class Event:
 class SolutionDetector:
     """Turns a stream of thinking deltas into events; see the module docstring for the invariants."""
 
-    def __init__(self, max_sentence_chars: int = 2000, max_gap_sentences: int = 1, loop_chars: int = 4000) -> None:
+    def __init__(
+        self,
+        max_sentence_chars: int = 2000,
+        max_gap_sentences: int = 1,
+        loop_chars: int = 4000,
+        question: Question | None = None,
+    ) -> None:
+        self.question = question
+        self._tuples = question is not None and (question.tuple_ or question.interval)
+        self._choices = question is not None and question.multiple_choice
         self.loop_chars = loop_chars
         self.repeated_chars = 0
         self._seen: set[int] = set()  # hashes of sentences seen (bounded by _MAX_REMEMBERED)
@@ -180,16 +195,27 @@ class SolutionDetector:
             self._code_countdown = _CODE_CONTEXT_SENTENCES
         elif self._code_countdown:
             self._code_countdown -= 1
-        found = sentences.find_answer(sentence, implicit=not self._code_countdown)
+        found = sentences.find_answer(
+            sentence, implicit=not self._code_countdown, tuples=self._tuples, choices=self._choices
+        )
         if found is None:
             return
+        answer, key = found.text, found.key
+        if self.question is not None:
+            if not self.question.admits(found.text, found.key, found.subject, found.approximate):
+                return
+            if not self.question.concludes(sentence, found.key, found.explicit):
+                return
+            letter = self.question.choice_key(found.key)
+            if letter is not None:
+                answer = key = letter
         self._open = Event(
             ANSWER,
             self.offset,
             self.tokens,
             solution=self.solutions,
-            answer=found.text,
-            key=found.key,
+            answer=answer,
+            key=key,
             explicit=found.explicit,
             start_offset=self._boundary_offset,
             start_tokens=self._boundary_tokens,

@@ -212,14 +212,16 @@ def run_controller(
     comparer: AnswerComparer,
     probes: RecordedProbes | None = None,
     delimiters: Delimiters = REPLAY_DELIMITERS,
+    question: str | None = None,
 ) -> tuple[ThinkingController, int]:
-    """Stream ``deltas`` (one token each) through a fresh controller until it decides to stop.
+    """Stream ``deltas`` (one token each) through a fresh controller (that knows the trace's ``question``)
+    until it decides to stop.
 
     With ``probes``, every probe the controller asks is answered from the recording ``out_tokens + 1`` tokens
     later; without, the controller is told it cannot probe (text-only fallback). Returns the controller and
     the probe tokens charged: those of answered probes plus those still in flight at the stop.
     """
-    controller = ThinkingController(config, delimiters, comparer, probes=probes is not None)
+    controller = ThinkingController(config, delimiters, comparer, probes=probes is not None, question=question)
     pending: list[tuple[int, int, ProbeResult]] = []  # (token position where it arrives, id, result)
     for position, delta in enumerate(deltas, 1):
         update = controller.feed(delta, 1)
@@ -256,8 +258,10 @@ def analyse_events(
 class EventRecorder(ThinkingController):
     """A pass-through controller that keeps every event (used for the analysis of the full trace)."""
 
-    def __init__(self, comparer: AnswerComparer, delimiters: Delimiters = REPLAY_DELIMITERS) -> None:
-        super().__init__(OffConfig(), delimiters, comparer)
+    def __init__(
+        self, comparer: AnswerComparer, delimiters: Delimiters = REPLAY_DELIMITERS, question: str | None = None
+    ) -> None:
+        super().__init__(OffConfig(), delimiters, comparer, question=question)
         self.events: list[Event] = []
 
     def feed(self, delta: str, tokens: int) -> Any:
@@ -286,7 +290,8 @@ def replay_trace(
     reference = str(trace["reference"])
     full_answer = last_boxed(trace.get("final") or "") or last_boxed(trace["thinking"])
     full_correct = full_answer is not None and comparer.equal(full_answer, reference)
-    recorder = EventRecorder(comparer, delimiters)
+    question = trace.get("question") or None
+    recorder = EventRecorder(comparer, delimiters, question)
     for delta in deltas:
         recorder.feed(delta, 1)
     recorder.finish()
@@ -307,7 +312,7 @@ def replay_trace(
     )
     for config in configs:
         probes = RecordedProbes(trace) if config.uses_probes and has_probe_data(trace) else None
-        controller, probe_tokens = run_controller(config, deltas, comparer, probes, delimiters)
+        controller, probe_tokens = run_controller(config, deltas, comparer, probes, delimiters, question)
         decision = controller.decision
         if decision is None:
             outcome = PolicyOutcome(config.name, False, "natural", total, full_answer, full_correct, True)

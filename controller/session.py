@@ -30,6 +30,7 @@ from controller.detector import Event, SolutionDetector
 from controller.policies import PolicyConfig, PolicyRuntime, ProbeFcsConfig, StopDecision
 from controller.probe_policy import ProbeRuntime
 from controller.probes import WAIT, ProbeRequest, ProbeResult, WaitScanner
+from controller.question import read_question
 from controller.splitter import ANSWER, THINKING, ThinkingSplitter
 
 log = logging.getLogger(__name__)
@@ -59,11 +60,18 @@ class ThinkingController:
     """
 
     def __init__(
-        self, config: PolicyConfig, delimiters: Delimiters, comparer: AnswerComparer, probes: bool = True
+        self,
+        config: PolicyConfig,
+        delimiters: Delimiters,
+        comparer: AnswerComparer,
+        probes: bool = True,
+        question: str | None = None,
     ) -> None:
+        """``question``: the request's question (last user message, or a completion's prompt), if known; the
+        detector then only takes answers of the form it asks for (see :mod:`controller.question`)."""
         self.config = config
         self.splitter = ThinkingSplitter(delimiters)
-        self.detector = SolutionDetector()
+        self.detector = SolutionDetector(question=read_question(question) if question else None)
         self.probe_fallback: str | None = None
         self.probes_sent = 0
         self.probe_tokens = 0

@@ -130,6 +130,7 @@ class ChoiceRunner:
     control: RequestControl
     delimiters: Delimiters
     raw_text: bool = False
+    question: str | None = None  # the request's question (last user message / completion prompt), for detection
     started: float = field(default_factory=time.perf_counter)
     _first_token_at: float | None = None
     _last_answer: str | None = None
@@ -162,7 +163,9 @@ class ChoiceRunner:
         if policy.uses_probes and fallback is not None:
             self.probes.stats.fallback = fallback
         self._fed = [] if policy.uses_probes and fallback is None else None
-        return ThinkingController(policy, self.delimiters, self.context.comparer, probes=fallback is None)
+        return ThinkingController(
+            policy, self.delimiters, self.context.comparer, probes=fallback is None, question=self.question
+        )
 
     def _go_text_only(self) -> StopDecision | None:
         """Probing failed mid-choice (a probe was rejected, token ids went missing): continue with a text-only

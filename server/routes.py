@@ -211,13 +211,19 @@ class Service:
             raise ModelNotFound(model)
 
     def _runners(
-        self, request: GenerationRequest, prompt: Prompt, control: RequestControl, delimiters: Delimiters, raw: bool
+        self,
+        request: GenerationRequest,
+        prompt: Prompt,
+        control: RequestControl,
+        delimiters: Delimiters,
+        raw: bool,
+        question: str | None = None,
     ) -> list[ChoiceRunner]:
         context = RunContext(self.backend, self.metrics, self.comparer, self.backend.model_name)
         sampling = Sampling(request.token_limit, request.sampling_options(), request.vllm_xargs)
         request_id = new_id("tb")
         return [
-            ChoiceRunner(context, index, f"{request_id}-{index}", prompt, sampling, control, delimiters, raw)
+            ChoiceRunner(context, index, f"{request_id}-{index}", prompt, sampling, control, delimiters, raw, question)
             for index in range(request.n)
         ]
 
@@ -226,7 +232,7 @@ class Service:
         control = parse_control(request.thinkbrake, self.settings, self.random.random())
         messages = [message.model_dump(exclude_none=True) for message in request.messages]
         prompt = ChatPrompt(messages, request.chat_template_kwargs or {})
-        runners = self._runners(request, prompt, control, self.backend.delimiters, raw=False)
+        runners = self._runners(request, prompt, control, self.backend.delimiters, False, last_user_text(messages))
         events = merge(runners, self.cleanups)
         first = await _first(events)
         if request.stream:
@@ -246,7 +252,8 @@ class Service:
         else:  # the prompt does not leave the model inside thinking: nothing to stop
             delimiters = Delimiters(start, end, implicit_start=False)
             control = RequestControl(OffConfig(), control.finalize, control.max_answer_tokens, shadow=False)
-        runners = self._runners(request, prompt, control, delimiters, raw=True)
+        question = request.prompt if isinstance(request.prompt, str) else None
+        runners = self._runners(request, prompt, control, delimiters, True, question)
         events = merge(runners, self.cleanups)
         first = await _first(events)
         if request.stream:
@@ -432,3 +439,14 @@ def error_body(error: Exception) -> ErrorResponse:
 def error_response(status: int, message: str, param: str | None = None, code: str | None = None) -> JSONResponse:
     """An OpenAI-shaped error: ``type`` follows the status, ``code`` is a string (the status's default if None)."""
     return JSONResponse(ErrorResponse.of(status, message, param, code).model_dump(), status_code=status)
+
+
+def last_user_text(messages: list[dict[str, Any]]) -> str | None:
+    """The question a chat asks: the text of its last user message (text parts joined), or None."""
+    for message in reversed(messages):
+        if message.get("role") == "user":
+            content = message.get("content")
+            if isinstance(content, list):
+                content = "\n".join(str(part.get("text", "")) for part in content if part.get("type") == "text")
+            return content if isinstance(content, str) and content.strip() else None
+    return None

@@ -175,6 +175,16 @@ def test_policy_off_is_a_pass_through(client, tiny_tokenizer):
     assert response.usage.completion_tokens == script_length
 
 
+def test_the_question_reaches_the_detector(client, tiny_tokenizer):
+    """The same thinking is stopped on 42 for "What is 6 * 7?" (test above), but not when the user's question asks
+    for a common fraction: an integer cannot be that answer, so it is never confirmed."""
+    asks_a_fraction = [{"role": "user", "content": "What is 6 * 7? Express your answer as a common fraction."}]
+    response = create(client, tiny_tokenizer, messages=asks_a_fraction)
+    info = response.model_extra["thinkbrake"]
+    assert not info["stopped"] and info["policy"] == "fcs_reflection"
+    assert response.choices[0].message.model_extra["reasoning_content"] == THINKING
+
+
 def test_shadow_mode_records_but_does_not_stop(client, tiny_tokenizer):
     response = create(client, tiny_tokenizer, thinkbrake={"shadow": True})
     info = response.model_extra["thinkbrake"]
