@@ -1,7 +1,7 @@
 """Load and soak: many concurrent streams through ``thinkbrake serve --upstream``, zero errors, bounded memory.
 
 thinkbrake and the fake upstream run as processes of their own; the clients are the real ``openai`` SDK
-(``AsyncOpenAI``). A quarter of the requests use the default policy on traces it stops (abort + continuation);
+(``AsyncOpenAI``). A quarter of the requests use the text rule ``fcs_reflection`` on traces it stops (abort + continuation);
 the rest are short pass-through streams. RSS is read from the thinkbrake process after a warm-up and at the end.
 """
 
@@ -34,7 +34,8 @@ def thinkbrake() -> Iterator[tuple[str, psutil.Process]]:
 async def one_request(client: openai.AsyncOpenAI, index: int) -> tuple[str | None, bool]:
     """Stream one request; returns (finish_reason, stopped)."""
     if index % 4 == 0:
-        extra: dict[str, object] = {"fake_trace": index % 3}  # the default policy stops these
+        # the text rule stops these at a fixed point (a probing rule's stop depends on when its probes answer)
+        extra: dict[str, object] = {"fake_trace": index % 3, "thinkbrake": {"policy": "fcs_reflection"}}
         limit = None
     else:
         extra = {"fake_trace": 3 + index % 2, "thinkbrake": {"policy": "off"}}
@@ -80,7 +81,7 @@ def test_many_concurrent_streams_zero_errors_bounded_memory(thinkbrake: tuple[st
     assert len(results) == REQUESTS  # gather raised nothing: zero errors
     assert all(finish in ("stop", "length") for finish, _ in results)
     stops = sum(stopped for _, stopped in results)
-    assert stops == REQUESTS // 4  # every default-policy request was stopped and finished by a continuation
+    assert stops == REQUESTS // 4  # every fcs_reflection request was stopped and finished by a continuation
     growth = (rss_end - rss_start) / 2**20
     print(f"\n{REQUESTS - WARMUP_REQUESTS} requests in {elapsed:.1f} s; RSS {rss_start / 2**20:.0f} -> "
           f"{rss_end / 2**20:.0f} MiB")  # fmt: skip
