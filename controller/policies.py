@@ -133,6 +133,8 @@ class ProbeFcsConfig(PolicyConfig):
     confidence: float = 0.9
     confirm_confidence: float = 0.999
     sure_confidence: float = 1.0
+    text_window: int = 8
+    agree_confidence: float = 1.0
 
     def __post_init__(self) -> None:
         super().__post_init__()
@@ -140,7 +142,9 @@ class ProbeFcsConfig(PolicyConfig):
             raise PolicyError("max_probes", "must be >= 0")
         if self.min_probe_tokens < 0:
             raise PolicyError("min_probe_tokens", "must be >= 0")
-        for field in ("confidence", "confirm_confidence", "sure_confidence"):
+        if self.text_window < 0:
+            raise PolicyError("text_window", "must be >= 0")
+        for field in ("confidence", "confirm_confidence", "sure_confidence", "agree_confidence"):
             value = getattr(self, field)
             if not 0.0 <= value <= 1.0:
                 raise PolicyError(field, "must be between 0 and 1")

@@ -8,7 +8,7 @@ from controller.answers import AnswerComparer
 from controller.delimiters import Delimiters
 from controller.policies import PolicyError, ProbeFcsConfig, parse_policy
 from controller.probe_policy import plain_answer
-from controller.probes import WAIT, ProbeResult, WaitScanner
+from controller.probes import SOLUTION, WAIT, ProbeResult, WaitScanner
 from controller.replay import HOLDOUT, TUNE, RecordedProbes, run_controller, split_of
 from controller.session import ThinkingController
 from tests.splits import every_single_split, random_splits
@@ -103,6 +103,50 @@ def test_one_sure_probe_stops_when_the_thinking_wrote_the_same_answer() -> None:
     other = controller({"policy": "probe_fcs", "sure_confidence": 0.999})
     requests = feed_text(other, SOLVE + CHECK)
     assert other.probe_result(ProbeResult(requests[0].id, "7", 0.9999, 5)).decision is None  # text never said 7
+
+
+def test_the_text_window_only_counts_recent_answers_written_before_the_probe() -> None:
+    other_first = "Two plus two is 4. So the answer is 4.\n\n" + SOLVE
+    narrow = controller({"policy": "probe_fcs", "sure_confidence": 0.99, "text_window": 1})
+    requests = feed_text(narrow, other_first + CHECK)
+    assert narrow.probe_result(ProbeResult(requests[0].id, "4", 0.9999, 5)).decision is None  # not the latest
+    wide = controller({"policy": "probe_fcs", "sure_confidence": 0.99, "text_window": 3})
+    requests = feed_text(wide, other_first + CHECK)
+    decision = wide.probe_result(ProbeResult(requests[0].id, "4", 0.9999, 5)).decision
+    assert decision is not None and decision.reason == "probe_sure"
+    late = controller({"policy": "probe_fcs", "sure_confidence": 0.99})
+    requests = feed_text(late, SOLVE + CHECK)
+    feed_text(late, "So the answer is 7.\n\n")  # written after the probe's prefix: not what the probe saw
+    assert late.probe_result(ProbeResult(requests[0].id, "7", 0.9999, 5)).decision is None
+
+
+def test_a_confident_probe_is_checked_by_a_second_probe_on_the_same_prefix() -> None:
+    def ask(answer: str, confidence: float) -> tuple[ThinkingController, list]:
+        control = controller({"policy": "probe_fcs", "agree_confidence": 0.99, "sure_confidence": 1.0})
+        first = feed_text(control, "Let me think about 3 times 4.\n\n" + CHECK)
+        assert control.probe_result(ProbeResult(first[0].id, answer, confidence, 5)).decision is None
+        return control, first
+
+    control, first = ask("12", 0.995)
+    second = feed_text(control, "x")  # the check goes out with the next delta
+    assert [(r.trigger, r.tokens, r.offset) for r in second] == [(SOLUTION, first[0].tokens, first[0].offset)]
+    assert control.probes_sent == 2
+    decision = control.probe_result(ProbeResult(second[0].id, "12", 1.0, 6)).decision
+    assert decision is not None and decision.reason == "probe_agreed" and decision.answer == "12"
+    assert control.probe_tokens == 11
+
+    for answer, confidence in [("13", 1.0), ("12", 0.0)]:  # disagrees / the dense probe hesitated
+        control, _ = ask("12", 0.995)
+        check = feed_text(control, "x")
+        assert control.probe_result(ProbeResult(check[0].id, answer, confidence, 6)).decision is None
+        assert control.decision is None
+
+    control, _ = ask("12", 0.98)  # below agree_confidence: no second probe
+    assert feed_text(control, "x") == []
+    capped = controller({"policy": "probe_fcs", "agree_confidence": 0.99, "max_probes": 1})
+    first = feed_text(capped, SOLVE + CHECK)
+    capped.probe_result(ProbeResult(first[0].id, "5", 0.995, 5))
+    assert feed_text(capped, "x") == [] and capped.probes_sent == 1  # the cap counts the second probe too
 
 
 def test_max_probes_caps_the_requests() -> None:
