@@ -291,6 +291,10 @@ def candidates() -> dict[str, Callable[..., Any]]:
     for dense in [0.95, 0.99, 0.995, 0.999]:
         rules[f"dense-agree {dense}"] = make_rule(dense_conf=dense, consec=False)
         rules[f"old + dense-agree {dense}"] = make_rule(dense_conf=dense)
+    for sure, dense in [(0.999, 0.999), (0.999, 0.998), (0.998, 0.998), (0.999, 0.997)]:
+        rules[f"combo: old + sure {sure} text3 + dense-agree {dense}"] = make_rule(
+            sure=sure, text_window=3, dense_conf=dense
+        )
     rules["triple (any wait conf) text1 + dense"] = make_rule(triple=True, consec=False)
     rules["old + triple"] = make_rule(triple=True)
     return rules

@@ -2,15 +2,24 @@
 
 At every reflection point the model opens with "Wait" (the DEER trigger, seen by
 :class:`controller.probes.WaitScanner`) the policy asks the model what its answer is now (a probe on the prefix
-that ends just before the "Wait"). A probe answer is *reliable* when its confidence (from the probe's token
+that ends just before the "Wait"). A probe answer *counts* when its confidence (from the probe's token
 log-probabilities) reaches ``confidence`` and its form is a plain final answer (see :func:`plain_answer`).
-The policy stops when two consecutive reliable probes give the same answer (the solution, then the reflection
-that confirms it) and one of the two reaches ``confirm_confidence``, or (off by default) when one probe
-reaches ``sure_confidence`` below 1 and the text detector has already reached the same answer in the
-thinking. An unreliable probe breaks the chain. The stop answer is the probe's answer.
+A counted answer is a solution's answer; the policy stops on it once one reflection confirms it, where the
+confirmation is any one of (checked in this order):
 
+- ``probe_confirmed``: the previous probe counted too, gave the same answer, and one of the two reaches
+  ``confirm_confidence`` (the solution, then the reflection that confirms it);
+- ``probe_sure``: the probe reaches ``sure_confidence`` (< 1) and the thinking itself wrote the same answer
+  among the text detector's last ``text_window`` answers before the probe's prefix ends ("so the answer is
+  X", then "Wait", and the model says X);
+- ``probe_agreed``: the probe reaches ``agree_confidence`` (< 1), so a second probe of the other family
+  (the dense suffix, ``probe_spec(SOLUTION)``) is asked on the same prefix; it stops when that one answers
+  the same without hesitating (confidence 1).
+
+An unreliable probe breaks the chain. The stop answer is the probe's answer.
 Invariants:
-- at most ``max_probes`` probes are asked per request, never before ``min_probe_tokens`` tokens;
+- at most ``max_probes`` probes (of both kinds) are asked per request, never before ``min_probe_tokens``
+  tokens; a second probe goes out with the next delta after the probe it checks answered;
 - a decision is taken only when a probe result arrives (it applies there) or at ``max_thinking_tokens``;
   ``min_thinking_tokens`` delays a due stop; once made, a decision never changes;
 - results with an unknown or repeated id are ignored.
