@@ -123,8 +123,11 @@ class ProbeFcsConfig(PolicyConfig):
     ``max_probes``: probes per request at most; ``min_probe_tokens``: no probe earlier; ``confidence``: a probe
     answer counts when its confidence reaches it; ``confirm_confidence``: two consecutive counted probes with
     the same answer stop when one of them reaches it; ``sure_confidence``: one probe suffices when it reaches
-    this and the thinking already wrote the same answer (1.0: never). Without probes it runs as
-    ``fcs_reflection``. Defaults: chosen on the tuning half of ``dev-probes`` (README, "Answer probes").
+    this and the thinking wrote the same answer among the last ``text_window`` answers before the probe
+    (1.0: never); ``agree_confidence``: a probe reaching it is checked by a second, dense-suffix probe on the
+    same prefix, and one that agrees stops (1.0: never). Without probes it runs as ``fcs_reflection``.
+    Defaults: chosen on the tuning half of ``dev-probes`` (README, "Answer probes";
+    ``benchmarks/probe_rule_search.py``).
     """
 
     name: ClassVar[str] = "probe_fcs"
@@ -132,7 +135,9 @@ class ProbeFcsConfig(PolicyConfig):
     min_probe_tokens: int = 0
     confidence: float = 0.9
     confirm_confidence: float = 0.999
-    sure_confidence: float = 1.0
+    sure_confidence: float = 0.999
+    text_window: int = 3
+    agree_confidence: float = 0.999
 
     def __post_init__(self) -> None:
         super().__post_init__()
@@ -140,7 +145,9 @@ class ProbeFcsConfig(PolicyConfig):
             raise PolicyError("max_probes", "must be >= 0")
         if self.min_probe_tokens < 0:
             raise PolicyError("min_probe_tokens", "must be >= 0")
-        for field in ("confidence", "confirm_confidence", "sure_confidence"):
+        if self.text_window < 0:
+            raise PolicyError("text_window", "must be >= 0")
+        for field in ("confidence", "confirm_confidence", "sure_confidence", "agree_confidence"):
             value = getattr(self, field)
             if not 0.0 <= value <= 1.0:
                 raise PolicyError(field, "must be between 0 and 1")

@@ -2,15 +2,24 @@
 
 At every reflection point the model opens with "Wait" (the DEER trigger, seen by
 :class:`controller.probes.WaitScanner`) the policy asks the model what its answer is now (a probe on the prefix
-that ends just before the "Wait"). A probe answer is *reliable* when its confidence (from the probe's token
+that ends just before the "Wait"). A probe answer *counts* when its confidence (from the probe's token
 log-probabilities) reaches ``confidence`` and its form is a plain final answer (see :func:`plain_answer`).
-The policy stops when two consecutive reliable probes give the same answer (the solution, then the reflection
-that confirms it) and one of the two reaches ``confirm_confidence``, or (off by default) when one probe
-reaches ``sure_confidence`` below 1 and the text detector has already reached the same answer in the
-thinking. An unreliable probe breaks the chain. The stop answer is the probe's answer.
+A counted answer is a solution's answer; the policy stops on it once one reflection confirms it, where the
+confirmation is any one of (checked in this order):
 
+- ``probe_confirmed``: the previous probe counted too, gave the same answer, and one of the two reaches
+  ``confirm_confidence`` (the solution, then the reflection that confirms it);
+- ``probe_sure``: the probe reaches ``sure_confidence`` (< 1) and the thinking itself wrote the same answer
+  among the text detector's last ``text_window`` answers before the probe's prefix ends ("so the answer is
+  X", then "Wait", and the model says X);
+- ``probe_agreed``: the probe reaches ``agree_confidence`` (< 1), so a second probe of the other family
+  (the dense suffix, ``probe_spec(SOLUTION)``) is asked on the same prefix; it stops when that one answers
+  the same without hesitating (confidence 1).
+
+An unreliable probe breaks the chain. The stop answer is the probe's answer.
 Invariants:
-- at most ``max_probes`` probes are asked per request, never before ``min_probe_tokens`` tokens;
+- at most ``max_probes`` probes (of both kinds) are asked per request, never before ``min_probe_tokens``
+  tokens; a second probe goes out with the next delta after the probe it checks answered;
 - a decision is taken only when a probe result arrives (it applies there) or at ``max_thinking_tokens``;
   ``min_thinking_tokens`` delays a due stop; once made, a decision never changes;
 - results with an unknown or repeated id are ignored.
@@ -23,8 +32,9 @@ import re
 
 from controller.detector import ANSWER, Event
 from controller.policies import Equal, ProbeFcsConfig, StopDecision
-from controller.probes import WAIT, ProbeRequest, ProbeResult
+from controller.probes import SOLUTION, WAIT, ProbeRequest, ProbeResult
 
+_TEXT_KEPT = 32  # text answers remembered (the window looks at those before a probe's position)
 _PLAIN = re.compile(r"^[\s\S]{1,60}$")
 _NOT_FINAL = re.compile(r"\?|\.\.\.|\\ldots|\\dots|=|\\approx|[a-zA-Z]\s*=|^\s*$")
 
@@ -47,7 +57,8 @@ class ProbeRuntime:
         self._requests: list[ProbeRequest] = []
         self._previous: ProbeResult | None = None  # the last answered probe, in order of asking
         self._last_asked = -1
-        self._text_answers: list[str] = []  # answers the text detector read in the thinking (recent ones)
+        self._text_answers: list[tuple[int, str]] = []  # (tokens, answer) the text detector read (recent ones)
+        self._checks: dict[int, str] = {}  # id of a second (dense) probe -> the wait probe answer it checks
         self._last_text: tuple[str, str] | None = None
         self._due: StopDecision | None = None
         self.decision: StopDecision | None = None
@@ -57,20 +68,26 @@ class ProbeRuntime:
         """Text detector events: remember the answers the thinking reached."""
         if event.kind == ANSWER and event.answer is not None and event.key is not None:
             self._last_text = (event.answer, event.key)
-            self._text_answers.append(event.answer)
-            del self._text_answers[:-8]
+            self._text_answers.append((event.tokens, event.answer))
+            del self._text_answers[:-_TEXT_KEPT]
 
     def trigger(self, kind: str, tokens: int, offset: int) -> None:
         """A trigger at ``tokens``/``offset`` (before the trigger word): ask a probe if the cap allows."""
         if self.decision is not None or self._due is not None or kind != WAIT:
             return
-        if self.asked >= self.config.max_probes or tokens < self.config.min_probe_tokens or tokens <= 0:
+        if tokens < self.config.min_probe_tokens or tokens <= 0:
             return
-        request = ProbeRequest(self._next_id, tokens, offset, kind)
+        self._ask(tokens, offset, WAIT)
+
+    def _ask(self, tokens: int, offset: int, trigger: str) -> ProbeRequest | None:
+        if self.asked >= self.config.max_probes:
+            return None
+        request = ProbeRequest(self._next_id, tokens, offset, trigger)
         self._next_id += 1
         self.asked += 1
         self._pending[request.id] = request
         self._requests.append(request)
+        return request
 
     def take_requests(self) -> list[ProbeRequest]:
         requests, self._requests = self._requests, []
@@ -83,11 +100,18 @@ class ProbeRuntime:
             return False
         if self.decision is not None or self._due is not None:
             return True
+        if request.trigger == SOLUTION:
+            checked = self._checks.pop(request.id, None)
+            if checked is not None and result.answer is not None and result.confidence >= 1.0:
+                if self._equal(checked, result.answer):
+                    self._due = StopDecision("probe_agreed", checked, checked, tokens, offset, self.asked)
+            return True
         if request.id < self._last_asked:
             return True  # an older probe answered after a newer one: the newer one speaks for the model
         self._last_asked = request.id
         previous, self._previous = self._previous, result
-        if not plain_answer(result.answer) or result.confidence < self.config.confidence:
+        config = self.config
+        if not plain_answer(result.answer) or result.confidence < config.confidence:
             return True
         assert result.answer is not None
         reason = None
@@ -95,17 +119,19 @@ class ProbeRuntime:
             previous is not None
             and previous.answer is not None
             and plain_answer(previous.answer)
-            and previous.confidence >= self.config.confidence
-            and max(previous.confidence, result.confidence) >= self.config.confirm_confidence
+            and previous.confidence >= config.confidence
+            and max(previous.confidence, result.confidence) >= config.confirm_confidence
             and self._equal(previous.answer, result.answer)
         ):
             reason = "probe_confirmed"
-        elif (
-            self.config.sure_confidence < 1.0
-            and result.confidence >= self.config.sure_confidence
-            and any(self._equal(text, result.answer) for text in self._text_answers)
-        ):
-            reason = "probe_sure"
+        elif config.sure_confidence < 1.0 and result.confidence >= config.sure_confidence:
+            written = [answer for at, answer in self._text_answers if at <= request.tokens][-config.text_window :]
+            if config.text_window and any(self._equal(text, result.answer) for text in written):
+                reason = "probe_sure"
+        if reason is None and config.agree_confidence < 1.0 and result.confidence >= config.agree_confidence:
+            check = self._ask(request.tokens, request.offset, SOLUTION)  # the dense probe on the same prefix
+            if check is not None:
+                self._checks[check.id] = result.answer
         if reason is not None:
             self._due = StopDecision(reason, result.answer, result.answer, tokens, offset, self.asked)
         return True

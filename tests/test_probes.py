@@ -8,7 +8,7 @@ from controller.answers import AnswerComparer
 from controller.delimiters import Delimiters
 from controller.policies import PolicyError, ProbeFcsConfig, parse_policy
 from controller.probe_policy import plain_answer
-from controller.probes import WAIT, ProbeResult, WaitScanner
+from controller.probes import SOLUTION, WAIT, ProbeResult, WaitScanner
 from controller.replay import HOLDOUT, TUNE, RecordedProbes, run_controller, split_of
 from controller.session import ThinkingController
 from tests.splits import every_single_split, random_splits
@@ -59,8 +59,11 @@ SOLVE = "Three times four is 12. So the answer is 12.\n\n"
 CHECK = "Wait, let me double-check: 3 times 4 is 12.\n\nSo the answer is 12.\n\n"
 
 
+CONSECUTIVE_ONLY = {"policy": "probe_fcs", "sure_confidence": 1.0, "agree_confidence": 1.0}
+
+
 def test_probe_fcs_asks_at_each_wait_and_stops_when_two_confident_probes_agree() -> None:
-    control = controller({"policy": "probe_fcs"})
+    control = controller(CONSECUTIVE_ONLY)
     assert control.config.uses_probes
     requests = feed_text(control, SOLVE + CHECK)
     assert [r.trigger for r in requests] == [WAIT] and requests[0].offset == len(SOLVE)
@@ -82,7 +85,7 @@ def test_probe_fcs_asks_at_each_wait_and_stops_when_two_confident_probes_agree()
 
 
 def test_probe_fcs_ignores_low_confidence_disagreement_and_bad_forms() -> None:
-    control = controller({"policy": "probe_fcs"})
+    control = controller(CONSECUTIVE_ONLY)
     first = feed_text(control, SOLVE + CHECK)
     assert control.probe_result(ProbeResult(first[0].id, "12", 0.5, 5)).decision is None  # not confident
     second = feed_text(control, CHECK)
@@ -99,15 +102,76 @@ def test_probe_fcs_ignores_low_confidence_disagreement_and_bad_forms() -> None:
     assert control.decision is None
 
 
+def test_the_default_rule_stops_on_one_sure_probe_the_text_or_a_second_probe_confirms() -> None:
+    config = parse_policy({"policy": "probe_fcs"})
+    assert isinstance(config, ProbeFcsConfig)
+    assert (config.confidence, config.confirm_confidence) == (0.9, 0.999)
+    assert (config.sure_confidence, config.text_window, config.agree_confidence) == (0.999, 3, 0.999)
+    written = controller({"policy": "probe_fcs"})
+    requests = feed_text(written, SOLVE + CHECK)
+    decision = written.probe_result(ProbeResult(requests[0].id, "12", 0.9995, 5)).decision
+    assert decision is not None and decision.reason == "probe_sure"
+    unwritten = controller({"policy": "probe_fcs"})
+    requests = feed_text(unwritten, "Let me think about 3 times 4.\n\n" + CHECK)
+    assert unwritten.probe_result(ProbeResult(requests[0].id, "12", 0.9985, 5)).decision is None
+    assert feed_text(unwritten, "\n\n") == []  # below 0.999: no second probe
+    assert unwritten.probe_result(ProbeResult(feed_text(unwritten, CHECK)[0].id, "12", 0.9995, 5)).decision
+    assert unwritten.decision is not None and unwritten.decision.reason == "probe_confirmed"
+
+
 def test_one_sure_probe_stops_when_the_thinking_wrote_the_same_answer() -> None:
     control = controller({"policy": "probe_fcs", "sure_confidence": 0.999})
     requests = feed_text(control, SOLVE + CHECK)
     assert control.probe_result(ProbeResult(requests[0].id, "12", 0.9995, 5)).decision is None  # held: "\n\n"
     decision = control.feed("H", 1).decision  # the model goes on thinking: the held stop is made
     assert decision is not None and decision.reason == "probe_sure" and decision.answer == "12"
-    other = controller({"policy": "probe_fcs", "sure_confidence": 0.999})
+    other = controller({"policy": "probe_fcs", "sure_confidence": 0.999, "agree_confidence": 1.0})
     requests = feed_text(other, SOLVE + CHECK)
     assert other.probe_result(ProbeResult(requests[0].id, "7", 0.9999, 5)).decision is None  # text never said 7
+
+
+def test_the_text_window_only_counts_recent_answers_written_before_the_probe() -> None:
+    other_first = "Two plus two is 4. So the answer is 4.\n\n" + SOLVE
+    narrow = controller({"policy": "probe_fcs", "sure_confidence": 0.99, "text_window": 1})
+    requests = feed_text(narrow, other_first + CHECK)
+    assert narrow.probe_result(ProbeResult(requests[0].id, "4", 0.9999, 5)).decision is None  # not the latest
+    wide = controller({"policy": "probe_fcs", "sure_confidence": 0.99, "text_window": 3})
+    requests = feed_text(wide, other_first + CHECK)
+    decision = wide.probe_result(ProbeResult(requests[0].id, "4", 0.9999, 5)).decision
+    assert decision is not None and decision.reason == "probe_sure"
+    late = controller({"policy": "probe_fcs", "sure_confidence": 0.99})
+    requests = feed_text(late, SOLVE + CHECK)
+    feed_text(late, "So the answer is 7.\n\n")  # written after the probe's prefix: not what the probe saw
+    assert late.probe_result(ProbeResult(requests[0].id, "7", 0.9999, 5)).decision is None
+
+
+def test_a_confident_probe_is_checked_by_a_second_probe_on_the_same_prefix() -> None:
+    def ask(answer: str, confidence: float) -> tuple[ThinkingController, list]:
+        control = controller({"policy": "probe_fcs", "agree_confidence": 0.99, "sure_confidence": 1.0})
+        first = feed_text(control, "Let me think about 3 times 4.\n\n" + CHECK)
+        assert control.probe_result(ProbeResult(first[0].id, answer, confidence, 5)).decision is None
+        return control, first
+
+    control, first = ask("12", 0.995)
+    second = feed_text(control, "x")  # the check goes out with the next delta
+    assert [(r.trigger, r.tokens, r.offset) for r in second] == [(SOLUTION, first[0].tokens, first[0].offset)]
+    assert control.probes_sent == 2
+    decision = control.probe_result(ProbeResult(second[0].id, "12", 1.0, 6)).decision
+    assert decision is not None and decision.reason == "probe_agreed" and decision.answer == "12"
+    assert control.probe_tokens == 11
+
+    for answer, confidence in [("13", 1.0), ("12", 0.0)]:  # disagrees / the dense probe hesitated
+        control, _ = ask("12", 0.995)
+        check = feed_text(control, "x")
+        assert control.probe_result(ProbeResult(check[0].id, answer, confidence, 6)).decision is None
+        assert control.decision is None
+
+    control, _ = ask("12", 0.98)  # below agree_confidence: no second probe
+    assert feed_text(control, "x") == []
+    capped = controller({"policy": "probe_fcs", "agree_confidence": 0.99, "max_probes": 1})
+    first = feed_text(capped, SOLVE + CHECK)
+    capped.probe_result(ProbeResult(first[0].id, "5", 0.995, 5))
+    assert feed_text(capped, "x") == [] and capped.probes_sent == 1  # the cap counts the second probe too
 
 
 def test_max_probes_caps_the_requests() -> None:
@@ -144,7 +208,7 @@ def test_replay_answers_from_the_recording_with_latency() -> None:
         "wait_probes": [[first, first, "12", 0.9991, 5], [second, second, "12", 0.98, 6]],
     }
     probes = RecordedProbes(trace)
-    control, probe_tokens = run_controller(parse_policy({"policy": "probe_fcs"}), list(text), COMPARER, probes)
+    control, probe_tokens = run_controller(parse_policy(CONSECUTIVE_ONLY), list(text), COMPARER, probes)
     decision = control.decision
     assert decision is not None and decision.answer == "12"
     asked_at = second + len("Wait,")  # the trigger is certain once the character after the word arrives
@@ -158,3 +222,20 @@ def test_split_keeps_every_model_and_seed_of_a_problem_together() -> None:
     assert len(sides) == 1
     halves = [split_of({"id": f"math500/{q}/a/seed1"}) for q in range(400)]
     assert 150 < halves.count(TUNE) < 250 and halves.count(HOLDOUT) == 400 - halves.count(TUNE)
+
+
+def test_replay_answers_the_second_probe_from_the_dense_recording() -> None:
+    text = "Let me think about 3 times 4.\n\n" + CHECK + "More text that goes on and on. " * 10
+    wait = text.index("Wait")
+    trace = {
+        "id": "math500/7/m/seed1",
+        "probes": [[5, 5, "3", True, 4], [wait - 2, wait - 2, "12", True, 6], [wait + 9, wait + 9, "99", True, 6]],
+        "wait_probes": [[wait, wait, "12", 0.9995, 5]],
+    }
+    config = parse_policy({"policy": "probe_fcs", "sure_confidence": 1.0})
+    control, probe_tokens = run_controller(config, list(text), COMPARER, RecordedProbes(trace))
+    decision = control.decision
+    assert decision is not None and decision.reason == "probe_agreed" and decision.answer == "12"
+    asked_at = wait + len("Wait,")
+    assert decision.tokens == asked_at + 5 + 1 + 1 + 6 + 1  # the check goes out one token after the answer
+    assert probe_tokens == 11 and control.probes_sent == 2

@@ -44,7 +44,7 @@ def ask(client: openai.OpenAI, **thinkbrake: Any) -> Any:
 
 def test_probes_decide_the_stop() -> None:
     with proxied() as (upstream, url, client):
-        response = ask(client)
+        response = ask(client, agree_confidence=1)  # the consecutive-probe rule alone (no second probe)
         probes = upstream.probe_requests()
         fallbacks = metric(url, "thinkbrake_probe_fallbacks_total")
         sent, probe_tokens = metric(url, "thinkbrake_probes_total"), metric(url, "thinkbrake_probe_tokens_total")

@@ -29,7 +29,13 @@ from tests.support.fixtures import KV_CACHE_BYTES, MAX_MODEL_LEN, SCRIPTED_PROCE
 
 pytestmark = pytest.mark.engine
 CPU_BLOCK_SIZE = 128  # vLLM's CPU default; only full blocks are cached
-TRUST_ANY = {"policy": "probe_fcs", "confidence": 0, "confirm_confidence": 0, "sure_confidence": 0}
+TRUST_ANY = {
+    "policy": "probe_fcs",
+    "confidence": 0,
+    "confirm_confidence": 0,
+    "sure_confidence": 0,
+    "agree_confidence": 1,
+}
 
 
 @pytest.fixture(scope="module")

@@ -1,0 +1,337 @@
+"""Search answer-probe stop rules fast: replay each trace's text detector once, then simulate rules in Python.
+
+Step 1 (``build``, slow, once): every ``dev-probes`` trace of a split is tokenized with its tokenizer and
+streamed token by token through the text detector (:class:`controller.replay.EventRecorder`, as replay does);
+the detector's answer and solution events, the "Wait" triggers (:class:`controller.probes.WaitScanner`, fed
+exactly as :class:`controller.session.ThinkingController` feeds it, with the position where each trigger
+became certain), the recorded probes and the grading of every answer against ``reference`` are written to a
+cache file.
+
+Step 2 (``search``, seconds): candidate rules are simulated on the cache with replay's accounting: a probe
+asked at position ``p`` answers at ``p + out_tokens + 1``, the stop is there (no stop if that is at or past
+the end of the thinking); every probe asked before the stop is charged (also those still in flight); the
+answer at the stop is the probe's; accuracy change is against the full trace's graded answer; harmful = full
+trace correct and stop answer wrong. A "dense" probe (the Dynasor-family suffix, ``probe_spec(SOLUTION)``)
+asked at token ``t`` gets the recorded dense probe at the latest position at or before ``t``.
+
+Run: ``python benchmarks/probe_rule_search.py build ../shared/data/traces/dev-probes.jsonl.gz --split tune
+--cache /tmp/probe_sim_tune.json`` then ``python benchmarks/probe_rule_search.py search --cache
+/tmp/probe_sim_tune.json``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import bisect
+import json
+import os
+import sys
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
+from multiprocessing import Pool
+from pathlib import Path
+from typing import Any
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+from controller.answers import AnswerComparer, last_boxed  # noqa: E402
+from controller.detector import ANSWER, SOLUTION  # noqa: E402
+from controller.probe_policy import plain_answer  # noqa: E402
+from controller.probes import WaitScanner  # noqa: E402
+from controller.replay import (  # noqa: E402
+    EventRecorder,
+    Tokenizers,
+    default_tokenizer_root,
+    load_traces,
+    split_of,
+    token_deltas,
+)
+
+# ---------------------------------------------------------------------------------------------- build
+
+
+class _State:
+    tokenizers: Tokenizers
+    comparer: AnswerComparer
+
+
+_state = _State()
+
+
+def _init(root: str) -> None:
+    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    _state.tokenizers = Tokenizers(Path(root))
+    _state.comparer = AnswerComparer()
+
+
+def record_trace(trace: dict[str, Any]) -> dict[str, Any]:
+    """The detector's events, the wait triggers and the graded answers of one trace."""
+    comparer = _state.comparer
+    deltas = token_deltas(_state.tokenizers.get(trace["tokenizer"]), trace["thinking"])
+    recorder = EventRecorder(comparer)
+    scanner = WaitScanner()
+    triggers: list[tuple[int, int, int]] = []  # (position where certain, tokens before, offset)
+    for position, delta in enumerate(deltas, 1):
+        before = recorder.detector.tokens
+        update = recorder.feed(delta, 1)
+        for tokens, offset in scanner.feed(update.reasoning, before):
+            triggers.append((position, tokens, offset))
+    recorder.finish()
+    reference = str(trace["reference"])
+    full = last_boxed(trace.get("final") or "") or last_boxed(trace["thinking"])
+    recorded = {probe[1]: probe for probe in trace.get("wait_probes") or []}
+    waits = []
+    for position, tokens, offset in triggers:
+        probe = recorded.get(offset)
+        if probe is None:
+            waits.append([position, tokens, offset, None, 0.0, 20])
+        else:
+            waits.append([position, tokens, offset, probe[2], float(probe[3]), int(probe[4])])
+    answers = [
+        [e.tokens, e.offset, e.answer, e.key, e.explicit]
+        for e in recorder.events
+        if e.kind == ANSWER and e.answer is not None
+    ]
+    solutions = [
+        [e.tokens, e.answer_tokens, e.answer, e.key] for e in recorder.events if e.kind == SOLUTION and e.answer
+    ]
+    dense = [list(p[:5]) for p in sorted(trace.get("probes") or [], key=lambda p: p[0])]
+    graded: dict[str, bool] = {}
+    for answer in [w[3] for w in waits] + [a[2] for a in answers] + [d[2] for d in dense] + [full]:
+        if answer is not None and answer not in graded:
+            graded[answer] = comparer.equal(answer, reference)
+    return {
+        "id": trace["id"],
+        "dataset": trace["dataset"],
+        "model": trace["model"],
+        "total": len(deltas),
+        "full": full,
+        "full_ok": full is not None and graded.get(full, False),
+        "waits": waits,
+        "answers": answers,
+        "solutions": solutions,
+        "dense": dense,
+        "graded": graded,
+    }
+
+
+def build(args: argparse.Namespace) -> int:
+    traces = [t for t in load_traces([args.traces]) if args.split == "all" or split_of(t) == args.split][: args.limit]
+    out = []
+    with Pool(args.jobs, _init, (str(default_tokenizer_root(args.traces)),)) as pool:
+        for index, record in enumerate(pool.imap(record_trace, traces, chunksize=4), 1):
+            out.append(record)
+            if index % 100 == 0:
+                print(f"{index}/{len(traces)}", file=sys.stderr, flush=True)
+    Path(args.cache).write_text(json.dumps(out))
+    print(f"{len(out)} traces cached in {args.cache}")
+    return 0
+
+
+# ---------------------------------------------------------------------------------------------- simulate
+
+_comparer: AnswerComparer | None = None
+
+
+def equal(first: str, second: str) -> bool:
+    global _comparer
+    if first == second:
+        return True
+    if _comparer is None:
+        _comparer = AnswerComparer()
+    return _comparer.equal(first, second)
+
+
+@dataclass
+class Outcome:
+    stop: int  # stop position (== total when the trace ran to its end)
+    answer: str | None
+    ok: bool
+    spent: int
+    probes: int
+
+
+def dense_at(trace: dict[str, Any], tokens: int) -> list[Any] | None:
+    """The dense probe recorded at the latest position at or before ``tokens``."""
+    positions = trace.setdefault("_dense_pos", [d[0] for d in trace["dense"]])
+    index = bisect.bisect_right(positions, tokens) - 1
+    return trace["dense"][index] if index >= 0 else None
+
+
+def text_before(trace: dict[str, Any], tokens: int, window: int) -> list[str]:
+    """Answers the text detector read at or before token ``tokens`` (the last ``window`` of them)."""
+    positions = trace.setdefault("_ans_pos", [a[0] for a in trace["answers"]])
+    index = bisect.bisect_right(positions, tokens)
+    return [a[2] for a in trace["answers"][max(0, index - window) : index]]
+
+
+Rule = Callable[[dict[str, Any]], Iterator[tuple[int, str | None, int, int]]]
+
+
+def simulate(trace: dict[str, Any], decide: Callable[..., Any], max_probes: int = 30) -> Outcome:
+    """Run ``decide`` over the wait probes in order of asking. ``decide(trace, index, state)`` returns None or
+    ``(answer, position)``: stop there with that answer; extra probes it asks are ``(position, tokens)`` in
+    ``state["extra"]`` (charged when asked at or before the stop)."""
+    total = trace["total"]
+    state: dict[str, Any] = {"extra": [], "history": []}
+    waits: list[Any] = []  # the wait probes asked (the cap counts every probe asked before)
+    state["room"] = max_probes
+    for index, wait in enumerate(trace["waits"]):
+        if len(waits) + sum(1 for p, _ in state["extra"] if p <= wait[0]) >= max_probes:
+            break
+        waits.append(wait)
+        state["room"] = max_probes - len(waits) - len(state["extra"])
+        stop = decide(trace, index, state)
+        if stop is not None and stop[1] < total:
+            answer, at = stop
+            asked = [w[5] for w in waits if w[0] <= at] + [t for p, t in state["extra"] if p <= at]
+            return Outcome(at, answer, trace["graded"].get(answer, False), sum(asked), len(asked))
+    asked = [w[5] for w in waits] + [t for p, t in state["extra"] if p < total]
+    return Outcome(total, trace["full"], trace["full_ok"], sum(asked), len(asked))
+
+
+def make_rule(
+    conf: float = 0.9,
+    confirm: float = 0.999,
+    sure: float | None = None,
+    text_window: int = 8,
+    text_solution: bool = False,
+    dense_conf: float | None = None,
+    triple: bool = False,
+    min_tokens: int = 0,
+    consec: bool = True,
+) -> Callable[..., Any]:
+    """A ``probe_fcs`` variant:
+    - ``consec``: two consecutive counted probes (>= conf) agree and one reaches ``confirm``;
+    - ``sure``: one probe >= sure whose answer the text detector reached in the last ``text_window`` answers
+      before the probe's position (``text_solution``: only answers that closed a solution);
+    - ``dense_conf``: one probe >= dense_conf whose answer equals a dense probe asked at the same point
+      (charged); ``triple``: any wait probe, whatever its confidence, whose answer is the text detector's latest
+      answer and a dense probe at the same point (charged) agrees.
+    """
+
+    def decide(trace: dict[str, Any], index: int, state: dict[str, Any]) -> str | None:
+        wait = trace["waits"][index]
+        position, tokens, _offset, answer, confidence, _out = wait
+        arrive = position + _out + 1
+        history = state["history"]
+        counted = answer is not None and plain_answer(answer) and confidence >= conf and tokens >= min_tokens
+        previous = history[-1] if history else None
+        history.append((answer, confidence, counted))
+        if not counted and not triple:
+            return None
+        if triple and answer is not None and plain_answer(answer) and tokens >= min_tokens:
+            texts = text_before(trace, tokens, 1)
+            if texts and equal(texts[0], answer) and state["room"] > 0:
+                probe = dense_at(trace, tokens)
+                out = 32 if probe is None else int(probe[4])
+                state["extra"].append((arrive + 1, out))
+                if probe is not None and probe[3] and probe[2] is not None and equal(probe[2], answer):
+                    return answer, arrive + 1 + out + 1
+        if not counted:
+            return None
+        if (
+            consec
+            and previous is not None
+            and previous[2]
+            and max(previous[1], confidence) >= confirm
+            and equal(previous[0], answer)
+        ):
+            return answer, arrive
+        if sure is not None and confidence >= sure:
+            if text_solution:
+                texts = [s[2] for s in trace["solutions"] if s[0] <= tokens][-text_window:]
+            else:
+                texts = text_before(trace, tokens, text_window)
+            if any(equal(t, answer) for t in texts):
+                return answer, arrive
+        if dense_conf is not None and confidence >= dense_conf and state["room"] > 0:
+            probe = dense_at(trace, tokens)
+            out = 32 if probe is None else int(probe[4])
+            state["extra"].append((arrive + 1, out))  # asked with the next token after the wait probe answers
+            if probe is not None and probe[3] and probe[2] is not None and equal(probe[2], answer):
+                return answer, arrive + 1 + out + 1
+        return None
+
+    return decide
+
+
+def evaluate(traces: list[dict[str, Any]], decide: Callable[..., Any]) -> dict[str, dict[str, float]]:
+    groups: dict[str, list[float]] = {}
+    for trace in traces:
+        outcome = simulate(trace, decide)
+        names = ["math500" if trace["dataset"] == "math500" else "amc+aime", "ALL", trace["model"][:6]]
+        for name in names:
+            row = groups.setdefault(name, [0.0] * 7)
+            values = (1, trace["total"], outcome.stop, outcome.spent, trace["full_ok"], outcome.ok, 0)
+            for i, v in enumerate(values):
+                row[i] += v
+            row[6] += trace["full_ok"] and not outcome.ok
+    result = {}
+    for name, (n, total, stop, spent, full_ok, ok, harmful) in groups.items():
+        result[name] = {
+            "n": n,
+            "delta": 100 * (ok - full_ok) / n,
+            "harmful": 100 * harmful / n,
+            "net": 100 * (total - stop - spent) / total,
+        }
+    return result
+
+
+def candidates() -> dict[str, Callable[..., Any]]:
+    """The rules compared; names give their parameters."""
+    rules: dict[str, Callable[..., Any]] = {"probe_fcs 0.9/0.999 (old default)": make_rule()}
+    for conf, confirm in [(0.9, 0.99), (0.9, 0.995), (0.8, 0.999), (0.95, 0.99)]:
+        rules[f"consec {conf}/{confirm}"] = make_rule(conf, confirm)
+    for sure in [0.99, 0.995, 0.999]:
+        for window in [1, 3, 8]:
+            rules[f"sure {sure} text{window}"] = make_rule(sure=sure, text_window=window, consec=False)
+            rules[f"old + sure {sure} text{window}"] = make_rule(sure=sure, text_window=window)
+        rules[f"old + sure {sure} solution-text3"] = make_rule(sure=sure, text_window=3, text_solution=True)
+    for dense in [0.95, 0.99, 0.995, 0.999]:
+        rules[f"dense-agree {dense}"] = make_rule(dense_conf=dense, consec=False)
+        rules[f"old + dense-agree {dense}"] = make_rule(dense_conf=dense)
+    for sure, dense in [(0.999, 0.999), (0.999, 0.998), (0.998, 0.998), (0.999, 0.997)]:
+        rules[f"combo: old + sure {sure} text3 + dense-agree {dense}"] = make_rule(
+            sure=sure, text_window=3, dense_conf=dense
+        )
+    rules["triple (any wait conf) text1 + dense"] = make_rule(triple=True, consec=False)
+    rules["old + triple"] = make_rule(triple=True)
+    return rules
+
+
+def row(name: str, figures: dict[str, dict[str, float]]) -> str:
+    cells = "  ".join(
+        f"{g}: {f['net']:5.1f}% {f['delta']:+5.2f} h{f['harmful']:.2f}" for g, f in sorted(figures.items())
+    )
+    return f"{name:40s} {cells}"
+
+
+def search(args: argparse.Namespace) -> int:
+    traces = json.loads(Path(args.cache).read_text())
+    print(f"{len(traces)} traces; per group: net saved %, accuracy change (points), harmful %")
+    for name, decide in candidates().items():
+        if args.only and args.only not in name:
+            continue
+        print(row(name, evaluate(traces, decide)), flush=True)
+    return 0
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    sub = parser.add_subparsers(dest="command", required=True)
+    b = sub.add_parser("build")
+    b.add_argument("traces")
+    b.add_argument("--split", choices=["all", "tune", "holdout"], default="tune")
+    b.add_argument("--cache", required=True)
+    b.add_argument("--jobs", type=int, default=2)
+    b.add_argument("--limit", type=int)
+    s = sub.add_parser("search")
+    s.add_argument("--cache", required=True)
+    s.add_argument("--only", help="only the rules whose name contains this")
+    args = parser.parse_args()
+    return build(args) if args.command == "build" else search(args)
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
