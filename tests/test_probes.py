@@ -55,6 +55,15 @@ def feed_text(control: ThinkingController, text: str) -> list:
     return requests
 
 
+def settle(control: ThinkingController, result: ProbeResult) -> object:
+    """The decision a probe result leads to once the model goes on thinking (a stop decided while the thinking
+    ends in whitespace is held until the next text shows the model is not closing its thinking)."""
+    decision = control.probe_result(result).decision
+    if decision is None and control.pending is not None:
+        decision = control.feed("H", 1).decision
+    return decision
+
+
 SOLVE = "Three times four is 12. So the answer is 12.\n\n"
 CHECK = "Wait, let me double-check: 3 times 4 is 12.\n\nSo the answer is 12.\n\n"
 
@@ -99,7 +108,7 @@ def test_probe_fcs_ignores_low_confidence_disagreement_and_bad_forms() -> None:
     sixth = feed_text(control, CHECK)
     assert control.probe_result(ProbeResult(sixth[0].id, "13", 0.95, 5)).decision is None  # neither >= 0.999
     assert not plain_answer("x = 13") and not plain_answer("?") and plain_answer("\\frac{1}{2}")
-    assert control.decision is None
+    assert control.decision is None and control.pending is None
 
 
 def test_the_default_rule_stops_on_one_sure_probe_the_text_or_a_second_probe_confirms() -> None:
@@ -109,13 +118,15 @@ def test_the_default_rule_stops_on_one_sure_probe_the_text_or_a_second_probe_con
     assert (config.sure_confidence, config.text_window, config.agree_confidence) == (0.999, 3, 0.999)
     written = controller({"policy": "probe_fcs"})
     requests = feed_text(written, SOLVE + CHECK)
-    decision = written.probe_result(ProbeResult(requests[0].id, "12", 0.9995, 5)).decision
+    assert written.probe_result(ProbeResult(requests[0].id, "12", 0.9995, 5)).decision is None  # held: "\n\n"
+    decision = written.feed("H", 1).decision  # the model goes on thinking: the held stop is made
     assert decision is not None and decision.reason == "probe_sure"
     unwritten = controller({"policy": "probe_fcs"})
     requests = feed_text(unwritten, "Let me think about 3 times 4.\n\n" + CHECK)
     assert unwritten.probe_result(ProbeResult(requests[0].id, "12", 0.9985, 5)).decision is None
     assert feed_text(unwritten, "\n\n") == []  # below 0.999: no second probe
-    assert unwritten.probe_result(ProbeResult(feed_text(unwritten, CHECK)[0].id, "12", 0.9995, 5)).decision
+    assert unwritten.probe_result(ProbeResult(feed_text(unwritten, CHECK)[0].id, "12", 0.9995, 5)).decision is None
+    assert unwritten.pending is not None and unwritten.feed("H", 1).decision  # held until the model goes on
     assert unwritten.decision is not None and unwritten.decision.reason == "probe_confirmed"
 
 
@@ -127,22 +138,22 @@ def test_one_sure_probe_stops_when_the_thinking_wrote_the_same_answer() -> None:
     assert decision is not None and decision.reason == "probe_sure" and decision.answer == "12"
     other = controller({"policy": "probe_fcs", "sure_confidence": 0.999, "agree_confidence": 1.0})
     requests = feed_text(other, SOLVE + CHECK)
-    assert other.probe_result(ProbeResult(requests[0].id, "7", 0.9999, 5)).decision is None  # text never said 7
+    assert settle(other, ProbeResult(requests[0].id, "7", 0.9999, 5)) is None  # text never said 7
 
 
 def test_the_text_window_only_counts_recent_answers_written_before_the_probe() -> None:
     other_first = "Two plus two is 4. So the answer is 4.\n\n" + SOLVE
     narrow = controller({"policy": "probe_fcs", "sure_confidence": 0.99, "text_window": 1})
     requests = feed_text(narrow, other_first + CHECK)
-    assert narrow.probe_result(ProbeResult(requests[0].id, "4", 0.9999, 5)).decision is None  # not the latest
+    assert settle(narrow, ProbeResult(requests[0].id, "4", 0.9999, 5)) is None  # not the latest
     wide = controller({"policy": "probe_fcs", "sure_confidence": 0.99, "text_window": 3})
     requests = feed_text(wide, other_first + CHECK)
-    decision = wide.probe_result(ProbeResult(requests[0].id, "4", 0.9999, 5)).decision
-    assert decision is not None and decision.reason == "probe_sure"
+    decision = settle(wide, ProbeResult(requests[0].id, "4", 0.9999, 5))
+    assert decision is not None and decision.reason == "probe_sure"  # type: ignore[attr-defined]
     late = controller({"policy": "probe_fcs", "sure_confidence": 0.99})
     requests = feed_text(late, SOLVE + CHECK)
     feed_text(late, "So the answer is 7.\n\n")  # written after the probe's prefix: not what the probe saw
-    assert late.probe_result(ProbeResult(requests[0].id, "7", 0.9999, 5)).decision is None
+    assert settle(late, ProbeResult(requests[0].id, "7", 0.9999, 5)) is None
 
 
 def test_a_confident_probe_is_checked_by_a_second_probe_on_the_same_prefix() -> None:
@@ -164,7 +175,7 @@ def test_a_confident_probe_is_checked_by_a_second_probe_on_the_same_prefix() -> 
         control, _ = ask("12", 0.995)
         check = feed_text(control, "x")
         assert control.probe_result(ProbeResult(check[0].id, answer, confidence, 6)).decision is None
-        assert control.decision is None
+        assert control.decision is None and control.pending is None
 
     control, _ = ask("12", 0.98)  # below agree_confidence: no second probe
     assert feed_text(control, "x") == []
