@@ -97,7 +97,12 @@ def ask(base_url: str, script: list[int], think_end: int, out: Callable[[str], N
         stream=True,
         stream_options={"include_usage": True},
         max_tokens=1500,
-        extra_body={"vllm_xargs": {"script": ",".join(map(str, script)), "think_end_id": think_end}},
+        # the text rule: the default probe_fcs asks the model itself, and a random-weight model's probe answers
+        # carry no confidence (its scripted tokens are forced after vLLM has taken the log-probabilities)
+        extra_body={
+            "vllm_xargs": {"script": ",".join(map(str, script)), "think_end_id": think_end},
+            "thinkbrake": {"policy": "fcs_reflection"},
+        },
     )
     info: dict[str, Any] = {}
     usage: Any = None

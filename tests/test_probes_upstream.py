@@ -24,7 +24,7 @@ RECHECK = "Wait, maybe I should check once more."
 TAIL = " Let me add it up again: 6 + 6 + 6 + 6 + 6 + 6 + 6 = 42." * 30
 TRACE = Trace(SOLVE + CONFIRM + RECHECK + TAIL, "The answer is $\\boxed{42}$.")
 SUFFIX = "\n**Final Answer**\n\\boxed"
-TOKEN_RATE = 300.0  # the trace lasts about 2 s: probes answer long before its end
+TOKEN_RATE = 60.0  # about 0.4 s between two "Wait"s: a probe answers before the next one, even on a busy machine
 
 
 @contextlib.contextmanager
