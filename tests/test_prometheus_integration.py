@@ -58,11 +58,13 @@ TIMEOUT = 60.0
 
 #: Chat requests to the real server, one of each kind (the fake upstream's traces 0-2 are math, 3+ are not).
 REAL_TRAFFIC: list[dict[str, Any]] = [
-    {"fake_trace": 0},  # stopped by fcs_reflection ("confirmed")
+    {"fake_trace": 0, "thinkbrake": {"policy": "fcs_reflection"}},  # stopped by fcs_reflection ("confirmed")
+    {"fake_trace": 0},  # the default probe_fcs: sends answer probes (stops wherever its probes answer)
     {"fake_trace": 2, "thinkbrake": {"policy": "first_answer"}},  # stopped at the first answer
     {"fake_trace": 3},  # natural: thinking without answers
-    {"fake_trace": 1, "thinkbrake": {"shadow": True}},  # shadow: runs on, records where it would have stopped
-    {"fake_trace": 0, "thinkbrake": {"shadow": True}, "stream": True},  # shadow, streamed
+    # shadow: runs on, records where it would have stopped (the text rule: at a fixed point)
+    {"fake_trace": 1, "thinkbrake": {"policy": "fcs_reflection", "shadow": True}},
+    {"fake_trace": 0, "thinkbrake": {"policy": "fcs_reflection", "shadow": True}, "stream": True},  # streamed
     {"fake_trace": 4, "max_tokens": 20},  # length
     {"fake_trace": 0, "fake_fault": "status:503"},  # error: the upstream fails
 ]
@@ -145,7 +147,6 @@ def real_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[RealServer
     log = tmp_path_factory.mktemp("serve") / "serve.log"
     port = free_port()
     command = [sys.executable, "-m", "server.cli", "serve", "--host", "127.0.0.1", "--port", str(port)]
-    command += ["--policy", "fcs_reflection"]  # stops at fixed points (a probing rule stops where its probes answer)
     env = {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [str(ROOT), os.environ.get("PYTHONPATH")]))}
     with contextlib.ExitStack() as stack:
         upstream = stack.enter_context(FakeUpstream(model=SERVED_MODEL, record=False))
