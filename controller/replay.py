@@ -264,8 +264,8 @@ class EventRecorder(ThinkingController):
         super().__init__(OffConfig(), delimiters, comparer, question=question)
         self.events: list[Event] = []
 
-    def feed(self, delta: str, tokens: int) -> Any:
-        update = super().feed(delta, tokens)
+    def feed(self, delta: str, tokens: int, through_end: int | None = None) -> Any:
+        update = super().feed(delta, tokens, through_end)
         self.events.extend(update.events)
         return update
 

@@ -53,8 +53,9 @@ class Update:
 class ThinkingController:
     """Routes deltas to reasoning/content and decides when thinking should stop.
 
-    Invariants: thinking tokens are counted for every delta that starts inside thinking (the end tag's token
-    included); ``decision`` is set at most once and, once set, the controller only routes text; ``decision`` is
+    Invariants: thinking tokens are the tokens of every delta that starts inside thinking (the end tag's token
+    included), except that a delta that closes the thinking and says how many of its tokens come through the
+    end tag (``through_end``) counts only those; ``decision`` is set at most once and, once set, the controller only routes text; ``decision`` is
     never set on or after the delta in which the model closes its thinking; ``kept_tokens`` (set with
     ``decision``) is the number of tokens fed up to the stop point.
     """
@@ -106,14 +107,16 @@ class ThinkingController:
     def thinking_done(self) -> bool:
         return self.splitter.saw_end
 
-    def feed(self, delta: str, tokens: int) -> Update:
-        """Route one delta and run detection on its thinking part."""
+    def feed(self, delta: str, tokens: int, through_end: int | None = None) -> Update:
+        """Route one delta and run detection on its thinking part.
+
+        ``through_end``: when the caller knows it (from token ids), how many of the delta's ``tokens`` come up to
+        and including the end of thinking. It is used only if this delta closes the thinking: the tokens after the
+        end tag are then answer tokens, so the counts do not depend on how the backend grouped tokens into deltas.
+        """
         fed_before = self.fed_tokens
         self.fed_tokens += tokens
-        if self.splitter.state == ANSWER:
-            self.answer_tokens += tokens
-        else:
-            self.thinking_tokens += tokens
+        in_thinking = self.splitter.state != ANSWER
         update = Update()
         thinking = ""
         for piece in self.splitter.feed(delta):
@@ -122,6 +125,14 @@ class ThinkingController:
                 thinking += piece.text
             else:
                 update.content += piece.text
+        if not in_thinking:
+            self.answer_tokens += tokens
+        elif self.splitter.state == ANSWER and through_end is not None and 0 < through_end < tokens:
+            self.thinking_tokens += through_end  # this delta closed the thinking: the rest is answer
+            self.answer_tokens += tokens - through_end
+            tokens = through_end
+        else:
+            self.thinking_tokens += tokens
         if self.pending is not None:
             self._resolve_pending(thinking, fed_before, update)
         elif self.decision is None and self.error is None and self.splitter.saw_start:

@@ -74,6 +74,19 @@ class Chunk:
     finish_reason: str | None = None
 
 
+def tokens_through(end_ids: list[int], before: list[int], token_ids: list[int]) -> int | None:
+    """How many of ``token_ids`` come up to and including the first occurrence of ``end_ids`` that ends among
+    them (``before``: the ids generated earlier, for a delimiter split across chunks); None when it does not
+    occur. Looks only at ``token_ids`` and the ``len(end_ids) - 1`` ids before them."""
+    tail = before[max(0, len(before) - len(end_ids) + 1) :] if len(end_ids) > 1 else []
+    ids = tail + token_ids
+    size = len(end_ids)
+    for start in range(len(ids) - size + 1):
+        if ids[start : start + size] == end_ids and start + size > len(tail):
+            return start + size - len(tail)
+    return None
+
+
 #: key the server adds to a probe request's ``extra_args`` (HTTP: ``vllm_xargs``) next to the request's own, so
 #: logits processors can tell a probe from the main decode (value: the probe's id within its choice)
 PROBE_MARKER = "thinkbrake_probe"

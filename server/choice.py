@@ -32,7 +32,7 @@ from controller.detector import ANSWER
 from controller.policies import StopDecision
 from controller.probes import ProbeRequest, ProbeResult
 from controller.session import ThinkingController, Update
-from server.backend import Backend, Chunk, Generation, Prompt, Sampling
+from server.backend import Backend, Chunk, Generation, Prompt, Sampling, tokens_through
 from server.metrics import Metrics, RequestRecord
 from server.probing import NO_PROBE_METHOD, NO_TOKEN_IDS, ChoiceProbes, Interleave
 from server.protocol import RequestControl
@@ -116,6 +116,8 @@ class RunContext:
     metrics: Metrics
     comparer: AnswerComparer
     model_name: str
+    #: token ids of each end-of-thinking delimiter, as the backend encodes it (shared by the server's requests)
+    end_ids: dict[str, list[int]] = field(default_factory=dict)
 
 
 @dataclass
@@ -138,7 +140,8 @@ class ChoiceRunner:
     _probes: ChoiceProbes | None = None
     _controller: ThinkingController | None = None
     #: what a probing controller was fed, until its first probe answers (to replay it if probing fails)
-    _fed: list[tuple[str, int]] | None = None
+    _fed: list[tuple[str, int, int | None]] | None = None
+    _end_ids_asked: bool = False
 
     @property
     def probes(self) -> ChoiceProbes:
@@ -173,8 +176,8 @@ class ChoiceRunner:
         fed, self._fed = self._fed or [], None
         controller = self._controller = self._new_controller(self.probes.stats.fallback)
         decision = None
-        for text, tokens in fed:
-            decision = decision or controller.feed(text, tokens).decision
+        for text, tokens, through_end in fed:
+            decision = decision or controller.feed(text, tokens, through_end).decision
         return decision
 
     async def run(self) -> AsyncGenerator[ChoiceEvent, None]:
@@ -206,9 +209,11 @@ class ChoiceRunner:
                         text, update = "", self.controller.probe_result(item)
                     else:
                         self._check_token_ids(generation, item, not generated)
-                        text, update = item.text, self._feed(self.controller, item.text, len(item.token_ids))
+                        through_end = await self._through_end(item, generated)
+                        update = self._feed(self.controller, item.text, len(item.token_ids), through_end)
+                        text = item.text
                         generated += item.token_ids
-                        self._log_fed(item)
+                        self._log_fed(item, through_end)
                     if self._fed is not None and probes.stats.fallback is not None:
                         update.decision = update.decision or self._go_text_only()
                     if update.decision is not None and self.control.shadow:
@@ -217,8 +222,10 @@ class ChoiceRunner:
                         decision = update.decision  # (a decision on the stream's last chunk saves nothing)
                         late = await merged.drain(DRAIN_SECONDS)  # a probe decided while a chunk was on its way
                         if late is not None:
+                            through_end = await self._through_end(late, generated)
                             generated += late.token_ids
-                            self._merge(update, self._feed(self.controller, late.text, len(late.token_ids)))
+                            late_update = self._feed(self.controller, late.text, len(late.token_ids), through_end)
+                            self._merge(update, late_update)
                             text += late.text
                             self.controller.kept_tokens = self.controller.fed_tokens  # shown, so kept
                         await generation.abort()  # at once: no more thinking is decoded
@@ -315,12 +322,35 @@ class ChoiceRunner:
         update.content += late.content
         update.events += late.events
 
-    def _log_fed(self, chunk: Chunk) -> None:
+    def _log_fed(self, chunk: Chunk, through_end: int | None) -> None:
         if self._fed is not None:
             if self.probes.stats.answered:
                 self._fed = None  # probing works here: no replay will be needed
             else:
-                self._fed.append((chunk.text, len(chunk.token_ids)))
+                self._fed.append((chunk.text, len(chunk.token_ids), through_end))
+
+    async def _through_end(self, chunk: Chunk, generated: list[int]) -> int | None:
+        """How many of a multi-token chunk's tokens come up to and including the end-of-thinking delimiter's ids,
+        while the thinking is open and the chunk may close it (the backend merges tokens into one chunk when the
+        reader lags, so the tokens after the end tag can arrive with it); None when unknown or not there."""
+        end = self.delimiters.end
+        if len(chunk.token_ids) < 2 or self.controller.thinking_done or not end or end[-1] not in chunk.text:
+            return None
+        end_ids = await self._delimiter_ids(end)
+        return None if end_ids is None else tokens_through(end_ids, generated, chunk.token_ids)
+
+    async def _delimiter_ids(self, end: str) -> list[int] | None:
+        shared = self.context.end_ids
+        if end not in shared and not self._end_ids_asked:
+            self._end_ids_asked = True  # once per choice: a backend that cannot encode is not asked again
+            try:
+                encoded = await self.context.backend.encode(end)
+            except Exception:  # noqa: BLE001 - without the ids the whole chunk counts as thinking, as before
+                log.debug("encoding the end-of-thinking delimiter failed", exc_info=True)
+                encoded = None
+            if encoded:
+                shared[end] = list(encoded)
+        return shared.get(end)
 
     def _launch(self, requests: list[ProbeRequest], generation: Generation, generated: list[int]) -> None:
         probes = self.probes
@@ -329,9 +359,9 @@ class ChoiceRunner:
         for request in requests:
             probes.launch(request, generation.prompt_token_ids, generated)
 
-    def _feed(self, controller: ThinkingController, text: str, tokens: int) -> Update:
+    def _feed(self, controller: ThinkingController, text: str, tokens: int, through_end: int | None = None) -> Update:
         began = time.perf_counter()
-        update = controller.feed(text, tokens)
+        update = controller.feed(text, tokens, through_end)
         self.context.metrics.observe_controller(
             time.perf_counter() - began, tokens, self.context.model_name, self.control.policy.name
         )

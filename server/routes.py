@@ -199,6 +199,7 @@ class Service:
         self.comparer.warm_up()  # import Math-Verify off the event loop before the first comparison needs it
         self.random = random.Random()
         self.cleanups: set[asyncio.Future[Any]] = set()  # aborts still running after a disconnect
+        self.end_ids: dict[str, list[int]] = {}  # end-of-thinking delimiter -> its token ids (RunContext)
 
     def close(self) -> None:
         """Stop the answer comparer's worker process (at shutdown)."""
@@ -219,7 +220,7 @@ class Service:
         raw: bool,
         question: str | None = None,
     ) -> list[ChoiceRunner]:
-        context = RunContext(self.backend, self.metrics, self.comparer, self.backend.model_name)
+        context = RunContext(self.backend, self.metrics, self.comparer, self.backend.model_name, self.end_ids)
         sampling = Sampling(request.token_limit, request.sampling_options(), request.vllm_xargs)
         request_id = new_id("tb")
         return [

@@ -36,6 +36,7 @@ from server.backend import (
     Prompt,
     Sampling,
     TextPrompt,
+    tokens_through,
 )
 from server.settings import Settings
 
@@ -107,6 +108,7 @@ class UpstreamGeneration:
 
     async def _stream(self, client: httpx.AsyncClient) -> AsyncGenerator[Chunk, None]:
         rebuilder = RawTextRebuilder(self._backend.delimiters)
+        end_ids = await self._backend.end_ids() if self._chat else None
         try:
             request = client.build_request("POST", self._path, json=self._body)
             response = self._response = await client.send(request, stream=True)
@@ -123,7 +125,7 @@ class UpstreamGeneration:
                     return
                 if done:  # read to the end, so the connection goes back to the pool instead of being closed
                     continue
-                merged, done, failure = self._parse_lines(lines.decode(raw), rebuilder)
+                merged, done, failure = self._parse_lines(lines.decode(raw), rebuilder, end_ids)
                 if merged is not None:
                     yield merged
                 if failure is not None:
@@ -136,7 +138,7 @@ class UpstreamGeneration:
             await close_response(response)
 
     def _parse_lines(
-        self, lines: list[bytes], rebuilder: RawTextRebuilder
+        self, lines: list[bytes], rebuilder: RawTextRebuilder, end_ids: list[int] | None = None
     ) -> tuple[Chunk | None, bool, BackendError | None]:
         """The merged chunk of complete SSE lines, whether ``[DONE]`` came, and an error that ends the stream
         (raised after the text before it is forwarded)."""
@@ -148,7 +150,7 @@ class UpstreamGeneration:
             if data == b"[DONE]":
                 return merged, True, None
             try:
-                chunk = self._parse(json.loads(data), rebuilder)
+                chunk = self._parse(json.loads(data), rebuilder, end_ids)
             except ValueError:
                 return merged, True, BackendError("upstream sent a malformed event (not JSON)")
             except BackendError as error:
@@ -163,7 +165,9 @@ class UpstreamGeneration:
                 merged.finish_reason = chunk.finish_reason or merged.finish_reason
         return merged, False, None
 
-    def _parse(self, event: dict[str, Any], rebuilder: RawTextRebuilder) -> Chunk | None:
+    def _parse(
+        self, event: dict[str, Any], rebuilder: RawTextRebuilder, end_ids: list[int] | None = None
+    ) -> Chunk | None:
         if "error" in event and not event.get("choices"):
             error = event["error"]
             raise BackendError(f"upstream error: {error.get('message') if isinstance(error, dict) else error}")
@@ -182,6 +186,10 @@ class UpstreamGeneration:
                 reasoning = delta.get("reasoning_content")
             swallowed = choice.get("token_ids") and not {"reasoning", "reasoning_content", "content"} & delta.keys()
             text = rebuilder.close_thinking() if swallowed else rebuilder.feed(reasoning, delta.get("content"))
+            if end_ids and tokens_through(end_ids, [], list(choice.get("token_ids") or [])) is not None:
+                # the end tag came with the last thinking tokens and no answer text yet (the parser then sends
+                # reasoning only): close the thinking here, with its tokens, not with the answer's first token
+                text += rebuilder.close_thinking()
         else:
             text = choice.get("text") or ""
         token_ids = choice.get("token_ids")
@@ -316,6 +324,16 @@ class UpstreamBackend:
         self.clients = UpstreamClients(settings.upstream, headers, timeout, settings.upstream_max_connections)
         self._ready = False
         self._suffix_ids: dict[str, list[int]] = {}
+        self._end_ids: list[int] | None = None
+        self._end_ids_asked = False
+
+    async def end_ids(self) -> list[int] | None:
+        """The end-of-thinking delimiter's token ids (from ``/tokenize``, asked once; None when the upstream
+        cannot tell). A chat stream uses them to close the thinking at the tokens that end it."""
+        if not self._end_ids_asked:
+            self._end_ids_asked = True  # once: an upstream without /tokenize is not asked on every request
+            self._end_ids = await self.encode(self.delimiters.end) or None
+        return self._end_ids
 
     @property
     def ready(self) -> bool:

@@ -20,7 +20,7 @@ from controller.delimiters import delimiters_for
 from controller.policies import PolicyError
 from server import cli
 from server.app import build_app
-from server.backend import BackendError, Chunk, Prompt, Sampling, TextPrompt
+from server.backend import BackendError, Chunk, Prompt, Sampling, TextPrompt, tokens_through
 from server.metrics import Metrics
 from server.protocol import (
     ChatCompletionChunk,
@@ -239,3 +239,62 @@ def test_cli_has_serve_and_replay(capsys):
             cli.main([command, "--help"])
         assert caught.value.code == 0
     assert "--upstream" in capsys.readouterr().out
+
+
+@pytest.mark.parametrize("merged", [1, 2, 3])
+def test_a_chunk_that_closes_thinking_counts_only_its_tokens_through_the_end_tag(merged: int) -> None:
+    """The engine merges tokens into one chunk when the server lags: ``merged`` tokens end the thinking
+    (the last thinking token, the end tag, the answer's first token...); the counts stay those of one at a time."""
+    backend = FakeBackend("So 6 * 7 = 42.", "ignored")
+    thinking = [Chunk("So 6 * 7 = 42.", [7, 7, 7, 7, 7]), Chunk("\n", [6])]
+    tail = [Chunk("</think>", [8]), Chunk("\n\n", [5]), Chunk("It is ", [9, 9]), Chunk("42.", [9], "stop")]
+    stream = thinking + tail
+    start = len(thinking) - 1 if merged == 3 else len(thinking)
+    group = stream[start : start + merged]
+    joined = Chunk("".join(c.text for c in group), [i for c in group for i in c.token_ids], group[-1].finish_reason)
+    backend.thinking, backend.answer = stream[:start], [joined, *stream[start + merged :]]
+    with make_client(backend) as client:
+        body = {"messages": [{"role": "user", "content": "6*7?"}], "thinkbrake": {"policy": "fcs_reflection"}}
+        data = client.post("/v1/chat/completions", json=body).json()
+    info = data["thinkbrake"]
+    assert not info["stopped"] and data["choices"][0]["message"]["content"] == "\n\nIt is 42."
+    assert (info["thinking_tokens"], info["answer_tokens"]) == (7, 4)
+
+
+def test_tokens_through_finds_the_end_ids_also_split_across_chunks() -> None:
+    assert tokens_through([8], [1, 2], [3, 8, 5, 9]) == 2
+    assert tokens_through([8], [1, 8], [5, 9]) is None
+    assert tokens_through([4, 8], [1, 4], [8, 5]) == 1  # the delimiter's first id came in the chunk before
+    assert tokens_through([4, 8], [], [4, 8, 5]) == 2
+    assert tokens_through([4, 8], [4], [9, 4, 8]) == 3
+    assert tokens_through([4, 8], [1], [4, 9, 8]) is None
+
+
+def test_upstream_closes_thinking_with_the_event_that_carries_the_end_tag() -> None:
+    """vLLM's reasoning parser sends an event whose tokens end with the end tag as reasoning only (no content):
+    the rebuilt text closes the thinking there, so the next event's token is an answer token."""
+    from types import SimpleNamespace
+
+    from controller.answers import AnswerComparer
+    from controller.policies import parse_policy
+    from controller.session import ThinkingController
+    from server.upstream import UpstreamGeneration
+
+    backend = SimpleNamespace(delimiters=delimiters_for("think-implicit"))
+    events = [
+        {"choices": [{"delta": {"reasoning": "So 6 * 7 = 42."}, "token_ids": [7, 7]}]},
+        {"choices": [{"delta": {"reasoning": "\n"}, "token_ids": [6, 8]}]},  # "\n" + "</think>" merged
+        {"choices": [{"delta": {"content": "\n\nIt is 42."}, "token_ids": [5, 9, 9]}]},
+    ]
+    for end_ids, expected in (([8], (4, 3)), (None, (7, 0))):  # without: the tag comes with the answer
+        generation = UpstreamGeneration(backend, "/v1/chat/completions", {}, chat=True)  # type: ignore[arg-type]
+        rebuilder = RawTextRebuilder(backend.delimiters)
+        chunks = [generation._parse(event, rebuilder, end_ids) for event in events]
+        assert "".join(chunk.text for chunk in chunks if chunk) == "So 6 * 7 = 42.\n</think>\n\nIt is 42."
+        comparer = AnswerComparer()
+        controller = ThinkingController(parse_policy({"policy": "fcs_reflection"}), backend.delimiters, comparer)
+        for chunk in chunks:
+            assert chunk is not None
+            controller.feed(chunk.text, len(chunk.token_ids))
+        comparer.close()
+        assert (controller.thinking_tokens, controller.answer_tokens) == expected

@@ -90,3 +90,28 @@ def test_a_pending_stop_is_made_once_text_shows_the_model_goes_on() -> None:
     update = controller.feed("br>", 1)  # "<br>" is not the end tag: the model goes on thinking
     assert update.decision is not None and update.past_stop and update.decision.key == "64"
     assert update.decision.tokens == 5 and controller.kept_tokens == 4
+
+
+def test_thinking_tokens_do_not_depend_on_how_tokens_are_grouped_into_deltas() -> None:
+    """A backend that lags merges tokens into one delta; one that closes the thinking says (``through_end``) how
+    many of its tokens come through the end tag, so the tokens after it are answer tokens, as one at a time."""
+    tokens = [*THINKING.split(" "), "\n", "</think>", "\n\n", "Kylar ", "pays ", "$64."]
+    tokens = [token + " " for token in tokens[:-7]] + tokens[-7:]  # (the words keep their spaces)
+    end = tokens.index("</think>")
+    one_at_a_time, _ = run(tokens)
+    assert one_at_a_time.thinking_tokens == end + 1 and one_at_a_time.answer_tokens == len(tokens) - end - 1
+    for first in range(end - 3, end + 1):
+        for last in range(end + 1, len(tokens) + 1):
+            controller = ThinkingController(parse_policy({"policy": "fcs_reflection"}), IMPLICIT, COMPARER)
+            for token in tokens[:first]:
+                controller.feed(token, 1)
+            merged = tokens[first:last]
+            controller.feed("".join(merged), len(merged), through_end=end + 1 - first)
+            for token in tokens[last:]:
+                controller.feed(token, 1)
+            controller.finish()
+            assert (controller.thinking_tokens, controller.answer_tokens) == (
+                one_at_a_time.thinking_tokens,
+                one_at_a_time.answer_tokens,
+            ), (first, last)
+            assert controller.decision is None
