@@ -57,6 +57,7 @@ def build_app(
                 if on_startup_failure is not None:
                     on_startup_failure(error)
             else:
+                service.warm_up()
                 if on_ready is not None:
                     on_ready()
 

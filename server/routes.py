@@ -195,11 +195,16 @@ class Service:
         self.settings = settings
         self.backend = backend
         self.metrics = metrics
+        # its worker processes start once the backend is up (:meth:`warm_up`): a server whose model fails to load
+        # never spawns them, so it exits with its one-line error and nothing else
         self.comparer = AnswerComparer(timeout_seconds=COMPARE_TIMEOUT_SECONDS)
-        self.comparer.warm_up()  # import Math-Verify off the event loop before the first comparison needs it
         self.random = random.Random()
         self.cleanups: set[asyncio.Future[Any]] = set()  # aborts still running after a disconnect
         self.end_ids: dict[str, list[int]] = {}  # end-of-thinking delimiter -> its token ids (RunContext)
+
+    def warm_up(self) -> None:
+        """Start the comparer's workers (they import Math-Verify) before the first comparison needs them."""
+        self.comparer.warm_up()
 
     def close(self) -> None:
         """Stop the answer comparer's worker process (at shutdown)."""
