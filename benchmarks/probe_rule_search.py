@@ -14,9 +14,12 @@ answer at the stop is the probe's; accuracy change is against the full trace's g
 trace correct and stop answer wrong. A "dense" probe (the Dynasor-family suffix, ``probe_spec(SOLUTION)``)
 asked at token ``t`` gets the recorded dense probe at the latest position at or before ``t``.
 
+Step 3 (``text``, seconds): text-only ``fcs_reflection`` variants simulated on the same cache (the detector's
+answers with their explicit flag, its solutions and loops).
+
 Run: ``python benchmarks/probe_rule_search.py build ../shared/data/traces/dev-probes.jsonl.gz --split tune
 --cache /tmp/probe_sim_tune.json`` then ``python benchmarks/probe_rule_search.py search --cache
-/tmp/probe_sim_tune.json``.
+/tmp/probe_sim_tune.json`` (or ``text --cache ...``).
 """
 
 from __future__ import annotations
@@ -28,14 +31,14 @@ import os
 import sys
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
-from multiprocessing import Pool
+from concurrent.futures import ProcessPoolExecutor
 from pathlib import Path
 from typing import Any
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from controller.answers import AnswerComparer, last_boxed  # noqa: E402
-from controller.detector import ANSWER, SOLUTION  # noqa: E402
+from controller.detector import ANSWER, LOOP, SOLUTION  # noqa: E402
 from controller.probe_policy import plain_answer  # noqa: E402
 from controller.probes import WaitScanner  # noqa: E402
 from controller.replay import (  # noqa: E402
@@ -68,7 +71,7 @@ def record_trace(trace: dict[str, Any]) -> dict[str, Any]:
     """The detector's events, the wait triggers and the graded answers of one trace."""
     comparer = _state.comparer
     deltas = token_deltas(_state.tokenizers.get(trace["tokenizer"]), trace["thinking"])
-    recorder = EventRecorder(comparer)
+    recorder = EventRecorder(comparer, question=trace.get("question") or None)
     scanner = WaitScanner()
     triggers: list[tuple[int, int, int]] = []  # (position where certain, tokens before, offset)
     for position, delta in enumerate(deltas, 1):
@@ -93,8 +96,11 @@ def record_trace(trace: dict[str, Any]) -> dict[str, Any]:
         if e.kind == ANSWER and e.answer is not None
     ]
     solutions = [
-        [e.tokens, e.answer_tokens, e.answer, e.key] for e in recorder.events if e.kind == SOLUTION and e.answer
+        [e.tokens, e.answer_tokens, e.answer, e.key, e.explicit]
+        for e in recorder.events
+        if e.kind == SOLUTION and e.answer
     ]
+    loops = [e.tokens for e in recorder.events if e.kind == LOOP]
     dense = [list(p[:5]) for p in sorted(trace.get("probes") or [], key=lambda p: p[0])]
     graded: dict[str, bool] = {}
     for answer in [w[3] for w in waits] + [a[2] for a in answers] + [d[2] for d in dense] + [full]:
@@ -110,6 +116,7 @@ def record_trace(trace: dict[str, Any]) -> dict[str, Any]:
         "waits": waits,
         "answers": answers,
         "solutions": solutions,
+        "loops": loops,
         "dense": dense,
         "graded": graded,
     }
@@ -118,8 +125,9 @@ def record_trace(trace: dict[str, Any]) -> dict[str, Any]:
 def build(args: argparse.Namespace) -> int:
     traces = [t for t in load_traces([args.traces]) if args.split == "all" or split_of(t) == args.split][: args.limit]
     out = []
-    with Pool(args.jobs, _init, (str(default_tokenizer_root(args.traces)),)) as pool:
-        for index, record in enumerate(pool.imap(record_trace, traces, chunksize=4), 1):
+    # worker processes that may start processes of their own (the comparer's Math-Verify worker)
+    with ProcessPoolExecutor(args.jobs, initializer=_init, initargs=(str(default_tokenizer_root(args.traces)),)) as pool:
+        for index, record in enumerate(pool.map(record_trace, traces, chunksize=4), 1):
             out.append(record)
             if index % 100 == 0:
                 print(f"{index}/{len(traces)}", file=sys.stderr, flush=True)
@@ -256,10 +264,71 @@ def make_rule(
     return decide
 
 
-def evaluate(traces: list[dict[str, Any]], decide: Callable[..., Any]) -> dict[str, dict[str, float]]:
+def make_agreement_rule(k: int, conf: float, text: bool, dense: bool) -> Callable[..., Any]:
+    """``probe_fcs`` (the released settings), plus: a wait probe whose answer equals the ``k`` wait probes
+    before it (any confidence), reaching ``conf`` -- or carrying no confidence at all (a Qwen3 probe that did
+    not close its thinking) -- and (``text``) the thinking's own answer among the last 3 and (``dense``) a dense
+    probe on the same prefix (charged)."""
+    base = make_rule(sure=0.999, text_window=3, dense_conf=0.999)
+
+    def decide(trace: dict[str, Any], index: int, state: dict[str, Any]) -> Any:
+        stop = base(trace, index, state)
+        if stop is not None:
+            return stop
+        position, tokens, _offset, answer, confidence, out = trace["waits"][index]
+        if answer is None or not plain_answer(answer) or (confidence < conf and confidence != 0.0):
+            return None
+        before = [entry[0] for entry in state["history"][:-1]][-k:]
+        if len(before) < k or not all(other is not None and equal(other, answer) for other in before):
+            return None
+        if text and not any(equal(t, answer) for t in text_before(trace, tokens, 3)):
+            return None
+        arrive = position + out + 1
+        if not dense:
+            return answer, arrive
+        if state["room"] <= 0:
+            return None
+        probe = dense_at(trace, tokens)
+        cost = 32 if probe is None else int(probe[4])
+        state["extra"].append((arrive + 1, cost))
+        if probe is not None and probe[3] and probe[2] is not None and equal(probe[2], answer):
+            return answer, arrive + 1 + cost + 1
+        return None
+
+    return decide
+
+
+def late_outcome(trace: dict[str, Any], start: int, step: int, k: int) -> Outcome:
+    """``probe_fcs`` (released settings); where it has not stopped by token ``start``, a dense probe every
+    ``step`` tokens from there (charged) and a stop when ``k`` in a row give the same certain answer."""
+    outcome = simulate(trace, make_rule(sure=0.999, text_window=3, dense_conf=0.999))
+    if outcome.stop < trace["total"] and outcome.stop <= start:
+        return outcome
+    limit = min(outcome.stop, trace["total"])
+    answers: list[str | None] = []
+    spent, asked, position = 0, 0, start
+    while position < limit:
+        probe = dense_at(trace, position)
+        cost = 32 if probe is None else int(probe[4])
+        spent, asked = spent + cost, asked + 1
+        ok = probe is not None and probe[3] and probe[2] is not None and plain_answer(probe[2])
+        answers.append(probe[2] if ok and probe is not None else None)
+        arrive = position + cost + 1
+        last = answers[-1]
+        if last is not None and len(answers) >= k and arrive < limit:
+            if all(other is not None and equal(other, last) for other in answers[-k:]):
+                waits = sum(w[5] for w in trace["waits"][:30] if w[0] <= arrive)
+                return Outcome(arrive, last, trace["graded"].get(last, False), waits + spent, asked)
+        position += step
+    return Outcome(outcome.stop, outcome.answer, outcome.ok, outcome.spent + spent, outcome.probes + asked)
+
+
+def evaluate(
+    traces: list[dict[str, Any]], decide: Callable[..., Any], outcome_of: Callable[..., Outcome] | None = None
+) -> dict[str, dict[str, float]]:
     groups: dict[str, list[float]] = {}
     for trace in traces:
-        outcome = simulate(trace, decide)
+        outcome = outcome_of(trace) if outcome_of is not None else simulate(trace, decide)
         names = ["math500" if trace["dataset"] == "math500" else "amc+aime", "ALL", trace["model"][:6]]
         for name in names:
             row = groups.setdefault(name, [0.0] * 7)
@@ -314,6 +383,96 @@ def search(args: argparse.Namespace) -> int:
         if args.only and args.only not in name:
             continue
         print(row(name, evaluate(traces, decide)), flush=True)
+    # agreement without confidence (Qwen3's unclosed probes included), and dense checks late in long traces
+    for k in (1, 2, 3):
+        for conf in (0.5, 0.9):
+            for text, dense in ((True, True), (True, False), (False, True)):
+                name = f"released + agree{k} conf{conf}{' text' if text else ''}{' dense' if dense else ''}"
+                if not args.only or args.only in name:
+                    print(row(name, evaluate(traces, make_agreement_rule(k, conf, text, dense))), flush=True)
+    for start in (4096, 6144, 8192, 10240):
+        for step in (512, 1024):
+            for k in (2, 3, 4):
+                name = f"released + late dense from {start} every {step}, {k} agree"
+                if not args.only or args.only in name:
+                    figures = evaluate(traces, None, lambda t, a=start, b=step, c=k: late_outcome(t, a, b, c))
+                    print(row(name, figures), flush=True)
+    return 0
+
+
+# ---------------------------------------------------------------------------------------------- text rules
+
+
+def text_stop(trace: dict[str, Any], implicit_k: int = 3, explicit_all: bool = False, gap: int = 0) -> Any:
+    """Simulate ``fcs_reflection`` on the cached detector events: ``(position, answer)`` of its stop or None.
+
+    Two consecutive solutions agree and one states its answer explicitly (every one with ``explicit_all``);
+    otherwise ``implicit_k`` agreeing solutions, the last ``gap`` tokens or more after the first. An explicit
+    answer confirms at once (as a solution that closes there); a ``loop`` stops with the latest answer.
+    """
+    events = [(a[0], 0, "answer", a) for a in trace["answers"]] + [(s[0], 1, "solution", s) for s in trace["solutions"]]
+    events += [(at, 2, "loop", None) for at in trace.get("loops", [])]
+    keys: list[tuple[str, bool, int]] = []  # (key, explicit, answer position) per solution
+    last = None
+
+    def agreed(chain: list[tuple[str, bool, int]]) -> bool:
+        current = chain[-1][0]
+        if len(chain) >= 2 and equal(chain[-2][0], current) and (chain[-1][1] or chain[-2][1]) and not explicit_all:
+            return True
+        if explicit_all and len(chain) >= 2 and equal(chain[-2][0], current) and chain[-1][1] and chain[-2][1]:
+            return True
+        n = implicit_k
+        return (
+            len(chain) >= n
+            and all(equal(key, current) for key, _, _ in chain[-n:-1])
+            and chain[-1][2] - chain[-n][2] >= gap
+        )
+
+    for position, _, kind, event in sorted(events, key=lambda e: (e[0], e[1])):
+        if kind == "loop":
+            return position, last
+        if kind == "answer":
+            last = event[2]
+            if event[4] and agreed(keys + [(event[3], True, event[0])]):
+                return position, event[2]
+        else:
+            keys.append((event[3], event[4], event[1]))
+            if agreed(keys):
+                return position, event[2]
+    return None
+
+
+def text_search(args: argparse.Namespace) -> int:
+    traces = json.loads(Path(args.cache).read_text())
+    rules: dict[str, dict[str, Any]] = {
+        "implicit_k 2 (one check of any value)": {"implicit_k": 2},
+        "implicit_k 3 (released)": {"implicit_k": 3},
+        "implicit_k 4": {"implicit_k": 4},
+        "explicit answers only (both)": {"implicit_k": 99, "explicit_all": True},
+        "explicit in one of two, else never": {"implicit_k": 99},
+        "implicit_k 2, gap 200 tokens": {"implicit_k": 2, "gap": 200},
+        "implicit_k 2, gap 400 tokens": {"implicit_k": 2, "gap": 400},
+        "implicit_k 3, gap 400 tokens": {"implicit_k": 3, "gap": 400},
+    }
+    print(f"{len(traces)} traces; per group: saved %, accuracy change (points), harmful %")
+    for name, kwargs in rules.items():
+        groups: dict[str, list[float]] = {}
+        for trace in traces:
+            stop = text_stop(trace, **kwargs)
+            if stop is None or stop[0] >= trace["total"]:
+                at, ok = trace["total"], trace["full_ok"]
+            else:  # the replay acts with the next token (a decision completed by whitespace waits for it)
+                at, ok = stop[0] + 1, stop[1] is not None and trace["graded"].get(stop[1], False)
+            group = "math500" if trace["dataset"] == "math500" else "amc+aime"
+            for key in (group, "ALL"):
+                sums = groups.setdefault(key, [0.0] * 6)
+                for i, v in enumerate((1, trace["total"], at, trace["full_ok"], ok, trace["full_ok"] and not ok)):
+                    sums[i] += v
+        figures = {
+            key: {"n": n, "net": 100 * (total - at) / total, "delta": 100 * (ok - full) / n, "harmful": 100 * h / n}
+            for key, (n, total, at, full, ok, h) in groups.items()
+        }
+        print(row(name, figures), flush=True)
     return 0
 
 
@@ -329,8 +488,11 @@ def main() -> int:
     s = sub.add_parser("search")
     s.add_argument("--cache", required=True)
     s.add_argument("--only", help="only the rules whose name contains this")
+    t = sub.add_parser("text", help="simulate text-only fcs_reflection variants on the cache")
+    t.add_argument("--cache", required=True)
     args = parser.parse_args()
-    return build(args) if args.command == "build" else search(args)
+    commands = {"build": build, "search": search, "text": text_search}
+    return commands[args.command](args)
 
 
 if __name__ == "__main__":

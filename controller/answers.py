@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import logging
 import multiprocessing
+import multiprocessing.util
 import re
 import threading
 from concurrent.futures import TimeoutError as FutureTimeout
@@ -260,6 +261,9 @@ class AnswerComparer:
                 context = multiprocessing.get_context("spawn")
                 # two workers: while a killed one is replaced (a second or more), the other takes the next pair
                 self._pool = ProcessPool(max_workers=2, initializer=_import_math_verify, context=context)
+                # a process that exits without close() (a replay worker) stops the workers first: multiprocessing
+                # joins a process's live children at its exit, and these would otherwise wait for tasks forever
+                multiprocessing.util.Finalize(self, _stop_pool, args=(self._pool,), exitpriority=10)
             return self._pool
 
     def _verify_bounded(self, first: str, second: str) -> bool:
@@ -279,6 +283,11 @@ class AnswerComparer:
         except Exception as error:  # noqa: BLE001 - a crashed or closed worker means "not shown equal"
             log.warning("answer comparison failed (%s: %s); counted as not equal", type(error).__name__, error)
             return False
+
+
+def _stop_pool(pool: Any) -> None:
+    pool.stop()
+    pool.join(timeout=5)
 
 
 def _import_math_verify() -> None:

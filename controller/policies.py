@@ -7,8 +7,9 @@ reaches an answer is never stopped by them (only a token budget can stop it).
 - ``probe_fcs`` (default): ``fcs_reflection`` with each solution's answer read by an answer probe (see
   :mod:`controller.probe_policy`); where probes are impossible it runs as ``fcs_reflection``.
 - ``fcs_reflection``: the first solution plus one confirming reflection. Stop as soon as a solution
-  that follows a reflection reaches the same answer as the solution before it; if it reaches a different
-  answer, keep going until two consecutive solutions agree.
+  that follows a reflection reaches the same answer as the solution before it, one of the two stating it
+  explicitly; if it reaches a different answer, keep going until two consecutive solutions agree. Answers
+  never stated explicitly need three agreeing solutions (``implicit_k``).
 - ``first_answer``: stop at the first answer.
 - ``consistency`` (``k``): stop when ``k`` consecutive solutions agree (``k=2`` behaves as ``fcs_reflection``).
 - ``budget`` (``max_thinking_tokens``): stop at a hard budget only.
@@ -102,8 +103,21 @@ class ConsistencyConfig(PolicyConfig):
 
 @dataclass(frozen=True)
 class FcsReflectionConfig(ConsistencyConfig):
+    """``fcs_reflection``: ``k`` (2) consecutive solutions agree and one of them states its answer explicitly
+    (``\\boxed``, "the answer is"): the first solution plus one confirming reflection. When none of them does,
+    ``implicit_k`` (3) consecutive solutions must agree: a value the model checks without calling it the answer
+    is as often an intermediate quantity (a part of a sum, a side on the way to a diagonal) as the final one,
+    so it needs a second confirmation. ``implicit_k <= k`` drops that distinction.
+    """
+
     name: ClassVar[str] = "fcs_reflection"
     k: int = 2
+    implicit_k: int = 3
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        if self.implicit_k < 2:
+            raise PolicyError("implicit_k", "must be >= 2")
 
 
 @dataclass(frozen=True)
@@ -251,6 +265,7 @@ class PolicyRuntime:
         self.config = config
         self._equal = equal
         self._solution_keys: list[str] = []  # latest answer key of each solution
+        self._solution_explicit: list[bool] = []  # whether each solution's answer was stated explicitly
         self._due: StopDecision | None = None  # an answer stop waiting for min_thinking_tokens
         self._last: tuple[str, str] | None = None
         self.decision: StopDecision | None = None
@@ -273,14 +288,17 @@ class PolicyRuntime:
                 self._due = self._decide("first_answer", event, event.solution + 1)
             elif event.explicit and isinstance(self.config, ConsistencyConfig):
                 # an explicit answer is a conclusion already: it may confirm without waiting for the close
-                self._due = self._due or self._consistent(self._solution_keys + [event.key], event)
+                keys, explicit = self._solution_keys + [event.key], self._solution_explicit + [True]
+                self._due = self._due or self._consistent(keys, explicit, event)
         elif event.kind == SOLUTION:
             self._solution_keys.append(event.key)
+            self._solution_explicit.append(event.explicit)
             if isinstance(self.config, ConsistencyConfig):
-                self._due = self._due or self._consistent(self._solution_keys, event)
+                self._due = self._due or self._consistent(self._solution_keys, self._solution_explicit, event)
 
-    def _consistent(self, keys: list[str], event: Event) -> StopDecision | None:
-        """A decision if the last ``k`` solution answers in ``keys`` agree."""
+    def _consistent(self, keys: list[str], explicit: list[bool], event: Event) -> StopDecision | None:
+        """A decision if the last ``k`` solution answers in ``keys`` agree (for ``fcs_reflection``: one of them
+        stated explicitly, or else the last ``implicit_k``)."""
         config = self.config
         assert isinstance(config, ConsistencyConfig)
         if len(keys) < config.k:
@@ -288,6 +306,10 @@ class PolicyRuntime:
         current = keys[-1]
         if not all(self._equal(key, current) for key in keys[-config.k : -1]):
             return None
+        if isinstance(config, FcsReflectionConfig) and not any(explicit[-config.k :]):
+            n = max(config.implicit_k, config.k)
+            if len(keys) < n or not all(self._equal(key, current) for key in keys[-n : -config.k]):
+                return None
         reason = "confirmed" if isinstance(config, FcsReflectionConfig) else "consistent"
         return self._decide(reason, event, len(keys))
 

@@ -54,6 +54,7 @@ def test_parse_defaults_and_overrides() -> None:
         ({"policy": "consistency", "k": 1}, "k"),
         ({"policy": "consistency", "k": "x"}, "k"),
         ({"policy": "fcs_reflection", "k2": 3}, "k2"),
+        ({"policy": "fcs_reflection", "implicit_k": 1}, "implicit_k"),
         ({"policy": "budget"}, "max_thinking_tokens"),
         ({"min_thinking_tokens": -1}, "min_thinking_tokens"),
         ({"min_thinking_tokens": 10, "max_thinking_tokens": 5}, "max_thinking_tokens"),
@@ -71,6 +72,28 @@ def test_fcs_reflection_stops_on_the_confirming_solution() -> None:
     assert decision is not None
     assert (decision.reason, decision.key, decision.solutions) == ("confirmed", "12", 2)
     assert decision.offset == len(FIRST + CHECK_SAME.rstrip())
+
+
+# A value reached and checked without ever being called the answer (real shape: a part of what is asked)
+IMPLICIT_FIRST = "So f inverse of 6 is -3.\n\n"
+IMPLICIT_CHECK = "Wait, let me double-check. 2 times -3 plus 12 is 6.\n\nSo f inverse of 6 is -3.\n\n"
+IMPLICIT_AGAIN = "Let me verify once more. 12 minus 6 is 6.\n\nSo f inverse of 6 is -3.\n\n"
+
+
+def test_fcs_reflection_needs_a_second_check_of_a_value_never_called_the_answer() -> None:
+    assert run(FCS, IMPLICIT_FIRST + IMPLICIT_CHECK + MORE) is None
+    decision = run(FCS, IMPLICIT_FIRST + IMPLICIT_CHECK + IMPLICIT_AGAIN + MORE)
+    assert decision is not None
+    assert (decision.reason, decision.key, decision.solutions) == ("confirmed", "-3", 3)
+    # implicit_k 2: the old rule, one check of any value is enough
+    decision = run({**FCS, "implicit_k": 2}, IMPLICIT_FIRST + IMPLICIT_CHECK + MORE)
+    assert decision is not None and (decision.key, decision.solutions) == ("-3", 2)
+
+
+def test_fcs_reflection_one_explicit_statement_is_enough() -> None:
+    explicit_check = "Wait, let me double-check. 2 times -3 plus 12 is 6.\n\nSo the answer is -3.\n\n"
+    decision = run(FCS, IMPLICIT_FIRST + explicit_check + MORE)
+    assert decision is not None and (decision.key, decision.solutions) == ("-3", 2)
 
 
 def test_fcs_reflection_keeps_going_when_the_reflection_disagrees() -> None:

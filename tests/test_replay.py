@@ -56,3 +56,20 @@ def test_a_recheck_is_not_a_new_approach_but_another_method_is() -> None:
     assert new_approach_flags(text, spans) == [True, False, True]
     assert process_efficiency(text, spans, 60) == pytest.approx((20 + 20) / 60)
     assert outcome_efficiency(15, 60) == 0.25 and outcome_efficiency(None, 60) is None
+
+
+def test_replay_in_worker_processes_exits_after_its_report(tmp_path: Path) -> None:
+    """With --jobs 2 every worker compares answers with Math-Verify in worker processes of its own; each
+    worker must stop those when it exits, or the replay hangs after the last trace."""
+    import subprocess
+    import sys
+
+    if not DEV_TRACES.exists():
+        pytest.skip(f"dev traces not found at {DEV_TRACES}")
+    command = [sys.executable, "-m", "server.cli", "replay", str(DEV_TRACES), "--policy", "fcs_reflection",
+               "--limit", "12", "--jobs", "2", "--json", str(tmp_path / "out.json")]  # fmt: skip
+    done = subprocess.run(command, capture_output=True, text=True, timeout=180)
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert "| ALL | fcs_reflection | 12 |" in done.stdout
+    report = json.loads((tmp_path / "out.json").read_text())
+    assert len(report["traces"]) == 12
