@@ -78,7 +78,7 @@ class SolutionDetector:
         self,
         max_sentence_chars: int = 2000,
         max_gap_sentences: int = 1,
-        loop_chars: int = 4000,
+        loop_chars: int = 2000,
         question: Question | None = None,
     ) -> None:
         self.question = question
