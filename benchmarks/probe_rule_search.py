@@ -30,8 +30,8 @@ import json
 import os
 import sys
 from collections.abc import Callable, Iterator
-from dataclasses import dataclass
 from concurrent.futures import ProcessPoolExecutor
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -126,7 +126,9 @@ def build(args: argparse.Namespace) -> int:
     traces = [t for t in load_traces([args.traces]) if args.split == "all" or split_of(t) == args.split][: args.limit]
     out = []
     # worker processes that may start processes of their own (the comparer's Math-Verify worker)
-    with ProcessPoolExecutor(args.jobs, initializer=_init, initargs=(str(default_tokenizer_root(args.traces)),)) as pool:
+    with ProcessPoolExecutor(
+        args.jobs, initializer=_init, initargs=(str(default_tokenizer_root(args.traces)),)
+    ) as pool:
         for index, record in enumerate(pool.map(record_trace, traces, chunksize=4), 1):
             out.append(record)
             if index % 100 == 0:
