@@ -314,7 +314,7 @@ def late_outcome(trace: dict[str, Any], start: int, step: int, k: int) -> Outcom
         cost = 32 if probe is None else int(probe[4])
         spent, asked = spent + cost, asked + 1
         ok = probe is not None and probe[3] and probe[2] is not None and plain_answer(probe[2])
-        answers.append(probe[2] if ok and probe is not None else None)
+        answers.append(probe[2] if ok and probe is not None else None)  # no check against the text
         arrive = position + cost + 1
         last = answers[-1]
         if last is not None and len(answers) >= k and arrive < limit:
@@ -322,6 +322,38 @@ def late_outcome(trace: dict[str, Any], start: int, step: int, k: int) -> Outcom
                 waits = sum(w[5] for w in trace["waits"][:30] if w[0] <= arrive)
                 return Outcome(arrive, last, trace["graded"].get(last, False), waits + spent, asked)
         position += step
+    return Outcome(outcome.stop, outcome.answer, outcome.ok, outcome.spent + spent, outcome.probes + asked)
+
+
+def settle_outcome(trace: dict[str, Any], start: int, spacing: int, k: int, window: int, cap: int = 16) -> Outcome:
+    """The last release's rule plus settle probes (``probe_settled``, the default now): from token ``start``, a
+    dense probe at each "Wait" at least ``spacing`` tokens after the previous one (charged, at most ``cap``);
+    a stop when ``k`` in a row give the same certain answer that the text wrote among its last ``window``."""
+    outcome = simulate(trace, make_rule(sure=0.999, text_window=3, dense_conf=0.999))
+    if outcome.stop < trace["total"] and outcome.stop <= start:
+        return outcome
+    limit = min(outcome.stop, trace["total"])
+    answers: list[str | None] = []
+    spent = asked = 0
+    last = -(10**9)
+    for position, tokens, *_ in trace["waits"]:
+        if tokens < start or tokens - last < spacing:
+            continue
+        if position >= limit or asked >= cap:
+            break
+        last = tokens
+        probe = dense_at(trace, tokens)
+        cost = 32 if probe is None else int(probe[4])
+        spent, asked = spent + cost, asked + 1
+        answer = probe[2] if probe is not None and probe[3] and plain_answer(probe[2]) else None
+        if answer is not None and window and not any(equal(t, answer) for t in text_before(trace, tokens, window)):
+            answer = None
+        answers.append(answer)
+        arrive = position + cost + 1
+        if answer is not None and len(answers) >= k and arrive < limit:
+            if all(other is not None and equal(other, answer) for other in answers[-k:]):
+                waits = sum(w[5] for w in trace["waits"][:30] if w[0] <= arrive)
+                return Outcome(arrive, answer, trace["graded"].get(answer, False), waits + spent, asked)
     return Outcome(outcome.stop, outcome.answer, outcome.ok, outcome.spent + spent, outcome.probes + asked)
 
 
@@ -392,6 +424,16 @@ def search(args: argparse.Namespace) -> int:
                 name = f"released + agree{k} conf{conf}{' text' if text else ''}{' dense' if dense else ''}"
                 if not args.only or args.only in name:
                     print(row(name, evaluate(traces, make_agreement_rule(k, conf, text, dense))), flush=True)
+    for start in (8192, 10240):
+        for spacing in (256, 512):
+            for k in (3, 4):
+                for window in (2, 1):
+                    name = f"released + settle from {start}, waits {spacing} apart, {k} agree, text {window}"
+                    if not args.only or args.only in name:
+                        figures = evaluate(
+                            traces, None, lambda t, a=start, b=spacing, c=k, d=window: settle_outcome(t, a, b, c, d)
+                        )
+                        print(row(name, figures), flush=True)
     for start in (4096, 6144, 8192, 10240):
         for step in (512, 1024):
             for k in (2, 3, 4):

@@ -139,7 +139,11 @@ class ProbeFcsConfig(PolicyConfig):
     the same answer stop when one of them reaches it; ``sure_confidence``: one probe suffices when it reaches
     this and the thinking wrote the same answer among the last ``text_window`` answers before the probe
     (1.0: never); ``agree_confidence``: a probe reaching it is checked by a second, dense-suffix probe on the
-    same prefix, and one that agrees stops (1.0: never). Without probes it runs as ``fcs_reflection``.
+    same prefix, and one that agrees stops (1.0: never). Long thinking: from ``settle_tokens`` on, a dense probe
+    at a "Wait" at least ``settle_spacing`` tokens after the previous one (at most ``max_settle_probes``), and
+    a stop when ``settle_agree`` of them in a row give the same answer without hesitating, an answer the
+    thinking wrote among its last ``settle_text_window`` answers (0: off). Without probes it runs as
+    ``fcs_reflection``.
     Defaults: chosen on the tuning half of ``dev-probes`` (README, "Answer probes";
     ``benchmarks/probe_rule_search.py``).
     """
@@ -152,15 +156,23 @@ class ProbeFcsConfig(PolicyConfig):
     sure_confidence: float = 0.999
     text_window: int = 3
     agree_confidence: float = 0.999
+    settle_tokens: int = 8192
+    settle_spacing: int = 512
+    settle_agree: int = 3
+    settle_text_window: int = 2
+    max_settle_probes: int = 16
 
     def __post_init__(self) -> None:
         super().__post_init__()
-        if self.max_probes < 0:
-            raise PolicyError("max_probes", "must be >= 0")
-        if self.min_probe_tokens < 0:
-            raise PolicyError("min_probe_tokens", "must be >= 0")
-        if self.text_window < 0:
-            raise PolicyError("text_window", "must be >= 0")
+        for field in ("max_probes", "min_probe_tokens", "text_window", "settle_tokens", "settle_spacing"):
+            if getattr(self, field) < 0:
+                raise PolicyError(field, "must be >= 0")
+        if self.max_settle_probes < 0:
+            raise PolicyError("max_settle_probes", "must be >= 0")
+        if self.settle_text_window < 0:
+            raise PolicyError("settle_text_window", "must be >= 0")
+        if self.settle_agree < 0 or self.settle_agree == 1:
+            raise PolicyError("settle_agree", "must be 0 (off) or >= 2")
         for field in ("confidence", "confirm_confidence", "sure_confidence", "agree_confidence"):
             value = getattr(self, field)
             if not 0.0 <= value <= 1.0:

@@ -17,9 +17,17 @@ confirmation is any one of (checked in this order):
   the same without hesitating (confidence 1).
 
 An unreliable probe breaks the chain. The stop answer is the probe's answer.
+
+Long thinking (``probe_settled``): from ``settle_tokens`` thinking tokens on, a "Wait" at least
+``settle_spacing`` tokens after the previous such probe also gets a dense probe; when ``settle_agree`` of these
+in a row give the same answer without hesitating, and the thinking wrote that answer among its last
+``settle_text_window`` answers, the model has settled: it stops there. (Traces that think that long mostly
+re-check a settled answer or loop to the token cap.)
+
 Invariants:
-- at most ``max_probes`` probes (of both kinds) are asked per request, never before ``min_probe_tokens``
-  tokens; a second probe goes out with the next delta after the probe it checks answered;
+- at most ``max_probes`` probes (wait probes and their second probes) are asked per request, never before
+  ``min_probe_tokens`` tokens, plus at most ``max_settle_probes`` settle probes; a second probe goes out with
+  the next delta after the probe it checks answered;
 - a decision is taken only when a probe result arrives (it applies there) or at ``max_thinking_tokens``;
   ``min_thinking_tokens`` delays a due stop; once made, a decision never changes;
 - results with an unknown or repeated id are ignored.
@@ -63,6 +71,10 @@ class ProbeRuntime:
         self._due: StopDecision | None = None
         self.decision: StopDecision | None = None
         self.asked = 0
+        self._settle: set[int] = set()  # ids of settle probes in flight
+        self._settle_answers: list[str | None] = []  # answers of the settle probes, in order of asking
+        self._settle_asked = 0
+        self._last_settle = -(10**9)
 
     def observe(self, event: Event) -> None:
         """Text detector events: remember the answers the thinking reached."""
@@ -78,13 +90,27 @@ class ProbeRuntime:
         if tokens < self.config.min_probe_tokens or tokens <= 0:
             return
         self._ask(tokens, offset, WAIT)
+        config = self.config
+        if (
+            config.settle_agree
+            and tokens >= config.settle_tokens
+            and tokens - self._last_settle >= config.settle_spacing
+            and self._settle_asked < config.max_settle_probes
+        ):
+            self._last_settle = tokens
+            self._settle_asked += 1
+            self._settle.add(self._request(tokens, offset, SOLUTION).id)
 
     def _ask(self, tokens: int, offset: int, trigger: str) -> ProbeRequest | None:
+        """A probe under the ``max_probes`` cap (None when the cap is reached)."""
         if self.asked >= self.config.max_probes:
             return None
+        self.asked += 1
+        return self._request(tokens, offset, trigger)
+
+    def _request(self, tokens: int, offset: int, trigger: str) -> ProbeRequest:
         request = ProbeRequest(self._next_id, tokens, offset, trigger)
         self._next_id += 1
-        self.asked += 1
         self._pending[request.id] = request
         self._requests.append(request)
         return request
@@ -99,6 +125,10 @@ class ProbeRuntime:
         if request is None:
             return False
         if self.decision is not None or self._due is not None:
+            return True
+        if request.id in self._settle:
+            self._settle.discard(request.id)
+            self._settled(request, result, tokens, offset)
             return True
         if request.trigger == SOLUTION:
             checked = self._checks.pop(request.id, None)
@@ -135,6 +165,22 @@ class ProbeRuntime:
         if reason is not None:
             self._due = StopDecision(reason, result.answer, result.answer, tokens, offset, self.asked)
         return True
+
+    def _settled(self, request: ProbeRequest, result: ProbeResult, tokens: int, offset: int) -> None:
+        """A settle probe answered (results of these arrive in order of asking: they are asked far apart)."""
+        config = self.config
+        answer = result.answer
+        if answer is None or result.confidence < 1.0 or not plain_answer(answer):
+            answer = None
+        elif config.settle_text_window:
+            written = [text for at, text in self._text_answers if at <= request.tokens][-config.settle_text_window :]
+            if not any(self._equal(text, answer) for text in written):
+                answer = None
+        self._settle_answers.append(answer)
+        recent = self._settle_answers[-config.settle_agree :]
+        if answer is not None and len(recent) == config.settle_agree:
+            if all(other is not None and self._equal(other, answer) for other in recent):
+                self._due = StopDecision("probe_settled", answer, answer, tokens, offset, self.asked)
 
     def advance(self, tokens: int, offset: int) -> StopDecision | None:
         if self.decision is not None:

@@ -8,7 +8,7 @@ from controller.answers import AnswerComparer
 from controller.delimiters import Delimiters
 from controller.policies import PolicyError, ProbeFcsConfig, parse_policy
 from controller.probe_policy import plain_answer
-from controller.probes import SOLUTION, WAIT, ProbeResult, WaitScanner
+from controller.probes import SOLUTION, WAIT, ProbeRequest, ProbeResult, WaitScanner
 from controller.replay import HOLDOUT, TUNE, RecordedProbes, run_controller, split_of
 from controller.session import ThinkingController
 from tests.splits import every_single_split, random_splits
@@ -250,3 +250,55 @@ def test_replay_answers_the_second_probe_from_the_dense_recording() -> None:
     asked_at = wait + len("Wait,")
     assert decision.tokens == asked_at + 5 + 1 + 1 + 6 + 1  # the check goes out one token after the answer
     assert probe_tokens == 11 and control.probes_sent == 2
+
+
+# settle probes, made visible on short text: from token 100 on, one per "Wait" at least 60 tokens apart
+SETTLE = {
+    "policy": "probe_fcs",
+    "confidence": 1.0,  # wait probes never count here: only the settle rule can stop
+    "sure_confidence": 1.0,
+    "agree_confidence": 1.0,
+    "settle_tokens": 100,
+    "settle_spacing": 60,
+    "settle_agree": 3,
+    "settle_text_window": 2,
+    "max_settle_probes": 4,
+}
+
+
+def settle_requests(control: ThinkingController, text: str) -> list[ProbeRequest]:
+    return [request for request in feed_text(control, text) if request.trigger == SOLUTION]
+
+
+def test_long_thinking_stops_when_settle_probes_agree_on_what_the_thinking_wrote() -> None:
+    control = controller(SETTLE)
+    assert settle_requests(control, SOLVE + CHECK) == []  # before settle_tokens: wait probes only
+    asked = []
+    for _ in range(3):
+        new = settle_requests(control, CHECK)
+        assert len(new) == 1 and new[0].tokens >= 100
+        asked += new
+    assert [b.tokens - a.tokens for a, b in zip(asked, asked[1:], strict=False)] == [len(CHECK)] * 2  # >= 60 apart
+    assert settle(control, ProbeResult(asked[0].id, "12", 1.0, 3)) is None
+    assert settle(control, ProbeResult(asked[1].id, "12", 1.0, 3)) is None
+    decision = settle(control, ProbeResult(asked[2].id, "12", 1.0, 3))
+    assert decision is not None and (decision.reason, decision.answer) == ("probe_settled", "12")
+
+
+def test_settle_probes_need_agreement_certainty_the_written_answer_and_a_cap() -> None:
+    for answers in (
+        [("12", 1.0), ("12", 0.0), ("12", 1.0)],  # one hesitated
+        [("12", 1.0), ("13", 1.0), ("12", 1.0)],  # one disagrees
+        [("13", 1.0), ("13", 1.0), ("13", 1.0)],  # agree, but the thinking wrote 12
+    ):
+        control = controller(SETTLE)
+        feed_text(control, SOLVE + CHECK)
+        asked = [settle_requests(control, CHECK)[0] for _ in range(3)]
+        for request, (answer, confidence) in zip(asked, answers, strict=True):
+            assert settle(control, ProbeResult(request.id, answer, confidence, 3)) is None
+    capped = controller({**SETTLE, "max_settle_probes": 2})
+    assert len(settle_requests(capped, SOLVE + CHECK * 6)) == 2
+    off = controller({**SETTLE, "settle_agree": 0})
+    assert settle_requests(off, SOLVE + CHECK * 6) == []
+    with pytest.raises(PolicyError):
+        parse_policy({"policy": "probe_fcs", "settle_agree": 1})
