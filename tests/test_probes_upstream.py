@@ -8,6 +8,7 @@ streaming at a fixed token rate so probes answer while the thinking goes on; the
 from __future__ import annotations
 
 import contextlib
+import urllib.request
 from collections.abc import Iterator
 from typing import Any
 
@@ -92,3 +93,32 @@ def test_an_upstream_that_rejects_token_id_prompts_falls_back_mid_request() -> N
     assert (info["probes"]["sent"], info["probes"]["failed"]) == (1, 1)
     assert info["stopped"] and info["reason"] == "confirmed" and info["answer"] == "42"
     assert (fallbacks, errors) == (1, 1)
+
+
+RECHECKS = "".join(f"Wait, check {n}: 6 * 7 = 42, so the answer is 42.\n\n" for n in range(1, 6))
+SETTLE_TRACE = Trace(SOLVE + RECHECKS + TAIL, "The answer is $\\boxed{42}$.")
+
+
+def test_long_thinking_settles_on_three_agreeing_dense_probes() -> None:
+    """``probe_settled`` through the proxy, made visible early: settle probes from token 10, at "Wait"s at least
+    8 tokens apart; the wait probes alone can never stop (confidence 1.0 required)."""
+    settle_config = {"confidence": 1.0, "sure_confidence": 1.0, "agree_confidence": 1.0, "settle_tokens": 10,
+                     "settle_spacing": 8, "settle_agree": 3, "settle_text_window": 2}  # fmt: skip
+    with FakeUpstream([SETTLE_TRACE], token_rate=TOKEN_RATE) as upstream:
+        with thinkbrake_process(upstream.url) as (url, _):
+            client = openai.OpenAI(base_url=f"{url}/v1", api_key="unused", max_retries=0, timeout=30)
+            response = ask(client, **settle_config)
+            probes = upstream.probe_requests()
+            with urllib.request.urlopen(f"{url}/metrics", timeout=10) as page:
+                exposition = page.read().decode()
+    info = response.model_extra["thinkbrake"]
+    reasoning = response.choices[0].message.model_extra["reasoning_content"]
+    assert info["stopped"] and info["reason"] == "probe_settled" and info["answer"] == "42"
+    assert TAIL[:40] not in reasoning
+    stops = [line for line in exposition.splitlines() if line.startswith("thinkbrake_early_stops_total{")]
+    assert [line.rsplit(" ", 1)[1] for line in stops if 'reason="probe_settled"' in line] == ["1.0"]
+    dense = [p.body for p in probes if upstream.vocabulary.decode(p.body["prompt"]).endswith("\\boxed{")]
+    # one per "Wait" (each recheck is more than 8 tokens long); the third agreeing one stops (a fourth may have
+    # been asked at the next "Wait" before the third answered)
+    assert 3 <= len(dense) <= 4
+    assert all(body["max_tokens"] == 32 for body in dense)

@@ -389,13 +389,16 @@ class FakeUpstream:
                                            "model": self.model, "choices": [choice], "usage": usage})  # fmt: skip
 
     def _trace_answer(self, prompt: str) -> str:
-        """``{X}`` for the trace whose thinking so far ends ``prompt`` (before the suffix), ``{}`` if none does."""
+        """``{X}`` for the trace whose thinking so far ends ``prompt`` (before the suffix), ``{}`` if none does;
+        ``X}`` when the probe's suffix already opened the brace (the dense ``\\boxed{`` suffix)."""
+        opened = prompt.endswith("{")
         for trace in self.traces:
             head = trace.thinking[:40]
             if head and head in prompt:
                 boxed = re.search(r"\\boxed\{([^{}]*)\}", trace.answer)
-                return "{" + (boxed.group(1) if boxed else "") + "}"
-        return "{}"
+                answer = boxed.group(1) if boxed else ""
+                return answer + "}" if opened else "{" + answer + "}"
+        return "}" if opened else "{}"
 
     def _whole(self, writer: asyncio.StreamWriter, record: RequestRecord, body: dict[str, Any], chat: bool) -> bool:
         """A non-streaming response: the whole trace at once (no faults but ``status``)."""
