@@ -164,13 +164,11 @@ class ProbeFcsConfig(PolicyConfig):
 
     def __post_init__(self) -> None:
         super().__post_init__()
-        for field in ("max_probes", "min_probe_tokens", "text_window", "settle_tokens", "settle_spacing"):
+        counts = ("max_probes", "min_probe_tokens", "text_window", "settle_tokens", "settle_spacing", "settle_text_window",
+                  "max_settle_probes")  # fmt: skip
+        for field in counts:
             if getattr(self, field) < 0:
                 raise PolicyError(field, "must be >= 0")
-        if self.max_settle_probes < 0:
-            raise PolicyError("max_settle_probes", "must be >= 0")
-        if self.settle_text_window < 0:
-            raise PolicyError("settle_text_window", "must be >= 0")
         if self.settle_agree < 0 or self.settle_agree == 1:
             raise PolicyError("settle_agree", "must be 0 (off) or >= 2")
         for field in ("confidence", "confirm_confidence", "sure_confidence", "agree_confidence"):

@@ -155,8 +155,7 @@ class ProbeRuntime:
         ):
             reason = "probe_confirmed"
         elif config.sure_confidence < 1.0 and result.confidence >= config.sure_confidence:
-            written = [answer for at, answer in self._text_answers if at <= request.tokens][-config.text_window :]
-            if config.text_window and any(self._equal(text, result.answer) for text in written):
+            if self._wrote(result.answer, request.tokens, config.text_window):
                 reason = "probe_sure"
         if reason is None and config.agree_confidence < 1.0 and result.confidence >= config.agree_confidence:
             check = self._ask(request.tokens, request.offset, SOLUTION)  # the dense probe on the same prefix
@@ -166,16 +165,20 @@ class ProbeRuntime:
             self._due = StopDecision(reason, result.answer, result.answer, tokens, offset, self.asked)
         return True
 
+    def _wrote(self, answer: str, tokens: int, window: int) -> bool:
+        """Whether the thinking wrote ``answer`` among the text detector's last ``window`` answers reached by
+        token ``tokens`` (never, with ``window`` 0)."""
+        written = [text for at, text in self._text_answers if at <= tokens][-window:] if window else []
+        return any(self._equal(text, answer) for text in written)
+
     def _settled(self, request: ProbeRequest, result: ProbeResult, tokens: int, offset: int) -> None:
         """A settle probe answered (results of these arrive in order of asking: they are asked far apart)."""
         config = self.config
         answer = result.answer
         if answer is None or result.confidence < 1.0 or not plain_answer(answer):
             answer = None
-        elif config.settle_text_window:
-            written = [text for at, text in self._text_answers if at <= request.tokens][-config.settle_text_window :]
-            if not any(self._equal(text, answer) for text in written):
-                answer = None
+        elif config.settle_text_window and not self._wrote(answer, request.tokens, config.settle_text_window):
+            answer = None
         self._settle_answers.append(answer)
         recent = self._settle_answers[-config.settle_agree :]
         if answer is not None and len(recent) == config.settle_agree:
