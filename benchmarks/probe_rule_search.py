@@ -300,48 +300,21 @@ def make_agreement_rule(k: int, conf: float, text: bool, dense: bool) -> Callabl
     return decide
 
 
-def late_outcome(trace: dict[str, Any], start: int, step: int, k: int) -> Outcome:
-    """``probe_fcs`` (released settings); where it has not stopped by token ``start``, a dense probe every
-    ``step`` tokens from there (charged) and a stop when ``k`` in a row give the same certain answer."""
-    outcome = simulate(trace, make_rule(sure=0.999, text_window=3, dense_conf=0.999))
-    if outcome.stop < trace["total"] and outcome.stop <= start:
-        return outcome
-    limit = min(outcome.stop, trace["total"])
-    answers: list[str | None] = []
-    spent, asked, position = 0, 0, start
-    while position < limit:
-        probe = dense_at(trace, position)
-        cost = 32 if probe is None else int(probe[4])
-        spent, asked = spent + cost, asked + 1
-        ok = probe is not None and probe[3] and probe[2] is not None and plain_answer(probe[2])
-        answers.append(probe[2] if ok and probe is not None else None)  # no check against the text
-        arrive = position + cost + 1
-        last = answers[-1]
-        if last is not None and len(answers) >= k and arrive < limit:
-            if all(other is not None and equal(other, last) for other in answers[-k:]):
-                waits = sum(w[5] for w in trace["waits"][:30] if w[0] <= arrive)
-                return Outcome(arrive, last, trace["graded"].get(last, False), waits + spent, asked)
-        position += step
-    return Outcome(outcome.stop, outcome.answer, outcome.ok, outcome.spent + spent, outcome.probes + asked)
-
-
-def settle_outcome(trace: dict[str, Any], start: int, spacing: int, k: int, window: int, cap: int = 16) -> Outcome:
-    """The last release's rule plus settle probes (``probe_settled``, the default now): from token ``start``, a
-    dense probe at each "Wait" at least ``spacing`` tokens after the previous one (charged, at most ``cap``);
-    a stop when ``k`` in a row give the same certain answer that the text wrote among its last ``window``."""
+def dense_checks(
+    trace: dict[str, Any], start: int, points: Iterator[tuple[int, int]], k: int, window: int, cap: int | None = None
+) -> Outcome:
+    """The last release's rule; where it has not stopped by token ``start``, dense probes at ``points``
+    (``(position where asked, tokens before)``, in order; charged, at most ``cap``) and a stop when ``k`` in a row
+    give the same certain answer, one the text wrote among its last ``window`` answers (``window`` 0: any)."""
     outcome = simulate(trace, make_rule(sure=0.999, text_window=3, dense_conf=0.999))
     if outcome.stop < trace["total"] and outcome.stop <= start:
         return outcome
     limit = min(outcome.stop, trace["total"])
     answers: list[str | None] = []
     spent = asked = 0
-    last = -(10**9)
-    for position, tokens, *_ in trace["waits"]:
-        if tokens < start or tokens - last < spacing:
-            continue
-        if position >= limit or asked >= cap:
+    for position, tokens in points:
+        if position >= limit or (cap is not None and asked >= cap):
             break
-        last = tokens
         probe = dense_at(trace, tokens)
         cost = 32 if probe is None else int(probe[4])
         spent, asked = spent + cost, asked + 1
@@ -355,6 +328,25 @@ def settle_outcome(trace: dict[str, Any], start: int, spacing: int, k: int, wind
                 waits = sum(w[5] for w in trace["waits"][:30] if w[0] <= arrive)
                 return Outcome(arrive, answer, trace["graded"].get(answer, False), waits + spent, asked)
     return Outcome(outcome.stop, outcome.answer, outcome.ok, outcome.spent + spent, outcome.probes + asked)
+
+
+def late_outcome(trace: dict[str, Any], start: int, step: int, k: int) -> Outcome:
+    """Dense probes every ``step`` tokens from ``start`` (a fixed period, no check against the text)."""
+    return dense_checks(trace, start, ((p, p) for p in range(start, trace["total"], step)), k, window=0)
+
+
+def settle_outcome(trace: dict[str, Any], start: int, spacing: int, k: int, window: int, cap: int = 16) -> Outcome:
+    """Settle probes (``probe_settled``, the default now): from token ``start``, a dense probe at each "Wait" at
+    least ``spacing`` tokens after the previous one (at most ``cap``), checked against the text's last ``window``."""
+
+    def points() -> Iterator[tuple[int, int]]:
+        last = -(10**9)
+        for position, tokens, *_ in trace["waits"]:
+            if tokens >= start and tokens - last >= spacing:
+                last = tokens
+                yield position, tokens
+
+    return dense_checks(trace, start, points(), k, window, cap)
 
 
 def evaluate(
