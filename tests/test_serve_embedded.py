@@ -32,6 +32,7 @@ from tests.serve_support import (
 from tests.support import openai_spec as spec
 from tests.support.engine_metrics import GENERATION_TOKENS, PROMPT_TOKENS_CACHED
 from tests.support.fixtures import (
+    CPU_BLOCK_SIZE,
     KV_CACHE_BYTES,
     MAX_MODEL_LEN,
     SCRIPTED_PROCESSOR_FQCN,
@@ -39,7 +40,6 @@ from tests.support.fixtures import (
 )
 
 pytestmark = pytest.mark.engine
-CPU_BLOCK_SIZE = 128  # vLLM's CPU default; only full blocks are cached
 
 
 @pytest.fixture(scope="module")

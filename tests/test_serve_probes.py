@@ -25,10 +25,15 @@ from tests.serve_support import (
     wait_metric,
 )
 from tests.support.engine_metrics import GENERATION_TOKENS, PROMPT_TOKENS_CACHED
-from tests.support.fixtures import KV_CACHE_BYTES, MAX_MODEL_LEN, SCRIPTED_PROCESSOR_FQCN, chat_prompt_ids
+from tests.support.fixtures import (
+    CPU_BLOCK_SIZE,
+    KV_CACHE_BYTES,
+    MAX_MODEL_LEN,
+    SCRIPTED_PROCESSOR_FQCN,
+    chat_prompt_ids,
+)
 
 pytestmark = pytest.mark.engine
-CPU_BLOCK_SIZE = 128  # vLLM's CPU default; only full blocks are cached
 TRUST_ANY = {
     "policy": "probe_fcs",
     "confidence": 0,

@@ -48,6 +48,7 @@ SCRIPTED_PROCESSOR_FQCN = "tests.support.scripted_logits:ScriptedLogitsProcessor
 BLOCK_SIZE = 32
 KV_CACHE_BYTES = 64 << 20
 MAX_MODEL_LEN = 2048
+CPU_BLOCK_SIZE = 128  # vLLM's CPU default, for engines started without a block size; only full blocks are cached
 
 
 def cache_root() -> pathlib.Path:
