@@ -17,9 +17,12 @@ asked at token ``t`` gets the recorded dense probe at the latest position at or 
 Step 3 (``text``, seconds): text-only ``fcs_reflection`` variants simulated on the same cache (the detector's
 answers with their explicit flag, its solutions and loops).
 
+Step 4 (``bounds``, seconds): how often a wait probe's answer is right by its confidence (on traces whose own
+answer is right), and what an oracle that never changes a trace's outcome could save at each confidence.
+
 Run: ``python benchmarks/probe_rule_search.py build ../shared/data/traces/dev-probes.jsonl.gz --split tune
 --cache /tmp/probe_sim_tune.json`` then ``python benchmarks/probe_rule_search.py search --cache
-/tmp/probe_sim_tune.json`` (or ``text --cache ...``).
+/tmp/probe_sim_tune.json`` (or ``text`` / ``bounds --cache ...``).
 """
 
 from __future__ import annotations
@@ -512,6 +515,69 @@ def text_search(args: argparse.Namespace) -> int:
     return 0
 
 
+# ---------------------------------------------------------------------------------------------- bounds
+
+CONFIDENCE_BINS = (0.0, 0.5, 0.9, 0.99, 0.999)
+
+
+def confidence_bin(confidence: float) -> str:
+    """``"none"`` for a probe without confidence (0: a Qwen3 probe that did not close its thinking), else its
+    bin between two edges of ``CONFIDENCE_BINS`` (the last bin is ``>=0.999``)."""
+    if confidence == 0.0:
+        return "none"
+    low = max(edge for edge in CONFIDENCE_BINS if confidence >= edge)
+    higher = [edge for edge in CONFIDENCE_BINS if edge > low]
+    return f"{low}-{higher[0]}" if higher else f">={low}"
+
+
+def no_regret_stop(trace: dict[str, Any], min_confidence: float) -> int:
+    """Where an oracle that knows the future stops without changing the outcome, at a wait probe of at least
+    ``min_confidence``: the first one (answer arrived) after the last wait probe whose answer would change
+    the trace's graded outcome (any wait probe of a wrong trace whose answer is correct)."""
+    waits = [w for w in trace["waits"][:30] if w[3] and w[0] < trace["total"]]
+    changes = [w[0] for w in waits if trace["graded"].get(w[3], False) != trace["full_ok"]]
+    last = changes[-1] if changes else -1
+    after = (w[0] + w[5] + 1 for w in waits if w[0] > last and w[4] >= min_confidence)
+    return min(next(after, trace["total"]), trace["total"])
+
+
+def bounds(args: argparse.Namespace) -> int:
+    """What the recorded probes can say: how often a wait probe's answer is right when the full trace is right,
+    by confidence, and how much an oracle that stops without changing any outcome could save."""
+    traces = json.loads(Path(args.cache).read_text())
+    counts: dict[tuple[str, str, str], list[int]] = {}
+    for trace in traces:
+        if not trace["full_ok"]:
+            continue
+        group = "math500" if trace["dataset"] == "math500" else "amc+aime"
+        for wait in trace["waits"][:30]:
+            if wait[3] is None or not plain_answer(wait[3]) or wait[0] >= trace["total"]:
+                continue
+            cell = counts.setdefault((group, trace["model"], confidence_bin(wait[4])), [0, 0])
+            cell[0] += 1
+            cell[1] += trace["graded"].get(wait[3], False)
+    print("wait probes on traces whose full answer is right: share whose own answer is right, by confidence")
+    for (group, model, name), (n, right) in sorted(counts.items()):
+        print(f"  {group:9s} {model:30s} {name:10s} {n:6d} probes  {100 * right / n:5.1f}% right")
+    print("net saved % (no probe cost) of stopping without changing any trace's outcome, at the first wait probe")
+    print("of at least the given confidence after the last one that would change it; and the first right dense probe")
+    sums: dict[str, list[float]] = {}
+    levels = (0.0, 0.9, 0.99, 0.999)
+    for trace in traces:
+        group = "math500" if trace["dataset"] == "math500" else "amc+aime"
+        total = trace["total"]
+        right = next((d[0] for d in trace["dense"] if trace["graded"].get(d[2], False)), total)
+        row_sums = sums.setdefault(group, [0.0] * (len(levels) + 2))
+        row_sums[0] += total
+        for index, level in enumerate(levels, 1):
+            row_sums[index] += total - no_regret_stop(trace, level)
+        row_sums[-1] += total - min(right, total)
+    for group, (total, *saved) in sorted(sums.items()):
+        cells = "  ".join(f">={level}: {100 * s / total:5.1f}%" for level, s in zip(levels, saved[:-1], strict=True))
+        print(f"  {group:9s} {cells}  first right dense probe: {100 * saved[-1] / total:5.1f}%")
+    return 0
+
+
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     sub = parser.add_subparsers(dest="command", required=True)
@@ -526,8 +592,10 @@ def main() -> int:
     s.add_argument("--only", help="only the rules whose name contains this")
     t = sub.add_parser("text", help="simulate text-only fcs_reflection variants on the cache")
     t.add_argument("--cache", required=True)
+    o = sub.add_parser("bounds", help="what the probes can say: precision by confidence, no-regret savings")
+    o.add_argument("--cache", required=True)
     args = parser.parse_args()
-    commands = {"build": build, "search": search, "text": text_search}
+    commands = {"build": build, "search": search, "text": text_search, "bounds": bounds}
     return commands[args.command](args)
 
 
