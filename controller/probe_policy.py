@@ -39,6 +39,7 @@ import dataclasses
 import re
 
 from controller.detector import ANSWER, Event
+from controller.detector import SOLUTION as SOLUTION_CLOSED
 from controller.policies import Equal, ProbeFcsConfig, StopDecision
 from controller.probes import SOLUTION, WAIT, ProbeRequest, ProbeResult
 
@@ -71,6 +72,7 @@ class ProbeRuntime:
         self._due: StopDecision | None = None
         self.decision: StopDecision | None = None
         self.asked = 0
+        self.solutions = 0  # solutions the text detector closed so far (a stop reports this count)
         self._settle: set[int] = set()  # ids of settle probes in flight
         self._settle_answers: list[str | None] = []  # answers of the settle probes, in order of asking
         self._settle_asked = 0
@@ -78,6 +80,8 @@ class ProbeRuntime:
 
     def observe(self, event: Event) -> None:
         """Text detector events: remember the answers the thinking reached."""
+        if event.kind == SOLUTION_CLOSED:
+            self.solutions += 1
         if event.kind == ANSWER and event.answer is not None and event.key is not None:
             self._last_text = (event.answer, event.key)
             self._text_answers.append((event.tokens, event.answer))
@@ -134,7 +138,7 @@ class ProbeRuntime:
             checked = self._checks.pop(request.id, None)
             if checked is not None and result.answer is not None and result.confidence >= 1.0:
                 if self._equal(checked, result.answer):
-                    self._due = StopDecision("probe_agreed", checked, checked, tokens, offset, self.asked)
+                    self._due = StopDecision("probe_agreed", checked, checked, tokens, offset, self.solutions)
             return True
         if request.id < self._last_asked:
             return True  # an older probe answered after a newer one: the newer one speaks for the model
@@ -162,7 +166,7 @@ class ProbeRuntime:
             if check is not None:
                 self._checks[check.id] = result.answer
         if reason is not None:
-            self._due = StopDecision(reason, result.answer, result.answer, tokens, offset, self.asked)
+            self._due = StopDecision(reason, result.answer, result.answer, tokens, offset, self.solutions)
         return True
 
     def _wrote(self, answer: str, tokens: int, window: int) -> bool:
@@ -183,7 +187,7 @@ class ProbeRuntime:
         recent = self._settle_answers[-config.settle_agree :]
         if answer is not None and len(recent) == config.settle_agree:
             if all(other is not None and self._equal(other, answer) for other in recent):
-                self._due = StopDecision("probe_settled", answer, answer, tokens, offset, self.asked)
+                self._due = StopDecision("probe_settled", answer, answer, tokens, offset, self.solutions)
 
     def advance(self, tokens: int, offset: int) -> StopDecision | None:
         if self.decision is not None:
@@ -195,5 +199,5 @@ class ProbeRuntime:
             answer = self._previous.answer if self._previous and self._previous.answer else None
             if answer is None and self._last_text:
                 answer = self._last_text[0]
-            self.decision = StopDecision("max_thinking_tokens", answer, answer, tokens, offset, self.asked)
+            self.decision = StopDecision("max_thinking_tokens", answer, answer, tokens, offset, self.solutions)
         return self.decision

@@ -130,6 +130,18 @@ def test_the_default_rule_stops_on_one_sure_probe_the_text_or_a_second_probe_con
     assert unwritten.decision is not None and unwritten.decision.reason == "probe_confirmed"
 
 
+def test_a_probe_stop_reports_the_solutions_the_thinking_closed_not_the_probes_asked() -> None:
+    control = controller({"policy": "probe_fcs"})
+    feed_text(control, "Let me think about 3 times 4.\n\n")
+    for _ in range(3):  # reflections without an answer: a probe each, no solution
+        requests = feed_text(control, "Wait, let me think about 3 times 4 again.\n\n")
+        assert control.probe_result(ProbeResult(requests[0].id, "?", 0.2, 5)).decision is None
+    requests = feed_text(control, SOLVE + CHECK)
+    assert settle(control, ProbeResult(requests[0].id, "12", 0.9995, 5)) is not None
+    assert control.decision is not None and control.decision.reason == "probe_sure"
+    assert control.probes_sent == 4 and control.solutions == 1 and control.decision.solutions == 1
+
+
 def test_one_sure_probe_stops_when_the_thinking_wrote_the_same_answer() -> None:
     control = controller({"policy": "probe_fcs", "sure_confidence": 0.999})
     requests = feed_text(control, SOLVE + CHECK)
