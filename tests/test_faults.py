@@ -239,7 +239,9 @@ def test_client_disconnect_before_first_token_aborts_upstream(upstream: FakeUpst
 def test_many_disconnects_leave_no_upstream_connection_behind(upstream: FakeUpstream, thinkbrake: str) -> None:
     """More disconnects than the upstream connection pool holds; every upstream request is closed."""
     began = time.monotonic()
-    body = {"model": MODEL, "messages": MESSAGES, "stream": True, "fake_token_rate": 200, "fake_trace": 3,
+    # 20 tokens/s: a generation lasts 10+ s, far longer than a disconnect takes to arrive even on a loaded machine
+    # (at 200/s a stream of a slow client could run to its end first and be counted "complete")
+    body = {"model": MODEL, "messages": MESSAGES, "stream": True, "fake_token_rate": 20, "fake_trace": 3,
             "thinkbrake": {"policy": "off"}}  # fmt: skip
 
     async def disconnect_many() -> None:
