@@ -2,9 +2,12 @@
 
 Computes, on the traces of ``dev-probes`` (optionally one half of the problems, ``--split``), per dataset and
 pooled, net of the probes' decode tokens:
-- ``deer>0.995``: stop at the first wait probe whose confidence exceeds 0.995 (DEER-style);
+- ``deer>0.999`` / ``deer>0.995``: stop at the first wait probe whose confidence exceeds 0.999 (0.995)
+  (DEER-style);
 - ``2wait>0.95``: stop when two consecutive wait probes agree and the second's confidence exceeds 0.95;
 - ``dynasor-3`` / ``dynasor-8``: stop when 3 (8) consecutive dense probes agree and are certain;
+A probe whose answer is empty (its ``\\boxed{`` not closed within its token limit: a long answer such as a
+matrix) gives no answer to submit: no rule stops on it, and it breaks an agreement.
 - ``oracle``: stop at the first dense probe whose answer is correct (the limit; no probe cost).
 A probe's result arrives ``out_tokens + 1`` tokens after it was asked; the stop is there. Grading is the one
 ``thinkbrake replay`` uses (the last ``\\boxed{}`` of the full trace, math-verify equivalence).
@@ -30,14 +33,20 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 from controller.answers import AnswerComparer, last_boxed  # noqa: E402
 from controller.replay import Tokenizers, default_tokenizer_root, load_traces, split_of  # noqa: E402
 
+CACHE_VERSION = 2  # raise when a rule changes: ``--cache`` files of another version are not used
 Stop = tuple[int | None, str | None, int, int]  # (stop position or None, answer, probe tokens, probes)
+
+
+def given(answer: str | None) -> bool:
+    """Whether a probe gave an answer to submit (not none, not empty)."""
+    return answer is not None and answer.strip() != ""
 
 
 def first_over(trace: dict[str, Any], threshold: float = 0.995) -> Stop:
     spent = 0
     for index, (tokens, _offset, answer, confidence, out) in enumerate(trace["wait_probes"], 1):
         spent += out
-        if confidence > threshold:
+        if confidence > threshold and given(answer):
             return tokens + out + 1, answer, spent, index
     return None, None, spent, len(trace["wait_probes"])
 
@@ -46,7 +55,7 @@ def two_agree(trace: dict[str, Any], threshold: float = 0.95) -> Stop:
     spent, previous = 0, None
     for index, (tokens, _offset, answer, confidence, out) in enumerate(trace["wait_probes"], 1):
         spent += out
-        if previous is not None and answer == previous and confidence > threshold:
+        if given(answer) and answer == previous and confidence > threshold:
             return tokens + out + 1, answer, spent, index
         previous = answer
     return None, None, spent, len(trace["wait_probes"])
@@ -56,7 +65,8 @@ def dynasor(trace: dict[str, Any], k: int) -> Stop:
     spent, run, previous = 0, 0, None
     for index, (tokens, _offset, answer, certain, out) in enumerate(trace["probes"], 1):
         spent += out
-        run = run + 1 if certain and answer is not None and answer == previous else (1 if certain else 0)
+        certain = certain and given(answer)
+        run = run + 1 if certain and answer == previous else (1 if certain else 0)
         previous = answer if certain else None
         if run >= k:
             return tokens + out + 1, answer, spent, index
@@ -64,6 +74,7 @@ def dynasor(trace: dict[str, Any], k: int) -> Stop:
 
 
 RULES: dict[str, Callable[[dict[str, Any]], Stop]] = {
+    "deer>0.999": lambda trace: first_over(trace, 0.999),
     "deer>0.995": first_over,
     "2wait>0.95": two_agree,
     "dynasor-3": lambda trace: dynasor(trace, 3),
@@ -124,9 +135,9 @@ def main() -> int:
         return cache[answer, reference]
 
     rows: dict[str, dict[str, list[float]]] = defaultdict(lambda: defaultdict(lambda: [0.0] * 7))
-    cached: dict[str, Any] = (
-        json.loads(Path(args.cache).read_text()) if args.cache and Path(args.cache).exists() else {}
-    )
+    stored = json.loads(Path(args.cache).read_text()) if args.cache and Path(args.cache).exists() else {}
+    # results cached by another version of the rules are computed again
+    cached: dict[str, Any] = stored.get("traces", {}) if stored.get("version") == CACHE_VERSION else {}
     computed: dict[str, Any] = {}
     count = 0
     for trace in load_traces([args.traces]):
@@ -152,7 +163,7 @@ def main() -> int:
                     row[index] += value
                 rows[group].setdefault(name + "#probes", [0.0] * 7)[0] += probes
     if args.cache:
-        Path(args.cache).write_text(json.dumps(computed))
+        Path(args.cache).write_text(json.dumps({"version": CACHE_VERSION, "traces": computed}))
     print(f"{count} traces (split {args.split}); net saved % charges every probe's decode tokens")
     print("| group | rule | n | acc full % | Δ pts | harmful % | net saved % | probe tok/trace | probes/trace |")
     print("|---|---|---|---|---|---|---|---|---|")

@@ -1,4 +1,5 @@
-"""The ``bounds`` analysis of ``benchmarks/probe_rule_search.py`` on a hand-made cache."""
+"""The offline rule benchmarks on hand-made data: ``bounds`` of ``benchmarks/probe_rule_search.py`` and the
+reference rules of ``benchmarks/probe_reference_rules.py``."""
 
 from __future__ import annotations
 
@@ -11,17 +12,26 @@ from types import ModuleType
 
 import pytest
 
-SCRIPT = Path(__file__).resolve().parents[1] / "benchmarks" / "probe_rule_search.py"
+BENCHMARKS = Path(__file__).resolve().parents[1] / "benchmarks"
+
+
+def load(name: str) -> ModuleType:
+    spec = importlib.util.spec_from_file_location(name, BENCHMARKS / f"{name}.py")
+    assert spec is not None and spec.loader is not None
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[name] = module
+    spec.loader.exec_module(module)
+    return module
 
 
 @pytest.fixture(scope="module")
 def search() -> ModuleType:
-    spec = importlib.util.spec_from_file_location("probe_rule_search", SCRIPT)
-    assert spec is not None and spec.loader is not None
-    module = importlib.util.module_from_spec(spec)
-    sys.modules["probe_rule_search"] = module
-    spec.loader.exec_module(module)
-    return module
+    return load("probe_rule_search")
+
+
+@pytest.fixture(scope="module")
+def references() -> ModuleType:
+    return load("probe_reference_rules")
 
 
 def trace(full_ok: bool, waits: list[list[object]], dense: list[list[object]] | None = None) -> dict[str, object]:
@@ -81,3 +91,13 @@ def test_bounds_prints_precision_by_confidence_and_no_regret_savings(
     # no-regret stops: 205 and 105 of 2 x 1000 tokens at >= 0.0 (84.5%), 205 and the end at >= 0.9 (39.75%);
     # the first right dense probe: 64 on the right trace, none on the wrong one (46.8%)
     assert ">=0.0:  84.5%" in out and ">=0.9:  39.8%" in out and "first right dense probe:  46.8%" in out
+
+
+def test_reference_rules_never_stop_on_an_empty_answer(references: ModuleType) -> None:
+    """A probe whose boxed answer did not close within its token limit gave nothing to submit."""
+    waits = [[100, 0, "", 0.9999, 20], [200, 0, "", 0.9999, 20], [300, 0, "7", 0.998, 4], [400, 0, "7", 0.9995, 4]]
+    trace = {"wait_probes": waits, "probes": [[64 * i, 0, "", True, 32] for i in range(1, 9)]}
+    assert references.first_over(trace, 0.995) == (305, "7", 44, 3)
+    assert references.RULES["deer>0.999"](trace) == (405, "7", 48, 4)
+    assert references.two_agree(trace, 0.95) == (405, "7", 48, 4)  # the two empty answers do not agree
+    assert references.dynasor(trace, 3)[0] is None  # eight certain empty dense answers: no stop
