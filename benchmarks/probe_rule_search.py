@@ -213,13 +213,17 @@ def make_rule(
     triple: bool = False,
     min_tokens: int = 0,
     consec: bool = True,
+    solutions: int = 0,
+    solutions_conf: float | None = None,
 ) -> Callable[..., Any]:
     """A ``probe_fcs`` variant:
     - ``consec``: two consecutive counted probes (>= conf) agree and one reaches ``confirm``;
     - ``sure``: one probe >= sure whose answer the text detector reached in the last ``text_window`` answers
       before the probe's position (``text_solution``: only answers that closed a solution);
     - ``dense_conf``: one probe >= dense_conf whose answer equals a dense probe asked at the same point
-      (charged); ``triple``: any wait probe, whatever its confidence, whose answer is the text detector's latest
+      (charged); ``solutions`` (``probe_solutions``): one probe >= ``solutions_conf`` (None: ``conf``) whose
+      answer at least ``solutions`` solutions closed before the probe's position reached;
+      ``triple``: any wait probe, whatever its confidence, whose answer is the text detector's latest
       answer and a dense probe at the same point (charged) agrees.
     """
 
@@ -231,6 +235,11 @@ def make_rule(
         counted = answer is not None and plain_answer(answer) and confidence >= conf and tokens >= min_tokens
         previous = history[-1] if history else None
         history.append((answer, confidence, counted))
+        if solutions and answer is not None and plain_answer(answer) and tokens >= min_tokens:
+            if confidence >= (conf if solutions_conf is None else solutions_conf):
+                reached = [s[2] for s in trace["solutions"] if s[0] <= tokens]
+                if sum(1 for text in reached if equal(text, answer)) >= solutions:
+                    return answer, arrive  # every other stop of this probe is here too, with the same answer
         if not counted and not triple:
             return None
         if triple and answer is not None and plain_answer(answer) and tokens >= min_tokens:
@@ -304,12 +313,20 @@ def make_agreement_rule(k: int, conf: float, text: bool, dense: bool) -> Callabl
 
 
 def dense_checks(
-    trace: dict[str, Any], start: int, points: Iterator[tuple[int, int]], k: int, window: int, cap: int | None = None
+    trace: dict[str, Any],
+    start: int,
+    points: Iterator[tuple[int, int]],
+    k: int,
+    window: int,
+    cap: int | None = None,
+    solutions: int = 0,
+    solutions_conf: float | None = None,
 ) -> Outcome:
-    """The last release's rule; where it has not stopped by token ``start``, dense probes at ``points``
+    """The rule of the release before settle probes (with ``solutions``: and ``probe_solutions``); where it has not stopped by token ``start``, dense probes at ``points``
     (``(position where asked, tokens before)``, in order; charged, at most ``cap``) and a stop when ``k`` in a row
     give the same certain answer, one the text wrote among its last ``window`` answers (``window`` 0: any)."""
-    outcome = simulate(trace, make_rule(sure=0.999, text_window=3, dense_conf=0.999))
+    base = make_rule(sure=0.999, text_window=3, dense_conf=0.999, solutions=solutions, solutions_conf=solutions_conf)
+    outcome = simulate(trace, base)
     if outcome.stop < trace["total"] and outcome.stop <= start:
         return outcome
     limit = min(outcome.stop, trace["total"])
@@ -338,9 +355,19 @@ def late_outcome(trace: dict[str, Any], start: int, step: int, k: int) -> Outcom
     return dense_checks(trace, start, ((p, p) for p in range(start, trace["total"], step)), k, window=0)
 
 
-def settle_outcome(trace: dict[str, Any], start: int, spacing: int, k: int, window: int, cap: int = 16) -> Outcome:
-    """Settle probes (``probe_settled``, the default now): from token ``start``, a dense probe at each "Wait" at
-    least ``spacing`` tokens after the previous one (at most ``cap``), checked against the text's last ``window``."""
+def settle_outcome(
+    trace: dict[str, Any],
+    start: int,
+    spacing: int,
+    k: int,
+    window: int,
+    cap: int = 16,
+    solutions: int = 0,
+    solutions_conf: float | None = None,
+) -> Outcome:
+    """Settle probes (``probe_settled``): from token ``start``, a dense probe at each "Wait" at least ``spacing``
+    tokens after the previous one (at most ``cap``), checked against the text's last ``window``; ``solutions``:
+    with ``probe_solutions`` (the default is ``settle_outcome(t, 8192, 512, 3, 2, solutions=2)``)."""
 
     def points() -> Iterator[tuple[int, int]]:
         last = -(10**9)
@@ -349,7 +376,7 @@ def settle_outcome(trace: dict[str, Any], start: int, spacing: int, k: int, wind
                 last = tokens
                 yield position, tokens
 
-    return dense_checks(trace, start, points(), k, window, cap)
+    return dense_checks(trace, start, points(), k, window, cap, solutions, solutions_conf)
 
 
 def evaluate(
@@ -429,6 +456,16 @@ def search(args: argparse.Namespace) -> int:
                             traces, None, lambda t, a=start, b=spacing, c=k, d=window: settle_outcome(t, a, b, c, d)
                         )
                         print(row(name, figures), flush=True)
+    for solutions in (1, 2, 3):
+        for solutions_conf in (None, 0.0):
+            name = f"released + settle + probe_solutions {solutions}, probe {'>= 0.9' if solutions_conf is None else 'any'}"
+            if not args.only or args.only in name:
+                figures = evaluate(
+                    traces,
+                    None,
+                    lambda t, a=solutions, b=solutions_conf: settle_outcome(t, 8192, 512, 3, 2, 16, a, b),
+                )
+                print(row(name, figures), flush=True)
     for start in (4096, 6144, 8192, 10240):
         for step in (512, 1024):
             for k in (2, 3, 4):

@@ -139,7 +139,9 @@ class ProbeFcsConfig(PolicyConfig):
     the same answer stop when one of them reaches it; ``sure_confidence``: one probe suffices when it reaches
     this and the thinking wrote the same answer among the last ``text_window`` answers before the probe
     (1.0: never); ``agree_confidence``: a probe reaching it is checked by a second, dense-suffix probe on the
-    same prefix, and one that agrees stops (1.0: never). Long thinking: from ``settle_tokens`` on, a dense probe
+    same prefix, and one that agrees stops (1.0: never); ``solution_agree``: a counted probe stops when at
+    least this many of the solutions the thinking closed before the probe reached the same answer (0: never).
+    Long thinking: from ``settle_tokens`` on, a dense probe
     at a "Wait" at least ``settle_spacing`` tokens after the previous one (at most ``max_settle_probes``), and
     a stop when ``settle_agree`` of them in a row give the same answer without hesitating, an answer the
     thinking wrote among its last ``settle_text_window`` answers (0: off). Without probes it runs as
@@ -156,6 +158,7 @@ class ProbeFcsConfig(PolicyConfig):
     sure_confidence: float = 0.999
     text_window: int = 3
     agree_confidence: float = 0.999
+    solution_agree: int = 2
     settle_tokens: int = 8192
     settle_spacing: int = 512
     settle_agree: int = 3
@@ -164,8 +167,8 @@ class ProbeFcsConfig(PolicyConfig):
 
     def __post_init__(self) -> None:
         super().__post_init__()
-        counts = ("max_probes", "min_probe_tokens", "text_window", "settle_tokens", "settle_spacing", "settle_text_window",
-                  "max_settle_probes")  # fmt: skip
+        counts = ("max_probes", "min_probe_tokens", "text_window", "solution_agree", "settle_tokens", "settle_spacing",
+                  "settle_text_window", "max_settle_probes")  # fmt: skip
         for field in counts:
             if getattr(self, field) < 0:
                 raise PolicyError(field, "must be >= 0")

@@ -12,6 +12,9 @@ confirmation is any one of (checked in this order):
 - ``probe_sure``: the probe reaches ``sure_confidence`` (< 1) and the thinking itself wrote the same answer
   among the text detector's last ``text_window`` answers before the probe's prefix ends ("so the answer is
   X", then "Wait", and the model says X);
+- ``probe_solutions``: at least ``solution_agree`` of the solutions the text detector closed before the
+  probe's prefix ends reached the same answer (the first solution and a reflection that confirms it, the
+  answer read by the model);
 - ``probe_agreed``: the probe reaches ``agree_confidence`` (< 1), so a second probe of the other family
   (the dense suffix, ``probe_spec(SOLUTION)``) is asked on the same prefix; it stops when that one answers
   the same without hesitating (confidence 1).
@@ -67,6 +70,7 @@ class ProbeRuntime:
         self._previous: ProbeResult | None = None  # the last answered probe, in order of asking
         self._last_asked = -1
         self._text_answers: list[tuple[int, str]] = []  # (tokens, answer) the text detector read (recent ones)
+        self._solution_answers: list[tuple[int, str]] = []  # (tokens where it closed, answer) of recent solutions
         self._checks: dict[int, str] = {}  # id of a second (dense) probe -> the wait probe answer it checks
         self._last_text: tuple[str, str] | None = None
         self._due: StopDecision | None = None
@@ -82,6 +86,9 @@ class ProbeRuntime:
         """Text detector events: remember the answers the thinking reached."""
         if event.kind == SOLUTION_CLOSED:
             self.solutions += 1
+            if event.answer is not None:
+                self._solution_answers.append((event.tokens, event.answer))
+                del self._solution_answers[:-_TEXT_KEPT]
         if event.kind == ANSWER and event.answer is not None and event.key is not None:
             self._last_text = (event.answer, event.key)
             self._text_answers.append((event.tokens, event.answer))
@@ -161,6 +168,10 @@ class ProbeRuntime:
         elif config.sure_confidence < 1.0 and result.confidence >= config.sure_confidence:
             if self._wrote(result.answer, request.tokens, config.text_window):
                 reason = "probe_sure"
+        if reason is None and config.solution_agree:
+            reached = [text for at, text in self._solution_answers if at <= request.tokens]
+            if sum(1 for text in reached if self._equal(text, result.answer)) >= config.solution_agree:
+                reason = "probe_solutions"
         if reason is None and config.agree_confidence < 1.0 and result.confidence >= config.agree_confidence:
             check = self._ask(request.tokens, request.offset, SOLUTION)  # the dense probe on the same prefix
             if check is not None:

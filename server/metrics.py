@@ -80,7 +80,7 @@ UNKNOWN_REASON: Final = "unknown"
 #: The stop reasons of controller/policies.py; their series are created at 0 up front (see :meth:`Metrics.prepare`).
 STOP_REASONS: Final = (
     "first_answer", "confirmed", "consistent", "loop", "budget", "max_thinking_tokens", "probe_confirmed", "probe_sure",
-    "probe_agreed", "probe_settled",
+    "probe_agreed", "probe_solutions", "probe_settled",
 )  # fmt: skip
 
 SOLUTION_BUCKETS: Final = (0, 1, 2, 3, 4, 5, 6, 8, 10, 15, 20, 30)

@@ -142,6 +142,31 @@ def test_a_probe_stop_reports_the_solutions_the_thinking_closed_not_the_probes_a
     assert control.probes_sent == 4 and control.solutions == 1 and control.decision.solutions == 1
 
 
+def test_a_counted_probe_stops_once_two_solutions_of_the_thinking_reached_its_answer() -> None:
+    def run(config: dict[str, object], answers: list[tuple[str, float]]) -> object:
+        control = controller({"policy": "probe_fcs", "sure_confidence": 1.0, "agree_confidence": 1.0, **config})
+        texts = [SOLVE + CHECK] + [CHECK] * (len(answers) - 1)
+        decision = None
+        for text, (answer, confidence) in zip(texts, answers, strict=True):
+            (request,) = feed_text(control, text)
+            assert decision is None
+            decision = settle(control, ProbeResult(request.id, answer, confidence, 5))
+        return decision
+
+    # the first probe sees no closed solution, the second one (SOLVE), the third two (SOLVE and a CHECK)
+    assert run({}, [("12", 0.95), ("12", 0.95)]) is None
+    stop = run({}, [("12", 0.95), ("12", 0.95), ("12", 0.95)])
+    assert stop is not None and stop.reason == "probe_solutions" and stop.answer == "12"
+    assert run({}, [("12", 0.95), ("12", 0.95), ("12", 0.5)]) is None  # not counted: below `confidence`
+    assert run({}, [("12", 0.95), ("12", 0.95), ("13", 0.95)]) is None  # the solutions reached another answer
+    assert run({"solution_agree": 0}, [("12", 0.95)] * 3) is None
+    assert run({"solution_agree": 3}, [("12", 0.95)] * 3) is None
+    stop = run({"solution_agree": 3}, [("12", 0.95)] * 4)
+    assert stop is not None and stop.reason == "probe_solutions"
+    with pytest.raises(PolicyError, match="solution_agree"):
+        parse_policy({"policy": "probe_fcs", "solution_agree": -1})
+
+
 def test_one_sure_probe_stops_when_the_thinking_wrote_the_same_answer() -> None:
     control = controller({"policy": "probe_fcs", "sure_confidence": 0.999})
     requests = feed_text(control, SOLVE + CHECK)
