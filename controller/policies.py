@@ -141,11 +141,10 @@ class ProbeFcsConfig(PolicyConfig):
     (1.0: never); ``agree_confidence``: a probe reaching it is checked by a second, dense-suffix probe on the
     same prefix, and one that agrees stops (1.0: never); ``solution_agree``: a counted probe stops when at
     least this many of the solutions the thinking closed before the probe reached the same answer (0: never).
-    Long thinking: from ``settle_tokens`` on, a dense probe
-    at a "Wait" at least ``settle_spacing`` tokens after the previous one (at most ``max_settle_probes``), and
-    a stop when ``settle_agree`` of them in a row give the same answer without hesitating, an answer the
-    thinking wrote among its last ``settle_text_window`` answers (0: off). Without probes it runs as
-    ``fcs_reflection``.
+    Long thinking: from ``settle_tokens`` on, a dense probe at a "Wait" at least ``settle_spacing`` tokens after
+    the previous one (at most ``max_settle_probes``), and a stop when ``settle_agree`` of them in a row give the
+    same answer without hesitating, an answer the thinking wrote among its last ``settle_text_window`` answers
+    (0: off). Without probes it runs as ``fcs_reflection``.
     Defaults: chosen on the tuning half of ``dev-probes`` (README, "Answer probes";
     ``benchmarks/probe_rule_search.py``).
     """

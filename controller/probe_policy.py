@@ -46,7 +46,7 @@ from controller.detector import SOLUTION as SOLUTION_CLOSED
 from controller.policies import Equal, ProbeFcsConfig, StopDecision
 from controller.probes import SOLUTION, WAIT, ProbeRequest, ProbeResult
 
-_TEXT_KEPT = 32  # text answers remembered (the window looks at those before a probe's position)
+_TEXT_KEPT = 32  # text answers and solutions remembered (a probe looks at those before its position)
 _PLAIN = re.compile(r"^[\s\S]{1,60}$")
 _NOT_FINAL = re.compile(r"\?|\.\.\.|\\ldots|\\dots|=|\\approx|[a-zA-Z]\s*=|^\s*$")
 
@@ -83,7 +83,7 @@ class ProbeRuntime:
         self._last_settle = -(10**9)
 
     def observe(self, event: Event) -> None:
-        """Text detector events: remember the answers the thinking reached."""
+        """Text detector events: count the solutions, remember the answers the thinking and its solutions reached."""
         if event.kind == SOLUTION_CLOSED:
             self.solutions += 1
             if event.answer is not None:
