@@ -6,9 +6,9 @@ pooled, net of the probes' decode tokens:
   (DEER-style);
 - ``2wait>0.95``: stop when two consecutive wait probes agree and the second's confidence exceeds 0.95;
 - ``dynasor-3`` / ``dynasor-8``: stop when 3 (8) consecutive dense probes agree and are certain;
+- ``oracle``: stop at the first dense probe whose answer is correct (the limit; no probe cost).
 A probe whose answer is empty (its ``\\boxed{`` not closed within its token limit: a long answer such as a
 matrix) gives no answer to submit: no rule stops on it, and it breaks an agreement.
-- ``oracle``: stop at the first dense probe whose answer is correct (the limit; no probe cost).
 A probe's result arrives ``out_tokens + 1`` tokens after it was asked; the stop is there. Grading is the one
 ``thinkbrake replay`` uses (the last ``\\boxed{}`` of the full trace, math-verify equivalence).
 With ``--replay report.json`` (``thinkbrake replay --json`` on the same traces) the replayed policies are

@@ -164,6 +164,11 @@ class Outcome:
     probes: int
 
 
+def group_of(trace: dict[str, Any]) -> str:
+    """The group a trace is reported in: ``math500`` or ``amc+aime``."""
+    return "math500" if trace["dataset"] == "math500" else "amc+aime"
+
+
 def dense_at(trace: dict[str, Any], tokens: int) -> list[Any] | None:
     """The dense probe recorded at the latest position at or before ``tokens``."""
     positions = trace.setdefault("_dense_pos", [d[0] for d in trace["dense"]])
@@ -176,9 +181,6 @@ def text_before(trace: dict[str, Any], tokens: int, window: int) -> list[str]:
     positions = trace.setdefault("_ans_pos", [a[0] for a in trace["answers"]])
     index = bisect.bisect_right(positions, tokens)
     return [a[2] for a in trace["answers"][max(0, index - window) : index]]
-
-
-Rule = Callable[[dict[str, Any]], Iterator[tuple[int, str | None, int, int]]]
 
 
 def simulate(trace: dict[str, Any], decide: Callable[..., Any], max_probes: int = 30) -> Outcome:
@@ -322,9 +324,10 @@ def dense_checks(
     solutions: int = 0,
     solutions_conf: float | None = None,
 ) -> Outcome:
-    """The rule of the release before settle probes (with ``solutions``: and ``probe_solutions``); where it has not stopped by token ``start``, dense probes at ``points``
-    (``(position where asked, tokens before)``, in order; charged, at most ``cap``) and a stop when ``k`` in a row
-    give the same certain answer, one the text wrote among its last ``window`` answers (``window`` 0: any)."""
+    """The rule of the release before settle probes (with ``probe_solutions`` when ``solutions`` > 0); where it
+    has not stopped by token ``start``, dense probes at ``points`` (``(position where asked, tokens before)``, in
+    order; charged, at most ``cap``) and a stop when ``k`` in a row give the same certain answer, one the text
+    wrote among its last ``window`` answers (``window`` 0: any)."""
     base = make_rule(sure=0.999, text_window=3, dense_conf=0.999, solutions=solutions, solutions_conf=solutions_conf)
     outcome = simulate(trace, base)
     if outcome.stop < trace["total"] and outcome.stop <= start:
@@ -385,7 +388,7 @@ def evaluate(
     groups: dict[str, list[float]] = {}
     for trace in traces:
         outcome = outcome_of(trace) if outcome_of is not None else simulate(trace, decide)
-        names = ["math500" if trace["dataset"] == "math500" else "amc+aime", "ALL", trace["model"][:6]]
+        names = [group_of(trace), "ALL", trace["model"][:6]]
         for name in names:
             row = groups.setdefault(name, [0.0] * 7)
             values = (1, trace["total"], outcome.stop, outcome.spent, trace["full_ok"], outcome.ok, 0)
@@ -539,7 +542,7 @@ def text_search(args: argparse.Namespace) -> int:
                 at, ok = trace["total"], trace["full_ok"]
             else:  # the replay acts with the next token (a decision completed by whitespace waits for it)
                 at, ok = stop[0] + 1, stop[1] is not None and trace["graded"].get(stop[1], False)
-            group = "math500" if trace["dataset"] == "math500" else "amc+aime"
+            group = group_of(trace)
             for key in (group, "ALL"):
                 sums = groups.setdefault(key, [0.0] * 6)
                 for i, v in enumerate((1, trace["total"], at, trace["full_ok"], ok, trace["full_ok"] and not ok)):
@@ -586,7 +589,7 @@ def bounds(args: argparse.Namespace) -> int:
     for trace in traces:
         if not trace["full_ok"]:
             continue
-        group = "math500" if trace["dataset"] == "math500" else "amc+aime"
+        group = group_of(trace)
         for wait in trace["waits"][:30]:
             if wait[3] is None or not plain_answer(wait[3]) or wait[0] >= trace["total"]:
                 continue
@@ -601,7 +604,7 @@ def bounds(args: argparse.Namespace) -> int:
     sums: dict[str, list[float]] = {}
     levels = (0.0, 0.9, 0.99, 0.999)
     for trace in traces:
-        group = "math500" if trace["dataset"] == "math500" else "amc+aime"
+        group = group_of(trace)
         total = trace["total"]
         right = next((d[0] for d in trace["dense"] if trace["graded"].get(d[2], False)), total)
         row_sums = sums.setdefault(group, [0.0] * (len(levels) + 2))
