@@ -19,6 +19,7 @@ import multiprocessing
 import multiprocessing.util
 import re
 import threading
+from collections.abc import Callable
 from concurrent.futures import TimeoutError as FutureTimeout
 from fractions import Fraction
 from functools import lru_cache
@@ -211,8 +212,11 @@ class AnswerComparer:
     and a fresh one replaces it. :meth:`close` stops the workers; after it, comparisons use the keys only.
     """
 
-    def __init__(self, timeout_seconds: float = 2.0) -> None:
+    def __init__(self, timeout_seconds: float = 2.0, verify: Callable[[str, str], bool] | None = None) -> None:
+        """``verify`` is the comparison the workers run (Math-Verify by default); it must be a module-level
+        function, which the worker processes import by name."""
         self.timeout_seconds = timeout_seconds
+        self._verify = verify or _math_verify_equal
         self._cache: dict[tuple[str, str], bool] = {}
         self._lock = threading.Lock()
         self._pool: Any = None
@@ -271,7 +275,7 @@ class AnswerComparer:
         if pool is None:
             return False
         try:
-            future = pool.schedule(_math_verify_equal, args=(first, second), timeout=self.timeout_seconds)
+            future = pool.schedule(self._verify, args=(first, second), timeout=self.timeout_seconds)
             # the bound runs from the moment a worker takes the task; waiting for a worker that is starting up
             # (after a kill) is not part of it, so the verdict does not depend on when the comparison is asked
             return bool(future.result(timeout=self.timeout_seconds + WORKER_START_SECONDS))
