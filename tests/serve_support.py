@@ -80,8 +80,9 @@ def metric(base_url: str, name: str) -> float:
         return metrics_text_value(response.read().decode(), name)
 
 
-def wait_metric(base_url: str, name: str, minimum: float, timeout: float = 5.0) -> float:
-    """Poll a counter until it reaches ``minimum`` (or ``timeout``); return the last value."""
+def wait_metric(base_url: str, name: str, minimum: float, timeout: float = 60.0) -> float:
+    """Poll a counter until it reaches ``minimum`` (or ``timeout``); return the last value. It returns as soon as
+    the counter gets there, so the long default deadline only spares a slow, loaded machine a false failure."""
     deadline = time.monotonic() + timeout
     value = metric(base_url, name)
     while value < minimum and time.monotonic() < deadline:
@@ -90,12 +91,51 @@ def wait_metric(base_url: str, name: str, minimum: float, timeout: float = 5.0) 
     return value
 
 
+def settled_metric(base_url: str, name: str, limit: float, quiet: float = 2.0, deadline: float = 120.0) -> float:
+    """Poll a counter until it reaches ``limit`` or stops moving for ``quiet`` seconds; return the last value.
+
+    An engine request that is still generating moves the token counter every step (milliseconds apart, even on
+    a slow, loaded machine); one that was aborted leaves it still. So "the request ended before its end" is
+    checked without assuming how fast the engine decodes."""
+    give_up = time.monotonic() + deadline
+    value = metric(base_url, name)
+    still_since = time.monotonic()
+    while value < limit and time.monotonic() - still_since < quiet:
+        assert time.monotonic() < give_up, f"{name} still moving after {deadline} s: {value}"
+        time.sleep(0.1)
+        latest = metric(base_url, name)
+        if latest != value:
+            value, still_since = latest, time.monotonic()
+    return value
+
+
+def post_then_disconnect(base_url: str, path: str, body: dict[str, Any], started: Any, deadline: float = 120.0) -> None:
+    """POST ``body`` over a plain socket, wait until ``started()`` is true (e.g. the engine began generating),
+    then close the connection without reading the response: a client that goes away mid-request, at a point
+    that does not depend on how fast this machine is."""
+    import socket
+    from urllib.parse import urlsplit
+
+    address = urlsplit(base_url)
+    payload = json.dumps(body).encode()
+    head = (
+        f"POST {path} HTTP/1.1\r\nHost: {address.netloc}\r\nContent-Type: application/json\r\n"
+        f"Content-Length: {len(payload)}\r\n\r\n"
+    ).encode()
+    with socket.create_connection((address.hostname, address.port), timeout=deadline) as connection:
+        connection.sendall(head + payload)
+        give_up = time.monotonic() + deadline
+        while not started():
+            assert time.monotonic() < give_up, "the request never started"
+            time.sleep(0.01)
+
+
 def serve_command(port: int, *args: str) -> list[str]:
     return [sys.executable, "-m", "server.cli", "serve", "--host", "127.0.0.1", "--port", str(port), *args]
 
 
 @contextlib.contextmanager
-def thinkbrake_server(*args: str, timeout: float = 180.0, log_path: pathlib.Path | None = None) -> Iterator[str]:
+def thinkbrake_server(*args: str, timeout: float = 600.0, log_path: pathlib.Path | None = None) -> Iterator[str]:
     """Run ``thinkbrake serve ARGS`` (cwd = repo root) and yield its base URL once ``/health`` is 200."""
     port = free_port()
     env = {**os.environ, **engine_environment()}

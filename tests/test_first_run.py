@@ -31,7 +31,7 @@ IMPORTS_VLLM = (
 )
 
 
-def run_cli(*args: str, env: dict[str, str] | None = None, timeout: float = 120) -> tuple[int, str, str, float]:
+def run_cli(*args: str, env: dict[str, str] | None = None, timeout: float = 600) -> tuple[int, str, str, float]:
     """``thinkbrake ARGS`` in a subprocess; (exit code, stdout, stderr, seconds). stdout's last line says
     whether vLLM was imported."""
     environment = {**os.environ, "PYTHONPATH": str(REPO_ROOT), **(env or {})}

@@ -68,7 +68,9 @@ def test_replay_in_worker_processes_exits_after_its_report(tmp_path: Path) -> No
         pytest.skip(f"dev traces not found at {DEV_TRACES}")
     command = [sys.executable, "-m", "server.cli", "replay", str(DEV_TRACES), "--policy", "fcs_reflection",
                "--limit", "12", "--jobs", "2", "--json", str(tmp_path / "out.json")]  # fmt: skip
-    done = subprocess.run(command, capture_output=True, text=True, timeout=180)
+    # a guard against the hang this test is about (minutes, forever), not a speed goal: 12 traces take about 20 s on
+    # a 2-core machine, and the limit leaves room for one three times slower under load
+    done = subprocess.run(command, capture_output=True, text=True, timeout=900)
     assert done.returncode == 0, done.stderr[-2000:]
     assert "| ALL | fcs_reflection | 12 |" in done.stdout
     report = json.loads((tmp_path / "out.json").read_text())

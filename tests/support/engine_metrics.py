@@ -48,7 +48,7 @@ def metrics_text_value(text: str, name: str = GENERATION_TOKENS) -> float:
 async def wait_for_counter(
     minimum: float,
     name: str = GENERATION_TOKENS,
-    timeout: float = 5.0,
+    timeout: float = 60.0,
     registry: CollectorRegistry = REGISTRY,
 ) -> float:
     """Poll until the in-process counter reaches ``minimum``; return its value.

@@ -260,8 +260,10 @@ class FakeUpstream:
     def __exit__(self, *exc: object) -> None:
         self.stop()
 
-    def wait_for(self, predicate: Any, timeout: float = 5.0) -> bool:
-        """Poll until ``predicate(self)`` is true (from the test's thread); False on time-out."""
+    def wait_for(self, predicate: Any, timeout: float = 60.0) -> bool:
+        """Poll until ``predicate(self)`` is true (from the test's thread); False on time-out. It returns as soon as
+        the predicate holds, so the long default deadline costs nothing when it does; it only spares a slow,
+        loaded machine a false failure."""
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:
             if predicate(self):

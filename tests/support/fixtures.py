@@ -198,7 +198,7 @@ def server_command(model_dir: pathlib.Path, port: int, *extra: str) -> list[str]
 
 @contextlib.contextmanager
 def openai_server(
-    model_dir: pathlib.Path, *extra: str, timeout: float = 180.0, log_path: pathlib.Path | None = None
+    model_dir: pathlib.Path, *extra: str, timeout: float = 600.0, log_path: pathlib.Path | None = None
 ) -> Iterator[str]:
     """Run vLLM's OpenAI server (cwd = repo root) and yield its base URL.
 

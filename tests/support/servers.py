@@ -22,8 +22,10 @@ from typing import Any
 from tests.support.fixtures import REPO_ROOT, free_port, stop_process
 
 
-def wait_healthy(base_url: str, timeout: float = 30.0, process: subprocess.Popen[bytes] | None = None) -> None:
-    """Block until ``GET /health`` answers 200 (any status other than 503 when the server protects it)."""
+def wait_healthy(base_url: str, timeout: float = 120.0, process: subprocess.Popen[bytes] | None = None) -> None:
+    """Block until ``GET /health`` answers 200 (any status other than 503 when the server protects it).
+
+    A proxy starts in a second or two; the long default deadline only matters on a slow, loaded machine."""
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
         if process is not None and process.poll() is not None:
@@ -90,7 +92,7 @@ def fake_upstream_process(*flags: str) -> Iterator[str]:
     process = subprocess.Popen(command, cwd=REPO_ROOT, env=environment, stdout=subprocess.DEVNULL)
     try:
         base_url = f"http://127.0.0.1:{port}"
-        deadline = time.monotonic() + 20
+        deadline = time.monotonic() + 120  # a deadline, not a wait: a slow, loaded machine may need it
         while True:
             try:
                 with urllib.request.urlopen(f"{base_url}/health", timeout=2):
