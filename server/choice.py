@@ -19,6 +19,7 @@ choice.
 
 from __future__ import annotations
 
+import asyncio
 import logging
 import time
 from collections.abc import AsyncGenerator
@@ -32,7 +33,7 @@ from controller.detector import ANSWER
 from controller.policies import StopDecision
 from controller.probes import ProbeRequest, ProbeResult
 from controller.session import ThinkingController, Update
-from server.backend import Backend, Chunk, Generation, Prompt, Sampling, tokens_through
+from server.backend import Backend, BackendError, Chunk, Generation, Prompt, Sampling, tokens_through
 from server.metrics import Metrics, RequestRecord
 from server.probing import NO_PROBE_METHOD, NO_TOKEN_IDS, ChoiceProbes, Interleave
 from server.protocol import RequestControl
@@ -41,6 +42,25 @@ log = logging.getLogger(__name__)
 #: at a stop decided by a probe, how long to wait for the main stream's chunk already on its way (one engine
 #: step): its tokens were decoded, so they are counted and forwarded like the rest
 DRAIN_SECONDS = 1.0
+
+
+def error_outcome(error: BaseException) -> str:
+    """The metrics outcome of a choice that ended with ``error``: ``client_error`` when the client is at fault (the
+    backend refused the request as bad, a 4xx; or the client went away, which cancels the choice), else
+    ``server_error`` (a backend failure, a 5xx, a bug)."""
+    if isinstance(error, BackendError):
+        return "client_error" if 400 <= error.status_code < 500 else "server_error"
+    if isinstance(error, (asyncio.CancelledError, GeneratorExit)):
+        return "client_error"
+    return "server_error"
+
+
+def keep_detecting(controller: ThinkingController) -> None:
+    """Shadow mode, once the would-be stop is recorded: the controller goes on reading the thinking to its natural
+    end (it stops detecting after a decision), so ``solutions`` and every count are those of the whole thinking,
+    as with policy ``off``. Later decisions are ignored by the caller."""
+    controller.decision = None
+    controller.kept_tokens = None
 
 
 @dataclass
@@ -86,6 +106,7 @@ class ChoiceResult:
                 "reason": would.reason if would else None,
                 "answer": would.answer if would else None,
                 "stop_tokens": would.tokens if would else None,
+                "solutions": would.solutions if would else None,
                 "agree": self.shadow_agree,
             }
         if self.controller_error:
@@ -187,8 +208,8 @@ class ChoiceRunner:
             async with aclosing(self._generate(result)) as events:
                 async for event in events:
                     yield event
-        except BaseException:
-            self._record(self.controller, result, "error")
+        except BaseException as error:
+            self._record(self.controller, result, error_outcome(error))
             raise
         self._finish_result(self.controller, result)
         self._record(self.controller, result, self._outcome(result))
@@ -217,7 +238,8 @@ class ChoiceRunner:
                     if self._fed is not None and probes.stats.fallback is not None:
                         update.decision = update.decision or self._go_text_only()
                     if update.decision is not None and self.control.shadow:
-                        result.shadow_decision = update.decision
+                        result.shadow_decision = result.shadow_decision or update.decision
+                        keep_detecting(self.controller)
                     elif update.decision is not None and not (isinstance(item, Chunk) and item.finish_reason):
                         decision = update.decision  # (a decision on the stream's last chunk saves nothing)
                         late = await merged.drain(DRAIN_SECONDS)  # a probe decided while a chunk was on its way
@@ -234,7 +256,8 @@ class ChoiceRunner:
                     yield self._event(update, text)
                     if decision is not None:
                         break
-                    self._launch(update.probes, generation, generated)
+                    if result.shadow_decision is None:  # past a would-be stop, probes could change nothing
+                        self._launch(update.probes, generation, generated)
                     if isinstance(item, Chunk) and item.finish_reason is not None:
                         result.finish_reason = item.finish_reason
                         finished = True

@@ -49,8 +49,9 @@ Series of a ``(model, policy)`` pair are created at 0 when its first request end
 :meth:`Metrics.prepare` (call it at startup for the served model and default policy): ``rate()`` only sees an
 increment if Prometheus scraped the series before it.
 
-Errors count in ``requests_total{outcome="error"}`` and in the token counters (the tokens were generated) but not in
-the per-request histograms or the savings.
+Errors count in ``requests_total`` as ``outcome="client_error"`` (the request was refused as bad, a 4xx, or the
+client went away) or ``outcome="server_error"`` (the backend or thinkbrake failed: what the error-rate alert reads),
+and in the token counters (the tokens were generated), but not in the per-request histograms or the savings.
 
 Several uvicorn workers: set ``PROMETHEUS_MULTIPROC_DIR`` to an empty, writable directory *before* the process
 starts (prometheus_client picks its value storage when it is imported). Every worker then writes its samples
@@ -69,7 +70,9 @@ from typing import Final
 from prometheus_client import CONTENT_TYPE_LATEST, REGISTRY, CollectorRegistry, Counter, Histogram, generate_latest
 from prometheus_client.multiprocess import MultiProcessCollector
 
-OUTCOMES: Final = frozenset({"stopped", "natural", "length", "error"})
+OUTCOMES: Final = frozenset({"stopped", "natural", "length", "client_error", "server_error"})
+#: the outcomes of a choice that ended in an error (see :func:`server.choice.error_outcome`)
+ERROR_OUTCOMES: Final = frozenset({"client_error", "server_error"})
 PRIOR_STOP_RATIO: Final = 0.5
 PRIOR_WEIGHT_TOKENS: Final = 4096
 MIN_STOP_RATIO: Final = 0.05
@@ -280,7 +283,7 @@ class Metrics:
         self.answer_tokens.labels(*labels).inc(record.answer_tokens)
         if record.probe_fallback is not None:
             self.probe_fallbacks.labels(*labels, record.probe_fallback).inc()
-        if record.outcome == "error":
+        if record.outcome in ERROR_OUTCOMES:
             return
         self.solutions.labels(*labels).observe(record.solutions)
         self.thinking_per_request.labels(*labels).observe(record.thinking_tokens)

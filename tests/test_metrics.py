@@ -60,7 +60,7 @@ SHADOW = dataclasses.replace(
     shadow_stop_tokens=250,
     shadow_agree=True,
 )
-ERROR = dataclasses.replace(NATURAL, outcome="error", thinking_tokens=10, answer_tokens=0, prompt_tokens=7)
+ERROR = dataclasses.replace(NATURAL, outcome="server_error", thinking_tokens=10, answer_tokens=0, prompt_tokens=7)
 
 
 @pytest.fixture
@@ -177,7 +177,8 @@ def test_shadow_stop_beyond_the_end_saves_nothing(metrics: Metrics, registry: Co
 def test_error_counts_tokens_but_no_distributions(metrics: Metrics, registry: CollectorRegistry) -> None:
     metrics.observe_request(ERROR)
 
-    assert value(registry, "thinkbrake_requests_total", outcome="error") == 1
+    assert value(registry, "thinkbrake_requests_total", outcome="server_error") == 1
+    assert value(registry, "thinkbrake_requests_total", outcome="client_error") == 0
     assert value(registry, "thinkbrake_prompt_tokens_total") == 7
     assert value(registry, "thinkbrake_thinking_tokens_total") == 10
     assert value(registry, "thinkbrake_solutions_per_request_count") == 0
@@ -258,7 +259,7 @@ def test_series_exist_at_zero_before_their_first_increment(metrics: Metrics, reg
     """rate() only sees a first increment if the series was scraped at 0 before: create them up front."""
     assert registry.get_sample_value("thinkbrake_requests_total", {**LABELS, "outcome": "natural"}) is None
     metrics.prepare(MODEL, POLICY)
-    for outcome in ("stopped", "natural", "length", "error"):
+    for outcome in ("stopped", "natural", "length", "client_error", "server_error"):
         assert registry.get_sample_value("thinkbrake_requests_total", {**LABELS, "outcome": outcome}) == 0
     for reason in ("first_answer", "confirmed", "consistent", "loop", "budget", "max_thinking_tokens", "unknown"):
         assert registry.get_sample_value("thinkbrake_early_stops_total", {**LABELS, "reason": reason}) == 0
@@ -268,5 +269,5 @@ def test_series_exist_at_zero_before_their_first_increment(metrics: Metrics, reg
     metrics.observe_request(NATURAL)  # a new pair is prepared by its first request
     labels = {"model": MODEL, "policy": "first_answer"}
     metrics.observe_request(dataclasses.replace(NATURAL, policy="first_answer"))
-    assert registry.get_sample_value("thinkbrake_requests_total", {**labels, "outcome": "error"}) == 0
+    assert registry.get_sample_value("thinkbrake_requests_total", {**labels, "outcome": "server_error"}) == 0
     assert registry.get_sample_value("thinkbrake_requests_total", {**LABELS, "outcome": "natural"}) == 1

@@ -394,7 +394,8 @@ def test_real_server_totals_match_its_responses(scraped: Prometheus, real_server
     assert total("thinkbrake_thinking_tokens_total") == sum(info["thinking_tokens"] for info in infos)
     assert total("thinkbrake_answer_tokens_total") == sum(info["answer_tokens"] for info in infos)
     assert total("thinkbrake_requests_total", ', outcome="stopped"') == sum(info["stopped"] for info in infos)
-    assert total("thinkbrake_requests_total", ', outcome="error"') == real_server.errors == 2
+    assert total("thinkbrake_requests_total", ', outcome="server_error"') == real_server.errors == 2
+    assert total("thinkbrake_requests_total", ', outcome="client_error"') == 0
     assert total("thinkbrake_requests_total", ', outcome="length"') == 2
     assert total("thinkbrake_tokens_saved_measured_total") == sum(
         info["thinking_tokens"] - info["shadow"]["stop_tokens"] for info in shadows
