@@ -9,7 +9,9 @@ bound is stopped by killing its worker process, which a pebble process pool repl
 :func:`math_text` rewrites the Unicode math models write in plain text (``6√2``, ``3840⁄289``, ``2π``, ``−3``,
 ``x²``, ``90°``) as the LaTeX Math-Verify reads, so an answer is extracted and compared whole. Mixed numbers
 (``137\\frac{1}{2}``) and column vectors (``\\begin{pmatrix} 1 \\\\ 2 \\end{pmatrix}``, ``[1; 2]``) get keys of
-their own (``275/2``, ``(1,2)``).
+their own (``275/2``, ``(1,2)``). :func:`plain_digits` reads thousands separators as digits (``3,840/289`` is
+``3840/289``) outside brackets, so a tuple or an interval (``(3, 840)``, ``(3,840)``) stays a pair: keys and
+Math-Verify inputs both see the number as written.
 """
 
 from __future__ import annotations
@@ -102,6 +104,29 @@ def math_text(text: str) -> str:
     return _ROOT_ARGUMENT.sub(lambda m: f"{m.group(1)}{{{(m.group(2) or m.group(3)).strip()}}}", text)
 
 
+_GROUPED = re.compile(r"(?<![\d.,])\d{1,3}(?:,\d{3})+(?![\d]|,\d|\.\d*,)")
+_OPEN = "(["
+_CLOSE = ")]"
+
+
+def plain_digits(text: str) -> str:
+    """``text`` with thousands separators dropped from numbers written with them (``3,840`` -> ``3840``,
+    ``20,000/\\pi`` -> ``20000/\\pi``, ``1,000,000`` -> ``1000000``), except inside parentheses or brackets,
+    where a comma separates the items of a tuple, a vector or an interval (``(3,840)`` stays a pair).
+    Only groups of exactly three digits after each comma are read as one number. Linear in ``len(text)``."""
+    if "," not in text:
+        return text
+    depth = 0
+    depths: list[int] = []
+    for char in text:
+        if char in _OPEN:
+            depth += 1
+        elif char in _CLOSE:
+            depth = max(0, depth - 1)
+        depths.append(depth)
+    return _GROUPED.sub(lambda m: m.group(0).replace(",", "") if depths[m.start()] == 0 else m.group(0), text)
+
+
 _TEXT_WRAPPERS = re.compile(r"\\(?:text|textbf|mathrm|mathbf|textit|mbox|operatorname)\s*\{([^{}]*)\}")
 _UNIT_WORDS = re.compile(
     r"\s*(?:\\[,;!]\s*)*(?:units?|square\s+units|sq\.?\s*units|miles?|mph|km|kilometers?|meters?|cm|mm|inches|inch|"
@@ -140,7 +165,7 @@ def _strip_wrappers(answer: str) -> str:
     text = re.sub(r"(?<!\\)\\ ", " ", text)
     text = re.sub(r"^[a-zA-Z]\s*=\s*(?=[-+\d\\(])", "", text)  # "x = 5" -> "5"
     text = _UNIT_WORDS.sub("", text)
-    return text.strip().rstrip(".").strip()
+    return plain_digits(text.strip().rstrip(".").strip())
 
 
 def _as_fraction(text: str) -> Fraction | None:

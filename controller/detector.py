@@ -19,7 +19,10 @@ as the sentence that causes them is complete:
 With a :class:`~controller.question.Question`, a value whose form cannot be what the question asks for (a
 fraction where m + n is asked, ``k = 8`` where the number of k is asked, a number that is no option of a
 multiple-choice question) is not an answer: it neither opens nor closes a solution. A multiple-choice
-answer's key is its option letter, whether the model wrote the letter or the option's text.
+answer's key is its option letter, whether the model wrote the letter or the option's text. A sample answer
+quoted by the question's instructions (``45`` of "e.g., Answer: \\boxed{45}") is not an answer in a sentence
+that quotes the instructions, nor before the thinking has reached that value in its own working (see
+:func:`controller.question.derives`): each sentence is checked once against the few samples.
 
 Complexity: text is cut into sentences at ``.``/``!``/``?`` followed by whitespace, or at a newline. Each
 delta is searched for boundaries only in its own text plus one held character, and each completed sentence
@@ -35,7 +38,7 @@ import re
 from dataclasses import dataclass
 
 from controller import sentences
-from controller.question import Question
+from controller.question import Question, derives, quotes_instructions
 
 REFLECTION = "reflection"
 ANSWER = "answer"
@@ -99,6 +102,7 @@ class SolutionDetector:
         self._since_answer = 0
         self._code_countdown = 0
         self._open: Event | None = None  # the last answer of the open (not yet closed) solution
+        self._derived: set[str] = set()  # keys of the question's sample answers the thinking reached itself
         self._boundary_offset = 0
         self._boundary_tokens = 0
 
@@ -195,6 +199,10 @@ class SolutionDetector:
             self._code_countdown = _CODE_CONTEXT_SENTENCES
         elif self._code_countdown:
             self._code_countdown -= 1
+        if self.question is not None and self.question.examples:
+            for text, example in self.question.examples:
+                if example not in self._derived and derives(sentence, text):
+                    self._derived.add(example)
         found = sentences.find_answer(
             sentence, implicit=not self._code_countdown, tuples=self._tuples, choices=self._choices
         )
@@ -202,6 +210,10 @@ class SolutionDetector:
             return
         answer, key = found.text, found.key
         if self.question is not None:
+            if self.question.example_key(found.key) and (
+                found.key not in self._derived or quotes_instructions(sentence)
+            ):
+                return  # the prompt's own sample answer, quoted, or not (yet) reached by the thinking
             if not self.question.admits(found.text, found.key, found.subject, found.approximate):
                 return
             if not self.question.concludes(sentence, found.key, found.explicit):

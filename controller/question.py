@@ -15,6 +15,14 @@ cannot read admits everything:
 - multiple choice ((A)-(E) or A)-J)): an answer is a letter of the options or an option's text (which is
   that option's letter); anything else is not the answer.
 
+An evaluation harness's instruction lines ("Please reason step by step, and put your final answer within
+\\boxed{}.", "... e.g., Answer: \\boxed{45}", "The last line of your response should be of the following format:
+'Answer: $LETTER'") are not part of the question: :func:`split_instructions` sets them apart, the ask, the
+options and the given numbers are read without them, and the sample answers they quote (``45``, ``C``) are the
+question's ``examples``. A sentence of the thinking that quotes the instructions (:func:`quotes_instructions`)
+never answers with an example value, and an example value answers only once the thinking has reached it in its
+own working (:func:`derives`), outside a box and outside a quote.
+
 Invariant: :meth:`Question.admits` never raises and is True for every answer when ``question`` is empty.
 """
 
@@ -24,7 +32,7 @@ import re
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
-from controller.answers import canonical, is_numeric_key, math_text
+from controller.answers import canonical, find_boxed, is_numeric_key, math_text
 
 _ASK_START = re.compile(
     r"(?:^|(?<=[.?!:;\]$]))\s*(?=(?:find|what|which|compute|calculate|determine|evaluate|how|express|enter|"
@@ -78,6 +86,30 @@ _COMBINATION = re.compile(r"\d*\s*[a-zA-Z](?:\^\{?\d\}?)?(?:\s*(?:\+|-|\\cdot|\*
 _OPTION_PAREN = re.compile(r"(?:\\textbf\{|\\mathrm\{|\\text\{|(?<![\w(]))\(([A-J])\)\s*\}?")
 _OPTION_LINE = re.compile(r"(?:^|\n)\s*\(?([A-J])[).:]\s+", re.MULTILINE)
 _WHICH = re.compile(r"\bwhich\b", re.IGNORECASE)
+_PROMPT_SENTENCE = re.compile(r"(\n+|(?<=[.!?])[ \t]+(?=[A-Z\\]))")
+_BOX = r"(?:\\boxed|\\fbox|\bbox(?:ed)?\b)"
+_INSTRUCTION = re.compile(
+    rf"\\boxed\s*\{{\s*\}}|\b(?:reason|think|solve|work|answer)\w*\b[^.\n]{{0,40}}\bstep[- ]by[- ]step\b|"
+    r"\blast line of your (?:response|answer)\b|\bof the following format\b|\bwithout quotes\b|\$(?:ANSWER|LETTER)\b|"
+    r"^\s*answer the following\b|^\s*(?:final )?answer\s*:\s*(?:\\boxed\{|\$)|"
+    rf"\b(?:put|place|write|return|give|present|enclose|output|mark)\b[^.\n]{{0,40}}\b(?:answer|response)\b[^\n]{{0,40}}{_BOX}|"
+    rf"(?:\be\.g\.|\bfor example\b|\bsuch as\b)[^\n]{{0,40}}(?:{_BOX}|\banswer\s*:)",
+    re.IGNORECASE,
+)
+_EXAMPLE_TAIL = re.compile(r"(?:,\s*)?(?:\be\.g\.|\bfor example\b|\bsuch as\b).*", re.IGNORECASE | re.DOTALL)
+_ANSWER_LINE_VALUE = re.compile(
+    r"\banswer\s*:\s*(?!\\boxed|\$[A-Z])\(?([^\s,;()'\"]+?)\)?(?=[\s,;.'\"]*(?:$|\s))", re.I
+)
+_PLACEHOLDER = re.compile(r"\$?[A-Z_]{3,}|\\text\{[^{}]*\}|[A-Za-z ]*answer[A-Za-z ]*|\.\.\.|X|N", re.IGNORECASE)
+_QUOTING = re.compile(
+    r"\b(?:e\.g\.|for example|for instance|such as|format(?:ted)?|instructions?|instructed|template|example|"
+    r"(?:the )?(?:problem|question|prompt|user|they|it) (?:says|said|asks|asked|wants|wanted|instructs|requires|"
+    r"specifies|specified|mentions|mentioned|gives|shows|told)|as (?:instructed|shown|required|requested)|"
+    r"(?:put|place|write|present|enclose|wrap) (?:the|my|your|it|our) (?:final )?(?:answer|response)?|last line|"
+    r"(?:in|inside|within) (?:a |the )?box(?:ed)?\b|like)\b",
+    re.IGNORECASE,
+)
+_MAX_EXAMPLES = 8
 
 
 @dataclass(frozen=True)
@@ -102,6 +134,7 @@ class Question:
     ask_symbols: frozenset[str] = frozenset()  # single-letter symbols named in the final ask
     options: dict[str, str] = field(default_factory=dict)  # letter -> option text (multiple choice)
     given: frozenset[str] = frozenset()  # keys of the numbers the question itself gives
+    examples: tuple[tuple[str, str], ...] = ()  # (text, key) of the sample answers its instructions quote
 
     @property
     def multiple_choice(self) -> bool:
@@ -176,6 +209,10 @@ class Question:
             return False
         return not (self.interval and numeric)
 
+    def example_key(self, key: str) -> bool:
+        """Whether ``key`` is the key of a sample answer the instructions quote (``45`` of ``\\boxed{45}``)."""
+        return any(key == example for _text, example in self.examples)
+
     def _subject_fits(self, subject: str, key: str) -> bool:
         name = re.sub(r"[{}\s]|\\cdot|\*", "", subject)
         if self.target is not None and name == self.target:
@@ -199,23 +236,25 @@ def read_question(text: str | None) -> Question:
     """Read what ``text`` asks for. An empty or unreadable question admits every answer."""
     if not text or not text.strip():
         return Question()
-    question = text.strip()
+    question, instructions = split_instructions(text.strip())
+    examples = _examples(instructions)
     options = _options(question)
     if len(options) >= 3:
-        return Question(text=question, options=options)
+        return Question(text=question, options=options, examples=examples)
+    forms = "\n".join([question, *(_EXAMPLE_TAIL.sub("", line) for line in instructions)])
     ask = _ask(question)
     target, symbols = _target(ask)
     solve_for = _SOLVE_FOR.search(ask)
     if target is None and solve_for is not None:
         target = solve_for.group(1)
     combination = target if target is not None and _COMBINATION.fullmatch(target) and len(target) > 1 else None
-    other_form = _OTHER_FORM.search(question) is not None
-    integer = combination is not None and _INTEGERS_DECLARED.search(question) is not None
+    other_form = _OTHER_FORM.search(forms) is not None
+    integer = combination is not None and _INTEGERS_DECLARED.search(forms) is not None
     count = _COUNT.search(ask) is not None
     if not other_form and (count or _INTEGER_ASK.search(ask)):
         integer = True
     words: tuple[str, ...] = ()
-    found = _WORDS.search(question)
+    found = _WORDS.search(forms)
     if found:
         words = tuple(dict.fromkeys(word.strip().lower() for word in _QUOTED.findall(found.group(1))))
     return Question(
@@ -223,20 +262,82 @@ def read_question(text: str | None) -> Question:
         integer=integer,
         nonnegative=count and not other_form,
         probability=_PROBABILITY.search(ask) is not None and combination is None and "percent" not in ask,
-        radical=_RADICAL.search(question) is not None,
-        pi=_IN_TERMS_OF_PI.search(question) is not None,
-        interval=_INTERVAL.search(question) is not None or _SOLVE_INEQUALITY.search(ask) is not None,
-        fraction=_FRACTION_ASKED.search(question) is not None and combination is None,
+        radical=_RADICAL.search(forms) is not None,
+        pi=_IN_TERMS_OF_PI.search(forms) is not None,
+        interval=_INTERVAL.search(forms) is not None or _SOLVE_INEQUALITY.search(ask) is not None,
+        fraction=_FRACTION_ASKED.search(forms) is not None and combination is None,
         degrees=_DEGREES.search(ask) is not None,
-        approximate=_APPROXIMATE.search(question) is not None,
+        approximate=_APPROXIMATE.search(forms) is not None,
         expression=_EXPRESSION.search(ask) is not None,
-        tuple_=_TUPLE.search(question) is not None,
+        tuple_=_TUPLE.search(forms) is not None,
         words=words,
         target=target,
         combination=combination is not None,
         ask_symbols=symbols,
         given=_given(question),
+        examples=examples,
     )
+
+
+def split_instructions(text: str) -> tuple[str, tuple[str, ...]]:
+    """``text`` without its instruction sentences, and those sentences (see the module docstring). A sentence is
+    an instruction when it tells how to reason or present the answer (a box to fill, "step by step", an answer
+    line, "the following format", a sample answer after "e.g."), not what to compute: "Express your answer as a
+    common fraction." stays in the question. A text made of instructions only is returned whole."""
+    parts = _PROMPT_SENTENCE.split(text)
+    kept: list[str] = []
+    instructions: list[str] = []
+    for index in range(0, len(parts), 2):
+        sentence = parts[index]
+        if sentence.strip() and _INSTRUCTION.search(sentence):
+            instructions.append(sentence.strip())
+            continue
+        kept.append(sentence)
+        if index + 1 < len(parts):
+            kept.append(parts[index + 1])
+    question = "".join(kept).strip()
+    if not instructions or not question:
+        return text, ()
+    return question, tuple(instructions)
+
+
+def _examples(instructions: tuple[str, ...]) -> tuple[tuple[str, str], ...]:
+    """(text, key) of the sample answers quoted in instruction sentences: filled boxes and "Answer: X" values
+    (placeholders such as ``$ANSWER``, ``LETTER`` or ``\\text{answer}`` are not samples)."""
+    found: dict[str, str] = {}
+    for line in instructions:
+        values = [*find_boxed(line), *(match.group(1) for match in _ANSWER_LINE_VALUE.finditer(line))]
+        for value in values:
+            value = value.strip().strip("$").strip()
+            if not value or _PLACEHOLDER.fullmatch(value) or len(value) > 40:
+                continue
+            key = canonical(value)
+            if key and len(found) < _MAX_EXAMPLES:
+                found.setdefault(key, math_text(value))
+    return tuple((text, key) for key, text in found.items())
+
+
+def quotes_instructions(sentence: str) -> bool:
+    """Whether a sentence of the thinking talks about the prompt's instructions or its sample answer ("the format
+    asks for e.g. \\boxed{45}", "so I put it in a box like \\boxed{45}")."""
+    return _QUOTING.search(sentence) is not None
+
+
+def derives(sentence: str, example: str) -> bool:
+    """Whether ``sentence`` reaches the sample value ``example`` in the thinking's own working: the value stands
+    in it outside every box and after no "answer" phrase, and the sentence does not quote the instructions."""
+    if quotes_instructions(sentence):
+        return False
+    text = math_text(sentence)
+    for boxed in find_boxed(text):
+        text = text.replace(boxed, " ")
+    text = re.sub(r"\banswer\s*(?:is|should be|would be|must be|will be|=|:)\s*\S+", " ", text, flags=re.IGNORECASE)
+    escaped = re.escape(example)
+    if re.fullmatch(r"[A-J]", example):
+        pattern = rf"\({escaped}\)|(?<![\w\\]){escaped}\)|\b(?:option|choice)\s*\(?{escaped}\b"
+    else:
+        pattern = rf"(?<![\w.\\]){escaped}(?![\w]|\.\d)"
+    return re.search(pattern, text) is not None
 
 
 def _ask(question: str) -> str:

@@ -93,9 +93,12 @@ _NEGATION_BEFORE = re.compile(
 )
 _ANNOUNCING_END = re.compile(r"(?:\bis|\bare|\bbe|\bequals|=|\bget|\bgives?|\bobtain|\bresult)\s*:$", re.IGNORECASE)
 _OPERATOR_AFTER = re.compile(
-    r"\s*(?:[-+*/×÷^]|\\times|\\cdot|\\div)\s*[\w(\\]|,?\s+(?:minus|plus|times|divided by|multiplied by)\b|"
+    r"\s*(?:[-+*/×÷^]|\\times|\\cdot|\\div)\s*(?:[\w(\\]|(?:\$|\\\)|\\\])?\s*$)|"
+    r",?\s+(?:minus|plus|times|divided by|multiplied by)\b|"
     r"\s*\\?(?:cos|sin|tan|cot|sec|csc|log|ln|exp)\b|(?:\$|\\\()\\|\}|\s*(?:≡|\\equiv\b|=(?!>))"
 )  # an operand, not a result: "180 minus 74", "2 cos(π/9)", "9$\sqrt{2}$", "sum_{k=1}"
+_TRAILING_OPERATOR = re.compile(r"(?:[-+*/×÷^_=<>≤≥−]|\\(?:times|cdot|div|pm|mp|le|ge|leq|geq)|\\[,;: ]?)\s*$")
+_CUT_AT_OPERATOR = re.compile(r"(?:[-+*/=×÷−]|\\times|\\cdot|\\div)\s*(?:\$|\\\()?$")
 _APPROXIMATE_BEFORE = re.compile(
     r"(?:≈|\\approx|\bapproximately|\babout|\broughly|\baround|\bnearly|\balmost|\bapprox\.?)\s*(?:\\\(|\$)?\s*$", re.I
 )
@@ -168,7 +171,8 @@ def is_rejection(sentence: str) -> bool:
 
 
 def is_lead_in(sentence: str) -> bool:
-    """A sentence that announces a value on the following line(s): "So the answer is:", "**Final Answer**"."""
+    """A sentence that announces a value on the following line(s): "So the answer is:", "**Final Answer**", or
+    one cut at an operator ("t =", "3 +")."""
     stripped = sentence.strip()
     if _FINAL_HEADING.match(stripped):
         return True
@@ -176,6 +180,8 @@ def is_lead_in(sentence: str) -> bool:
         _EXPLICIT_PHRASE.search(stripped) or (_CONCLUSION.match(stripped) and _ANNOUNCING_END.search(stripped))
     ):
         return True
+    if _CUT_AT_OPERATOR.search(stripped):
+        return True  # "t =", "So the total is 3 +": the expression goes on on the next line
     return stripped.count("\\[") > stripped.count("\\]")
 
 
@@ -218,8 +224,20 @@ def find_answer(sentence: str, implicit: bool = True, tuples: bool = False, choi
     return _found(value, explicit=False) if value is not None else None
 
 
+def is_cut(value: str) -> bool:
+    """Whether a value stops mid-expression: at a trailing operator (``3 +``, ``30.00 -``, ``2 \\cdot``) or with a
+    bracket left open (``(3, 4``, ``\\frac{1}{``). An interval's mixed brackets (``[1, 3)``) are balanced."""
+    text = value.strip().rstrip(".").strip()
+    if _TRAILING_OPERATOR.search(text):
+        return True
+    opened = text.count("(") + text.count("[")
+    return opened != text.count(")") + text.count("]") or text.count("{") != text.count("}")
+
+
 def _found(value: str | tuple[str, str | None, bool], explicit: bool) -> Found | None:
     text, subject, approximate = value if isinstance(value, tuple) else (value, None, False)
+    if is_cut(text):
+        return None
     key = canonical(text)
     if not key or len(key) > 80:
         return None

@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 
 from controller.answers import AnswerComparer, canonical, find_boxed, last_boxed
-from controller.sentences import find_answer, is_reflection, is_rejection
+from controller.sentences import find_answer, is_cut, is_reflection, is_rejection
 
 # (snippet, expected key or None, explicit?)
 EXTRACTION = [
@@ -46,6 +46,20 @@ EXTRACTION = [
     ("Let me compute 3 + 4 = 7.", None, None),
     ("Maybe the answer is 12.", None, None),
     ("The function returns 0 when the list is empty.", None, None),
+    # numbers with thousands separators (the first three from Sky-T1 dev traces, amc23/34 and aime24/13)
+    ("So, r = 137,088 / 3570", "192/5", False),
+    ("So, r = 68,544 / 1785", "192/5", False),
+    ("Then, 162,500 / 100 = 1625.", "1625", False),
+    ("So the answer is \\(\\frac{3,840}{289}\\).", "3840/289", True),
+    ("Thus the area is 20,000/\\pi.", "20000/\\pi", False),
+    ("So the answer is (3, 840).", "(3,840)", True),
+    # cut at an operator or an open bracket: the expression goes on (the first from a Sky-T1 dev trace, amc23/31)
+    ("Thus, x1 +", None, None),
+    ("So the answer is 3 +", None, None),
+    ("Therefore, the total is 30.00 -", None, None),
+    ("So x = \\( 2\\sqrt{3} + \\)", None, None),
+    ("The answer is (3, 4", None, None),
+    ("So the answer is \\(\\frac{1}{2} \\cdot\\)", None, None),
 ]
 
 
@@ -91,6 +105,42 @@ def test_one_answer_many_spellings(a: str) -> None:
 def test_choices_and_thousands() -> None:
     assert canonical("(C)") == canonical("\\textbf{(C)}") == "C"
     assert canonical("1,000") == "1000"
+
+
+@pytest.mark.parametrize(
+    "written,plain",
+    [
+        ("3,840/289", "3840/289"),
+        ("\\frac{3,840}{289}", "3840/289"),
+        ("20,000/\\pi", "20000/\\pi"),
+        ("1,000,000", "1000000"),
+        ("-2,500", "-2500"),
+        ("137,088 / 3570", "192/5"),
+        ("(3, 840)", "(3,840)"),  # a pair, not a number
+        ("(3,840)", "(3,840)"),
+        ("[1,000, 2)", "[1,000,2)"),  # an interval's bounds stay apart
+        ("1,234,5", "1,234,5"),  # not groups of three: a list
+    ],
+)
+def test_thousands_separators_are_digits_outside_brackets(written: str, plain: str) -> None:
+    assert canonical(written) == plain
+
+
+def test_thousands_separators_reach_math_verify_as_digits() -> None:
+    comparer = AnswerComparer(timeout_seconds=30)  # cold sympy import
+    assert comparer.equal("20,000/\\pi", "\\frac{20000}{\\pi}")
+    assert comparer.equal("\\frac{3,840}{289}", "\\frac{3840}{289}")
+    assert comparer.equal("2,000\\sqrt{2}", "2000\\sqrt{2}")
+    assert not comparer.equal("(3, 840)", "3840")
+
+
+@pytest.mark.parametrize(
+    "value,cut",
+    [("3 +", True), ("30.00 -", True), ("2 \\cdot", True), ("(3, 4", True), ("\\frac{1}{", True), ("x =", True),
+     ("3 + 4", False), ("[1, 3)", False), ("(0, 9) \\cup (9, 36)", False), ("-3", False), ("\\frac{1}{2}", False)],
+)  # fmt: skip
+def test_cut_values(value: str, cut: bool) -> None:
+    assert is_cut(value) is cut
 
 
 def test_math_verify_equivalence_beyond_keys() -> None:

@@ -127,3 +127,19 @@ def test_work_per_delta_is_bounded_by_the_window() -> None:
     detector = SolutionDetector(max_sentence_chars=500)
     detector.feed("x" * 10_000, 1)
     assert len(detector._buffer) <= 500
+
+
+# a conclusion cut by a line break at an operator (the first line from a Sky-T1 dev trace, aime24/18)
+CUT_AT_OPERATOR = (
+    "So, t = 3 (1 - t) ⇒ t = 3 - 3 t ⇒ t + 3 t = 3 ⇒ 4 t = 3 ⇒ t =\n3/4.\n"
+    "Wait, let me check: 3(1 - 3/4) = 3/4.\n"
+    "So the total is 30.00 -\n12.50 = 17.50.\n"
+    "Hmm, that is the change.\n"
+)
+
+
+def test_an_expression_cut_at_an_operator_is_read_with_its_next_line() -> None:
+    whole = signature([CUT_AT_OPERATOR])
+    assert [key for kind, _, _, key in whole if kind == ANSWER] == ["3/4", "35/2"]
+    for deltas in every_single_split(CUT_AT_OPERATOR):
+        assert signature(deltas) == whole
