@@ -144,7 +144,11 @@ class ProbeFcsConfig(PolicyConfig):
     Long thinking: from ``settle_tokens`` on, a dense probe at a "Wait" at least ``settle_spacing`` tokens after
     the previous one (at most ``max_settle_probes``), and a stop when ``settle_agree`` of them in a row give the
     same answer without hesitating, an answer the thinking wrote among its last ``settle_text_window`` answers
-    (0: off). Without probes it runs as ``fcs_reflection``.
+    (0: off). ``alone_confidence``: a counted probe reaching it stops on its own (the DEER rule; 1.0: never).
+    Probe schedule: ``probe_spacing``: a wait probe only at a "Wait" at least this many tokens after the previous
+    wait probe; ``backoff``: after this many answered wait probes in a row that did not count, the spacing
+    doubles with each further one, from at least ``backoff_tokens`` (0: off), so a model whose probes carry no
+    usable confidence is probed rarely. Without probes it runs as ``fcs_reflection``.
     Defaults: chosen on the tuning half of ``dev-probes`` (README, "Answer probes";
     ``benchmarks/probe_rule_search.py``).
     """
@@ -163,17 +167,21 @@ class ProbeFcsConfig(PolicyConfig):
     settle_agree: int = 3
     settle_text_window: int = 2
     max_settle_probes: int = 16
+    alone_confidence: float = 1.0
+    probe_spacing: int = 0
+    backoff: int = 0
+    backoff_tokens: int = 256
 
     def __post_init__(self) -> None:
         super().__post_init__()
         counts = ("max_probes", "min_probe_tokens", "text_window", "solution_agree", "settle_tokens", "settle_spacing",
-                  "settle_text_window", "max_settle_probes")  # fmt: skip
+                  "settle_text_window", "max_settle_probes", "probe_spacing", "backoff", "backoff_tokens")  # fmt: skip
         for field in counts:
             if getattr(self, field) < 0:
                 raise PolicyError(field, "must be >= 0")
         if self.settle_agree < 0 or self.settle_agree == 1:
             raise PolicyError("settle_agree", "must be 0 (off) or >= 2")
-        for field in ("confidence", "confirm_confidence", "sure_confidence", "agree_confidence"):
+        for field in ("confidence", "confirm_confidence", "sure_confidence", "agree_confidence", "alone_confidence"):
             value = getattr(self, field)
             if not 0.0 <= value <= 1.0:
                 raise PolicyError(field, "must be between 0 and 1")

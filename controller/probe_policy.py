@@ -7,6 +7,8 @@ log-probabilities) reaches ``confidence`` and its form is a plain final answer (
 A counted answer is a solution's answer; the policy stops on it once one reflection confirms it, where the
 confirmation is any one of (checked in this order):
 
+- ``probe_confident``: the probe reaches ``alone_confidence`` (< 1): it stops on its own (the DEER rule);
+
 - ``probe_confirmed``: the previous probe counted too, gave the same answer, and one of the two reaches
   ``confirm_confidence`` (the solution, then the reflection that confirms it);
 - ``probe_sure``: the probe reaches ``sure_confidence`` (< 1) and the thinking itself wrote the same answer
@@ -26,6 +28,12 @@ Long thinking (``probe_settled``): from ``settle_tokens`` thinking tokens on, a 
 in a row give the same answer without hesitating, and the thinking wrote that answer among its last
 ``settle_text_window`` answers, the model has settled: it stops there. (Traces that think that long mostly
 re-check a settled answer or loop to the token cap.)
+
+Probe schedule: a wait probe is asked at a "Wait" at least ``probe_spacing`` tokens after the previous wait
+probe. Back-off: after ``backoff`` answered wait probes in a row that did not count (no confident plain
+answer), the spacing becomes ``max(probe_spacing, backoff_tokens)`` and doubles with each further such probe;
+a counted probe resets it. A model (or a backend) whose probes never carry confidence is then probed about
+``backoff + log2(thinking tokens / backoff_tokens)`` times per request instead of at every "Wait".
 
 Invariants:
 - at most ``max_probes`` probes (wait probes and their second probes) are asked per request, never before
@@ -81,6 +89,8 @@ class ProbeRuntime:
         self._settle_answers: list[str | None] = []  # answers of the settle probes, in order of asking
         self._settle_asked = 0
         self._last_settle = -(10**9)
+        self._last_wait = -(10**9)  # tokens of the last wait probe asked
+        self._misses = 0  # answered wait probes in a row that did not count (the back-off counter)
 
     def observe(self, event: Event) -> None:
         """Text detector events: count the solutions, remember the answers the thinking and its solutions reached."""
@@ -100,7 +110,8 @@ class ProbeRuntime:
             return
         if tokens < self.config.min_probe_tokens or tokens <= 0:
             return
-        self._ask(tokens, offset, WAIT)
+        if tokens - self._last_wait >= self.spacing() and self._ask(tokens, offset, WAIT) is not None:
+            self._last_wait = tokens
         config = self.config
         if (
             config.settle_agree
@@ -111,6 +122,14 @@ class ProbeRuntime:
             self._last_settle = tokens
             self._settle_asked += 1
             self._settle.add(self._request(tokens, offset, SOLUTION).id)
+
+    def spacing(self) -> int:
+        """Tokens that must separate the next wait probe from the previous one (the schedule and its back-off)."""
+        config = self.config
+        if config.backoff and self._misses >= config.backoff:
+            doublings: int = min(self._misses - config.backoff, 30)
+            return max(config.probe_spacing, config.backoff_tokens) << doublings
+        return config.probe_spacing
 
     def _ask(self, tokens: int, offset: int, trigger: str) -> ProbeRequest | None:
         """A probe under the ``max_probes`` cap (None when the cap is reached)."""
@@ -125,6 +144,11 @@ class ProbeRuntime:
         self._pending[request.id] = request
         self._requests.append(request)
         return request
+
+    @property
+    def queued(self) -> bool:
+        """Probes asked and not yet taken (they go out with the next delta)."""
+        return bool(self._requests)
 
     def take_requests(self) -> list[ProbeRequest]:
         requests, self._requests = self._requests, []
@@ -153,10 +177,14 @@ class ProbeRuntime:
         previous, self._previous = self._previous, result
         config = self.config
         if not plain_answer(result.answer) or result.confidence < config.confidence:
+            self._misses += 1
             return True
+        self._misses = 0
         assert result.answer is not None
         reason = None
-        if (
+        if config.alone_confidence < 1.0 and result.confidence >= config.alone_confidence:
+            reason = "probe_confident"
+        elif (
             previous is not None
             and previous.answer is not None
             and plain_answer(previous.answer)

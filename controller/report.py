@@ -3,7 +3,8 @@
 Figures per policy and group:
 - ``acc_full`` / ``acc_stop``: accuracy (%) of the full trace's answer and of the answer at the stop;
   ``acc_delta``: their difference in points (stop - full).
-- ``agreement``: % of traces whose answer at the stop equals the full trace's answer.
+- ``agreement``: % of traces whose answer at the stop equals the full trace's answer; ``changed``: the rest
+  (answers the stop changed, shown beside the accuracy), ``changed_count`` their number.
 - ``harmful``: % of traces where the full trace is right and the answer at the stop is wrong.
 - ``tokens_full`` / ``tokens_stop``: reasoning tokens summed over traces; ``saved``: % of the full tokens
   not generated; ``probe_tokens``: tokens the policy's answer probes decoded; ``saved_net``: ``saved`` with
@@ -42,6 +43,8 @@ def summarize(results: Sequence[TraceResult], policy: str) -> dict[str, Any]:
         "acc_stop": _pct(sum(o.correct for o in outcomes), count),
         "acc_delta": _pct(sum(o.correct for o in outcomes) - sum(r.correct for r in results), count),
         "agreement": _pct(sum(o.agrees for o in outcomes), count),
+        "changed": _pct(sum(not o.agrees for o in outcomes), count),
+        "changed_count": sum(not o.agrees for o in outcomes),
         "harmful": _pct(harmful, count),
         "harmful_count": harmful,
         "tokens_full": tokens_full,
@@ -91,6 +94,7 @@ COLUMNS = [
     ("acc_full", "acc full %"),
     ("acc_stop", "acc stop %"),
     ("acc_delta", "Δ pts"),
+    ("changed", "changed %"),
     ("agreement", "agree %"),
     ("harmful", "harmful %"),
     ("tokens_full", "tok full"),

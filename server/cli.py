@@ -1,6 +1,6 @@
 """The ``thinkbrake`` command: ``serve`` runs the server, ``demo`` shows it stop a scripted model, ``replay``
-evaluates the controller on traces. ``serve`` and ``demo`` parse their own arguments (``serve`` takes vLLM's
-engine flags, whose parser is vLLM's own)."""
+evaluates the controller on traces, ``calibrate`` chooses per model the stop rule for a risk level. ``serve``
+and ``demo`` parse their own arguments (``serve`` takes vLLM's engine flags, whose parser is vLLM's own)."""
 
 from __future__ import annotations
 
@@ -24,9 +24,10 @@ def main(argv: Sequence[str] | None = None) -> int:
         description="Stop reasoning models from overthinking: an OpenAI-compatible server and its evaluation tools.",
     )
     commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
-    from server import replay_cli
+    from server import calibrate_cli, replay_cli
 
     replay_cli.add_parser(commands)
+    calibrate_cli.add_parser(commands)
     from server import demo, serve_cli
 
     serve_cli.add_parser(commands)

@@ -11,6 +11,7 @@ from concurrent.futures import ProcessPoolExecutor
 from pathlib import Path
 from typing import Any
 
+from controller.calibration import CalibrationError, load_calibration, policy_for
 from controller.policies import DEFAULT_POLICY, POLICIES, PolicyConfig, PolicyError, parse_policy
 from controller.replay import (
     TraceResult,
@@ -65,6 +66,19 @@ def add_parser(commands: Any) -> None:
     parser.add_argument("--limit", type=int, help="replay only the first N traces")
     parser.add_argument("--jobs", type=int, default=os.cpu_count() or 1, help="worker processes (default: all cores)")
     parser.add_argument("--all-groups", action="store_true", help="print every dataset/model row, not just totals")
+    parser.add_argument(
+        "--calibration",
+        metavar="FILE",
+        help="replay a calibration (thinkbrake calibrate): each trace runs its model's entry, as row "
+        "'calibrated@A' (a model the file does not hold runs the default policy); --policy adds rows",
+    )
+    parser.add_argument(
+        "--risk",
+        action="append",
+        type=float,
+        metavar="A",
+        help="with --calibration: the risk level to replay (repeatable; default: the file's default_risk)",
+    )
     parser.set_defaults(run=run)
 
 
@@ -93,10 +107,16 @@ def build_configs(names: list[str] | None, raw_args: list[str]) -> list[PolicyCo
 
 
 def run(args: argparse.Namespace) -> int:
+    calibration: dict[str, Any] | None = None
     try:
-        configs = build_configs(args.policy, args.policy_arg)
-    except PolicyError as error:
+        if args.calibration:
+            calibration = load_calibration(args.calibration)
+        configs = build_configs(args.policy, args.policy_arg) if args.policy or not calibration else []
+    except (PolicyError, CalibrationError) as error:
         print(f"thinkbrake replay: {error}", file=sys.stderr)
+        return 2
+    if args.risk and calibration is None:
+        print("thinkbrake replay: --risk needs --calibration", file=sys.stderr)
         return 2
     for path in args.traces:
         if not Path(path).exists():
@@ -108,10 +128,18 @@ def run(args: argparse.Namespace) -> int:
     if args.limit:
         traces = traces[: args.limit]
     root = args.tokenizers_root or str(default_tokenizer_root(args.traces[0]))
-    results = replay_all(traces, configs, root, args.tokenizer, args.jobs)
     policies = [config.name for config in configs]
-    report = build_report(results, policies)
-    report["configs"] = [config.as_dict() for config in configs]
+    if calibration is None:
+        results = replay_all(traces, configs, root, args.tokenizer, args.jobs)
+        report = build_report(results, policies)
+        report["configs"] = [config.as_dict() for config in configs]
+    else:
+        risks = args.risk or [float(calibration.get("default_risk", 0.0))]
+        results, used = replay_calibration(traces, configs, calibration, risks, root, args.tokenizer, args.jobs)
+        policies += [calibrated_name(risk) for risk in risks]
+        report = build_report(results, policies)
+        report["configs"] = [config.as_dict() for config in configs]
+        report["calibrated"] = used
     print(markdown_table(report, None if args.all_groups else [TOTAL]))
     without = sum(not has_probe_data(trace) for trace in traces)
     if without and any(config.uses_probes for config in configs):
@@ -127,6 +155,41 @@ def run(args: argparse.Namespace) -> int:
         plot(report, args.plot)
         print(f"wrote {args.plot}", file=sys.stderr)
     return 0
+
+
+def calibrated_name(risk: float) -> str:
+    """The report row of a calibration replayed at ``risk``."""
+    return f"calibrated@{100 * risk:g}%"
+
+
+def replay_calibration(
+    traces: list[dict[str, Any]],
+    configs: list[PolicyConfig],
+    calibration: dict[str, Any],
+    risks: list[float],
+    root: str,
+    tokenizer: str | None,
+    jobs: int,
+) -> tuple[list[TraceResult], dict[str, dict[str, Any]]]:
+    """Replay ``configs`` and, per trace, its model's calibrated policy at each of ``risks`` (outcomes named
+    :func:`calibrated_name`); results keep the input order. Also returns, per model and row, the config used."""
+    by_model: dict[str, list[int]] = {}
+    for index, trace in enumerate(traces):
+        by_model.setdefault(str(trace.get("model", "?")), []).append(index)
+    results: list[TraceResult | None] = [None] * len(traces)
+    used: dict[str, dict[str, Any]] = {}
+    for model, indices in by_model.items():
+        calibrated = [policy_for(calibration, model, risk) for risk in risks]
+        if any(config is None for config in calibrated):
+            print(f"{model}: not in the calibration: its rows run the default policy {DEFAULT_POLICY}", file=sys.stderr)
+        chosen = [config or parse_policy({}) for config in calibrated]
+        used[model] = {calibrated_name(risk): config.as_dict() for risk, config in zip(risks, chosen, strict=True)}
+        group = replay_all([traces[i] for i in indices], [*configs, *chosen], root, tokenizer, jobs)
+        for index, result in zip(indices, group, strict=True):
+            for outcome, risk in zip(result.outcomes[len(configs) :], risks, strict=True):
+                outcome.policy = calibrated_name(risk)
+            results[index] = result
+    return [result for result in results if result is not None], used
 
 
 def replay_all(
