@@ -1,11 +1,12 @@
 """Search answer-probe stop rules fast: replay each trace's text detector once, then simulate rules in Python.
 
-Step 1 (``build``, slow, once): every ``dev-probes`` trace of a split is tokenized with its tokenizer and
-streamed token by token through the text detector (:class:`controller.replay.EventRecorder`, as replay does);
-the detector's answer and solution events, the "Wait" triggers (:class:`controller.probes.WaitScanner`, fed
-exactly as :class:`controller.session.ThinkingController` feeds it, with the position where each trigger
-became certain), the recorded probes and the grading of every answer against ``reference`` are written to a
-cache file.
+Step 1 (``build``, slow, once): every ``dev-probes`` trace of a split is recorded by the product's
+:func:`controller.simulate.record_case` (the cases ``thinkbrake calibrate`` simulates): tokenized with its
+tokenizer and streamed token by token through the text detector as replay does; the detector's answer and
+solution events, the "Wait" triggers (with the position where each trigger became certain), the recorded probes
+and the grading of every answer against ``reference`` are written to a cache file. ``probe_fcs`` settings
+themselves are simulated exactly by :func:`controller.simulate.simulate` (the real runtime); the rules below
+are the wider families tried on the way, simulated here.
 
 Step 2 (``search``, seconds): candidate rules are simulated on the cache with replay's accounting: a probe
 asked at position ``p`` answers at ``p + out_tokens + 1``, the stop is there (no stop if that is at or past
@@ -29,130 +30,32 @@ from __future__ import annotations
 
 import argparse
 import bisect
-import json
-import os
 import sys
 from collections.abc import Callable, Iterator
-from concurrent.futures import ProcessPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from controller.answers import AnswerComparer, last_boxed  # noqa: E402
-from controller.detector import ANSWER, LOOP, SOLUTION  # noqa: E402
 from controller.probe_policy import plain_answer  # noqa: E402
-from controller.probes import WaitScanner  # noqa: E402
-from controller.replay import (  # noqa: E402
-    EventRecorder,
-    Tokenizers,
-    default_tokenizer_root,
-    load_traces,
-    split_of,
-    token_deltas,
-)
+from controller.replay import default_tokenizer_root, load_traces, split_of  # noqa: E402
+from controller.simulate import Equality, load_or_build, read_cases  # noqa: E402
 
 # ---------------------------------------------------------------------------------------------- build
 
 
-class _State:
-    tokenizers: Tokenizers
-    comparer: AnswerComparer
-
-
-_state = _State()
-
-
-def _init(root: str) -> None:
-    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
-    _state.tokenizers = Tokenizers(Path(root))
-    _state.comparer = AnswerComparer()
-
-
-def record_trace(trace: dict[str, Any]) -> dict[str, Any]:
-    """The detector's events, the wait triggers and the graded answers of one trace."""
-    comparer = _state.comparer
-    deltas = token_deltas(_state.tokenizers.get(trace["tokenizer"]), trace["thinking"])
-    recorder = EventRecorder(comparer, question=trace.get("question") or None)
-    scanner = WaitScanner()
-    triggers: list[tuple[int, int, int]] = []  # (position where certain, tokens before, offset)
-    for position, delta in enumerate(deltas, 1):
-        before = recorder.detector.tokens
-        update = recorder.feed(delta, 1)
-        for tokens, offset in scanner.feed(update.reasoning, before):
-            triggers.append((position, tokens, offset))
-    recorder.finish()
-    reference = str(trace["reference"])
-    full = last_boxed(trace.get("final") or "") or last_boxed(trace["thinking"])
-    recorded = {probe[1]: probe for probe in trace.get("wait_probes") or []}
-    waits = []
-    for position, tokens, offset in triggers:
-        probe = recorded.get(offset)
-        if probe is None:
-            waits.append([position, tokens, offset, None, 0.0, 20])
-        else:
-            waits.append([position, tokens, offset, probe[2], float(probe[3]), int(probe[4])])
-    answers = [
-        [e.tokens, e.offset, e.answer, e.key, e.explicit]
-        for e in recorder.events
-        if e.kind == ANSWER and e.answer is not None
-    ]
-    solutions = [
-        [e.tokens, e.answer_tokens, e.answer, e.key, e.explicit]
-        for e in recorder.events
-        if e.kind == SOLUTION and e.answer
-    ]
-    loops = [e.tokens for e in recorder.events if e.kind == LOOP]
-    dense = [list(p[:5]) for p in sorted(trace.get("probes") or [], key=lambda p: p[0])]
-    graded: dict[str, bool] = {}
-    for answer in [w[3] for w in waits] + [a[2] for a in answers] + [d[2] for d in dense] + [full]:
-        if answer is not None and answer not in graded:
-            graded[answer] = comparer.equal(answer, reference)
-    return {
-        "id": trace["id"],
-        "dataset": trace["dataset"],
-        "model": trace["model"],
-        "total": len(deltas),
-        "full": full,
-        "full_ok": full is not None and graded.get(full, False),
-        "waits": waits,
-        "answers": answers,
-        "solutions": solutions,
-        "loops": loops,
-        "dense": dense,
-        "graded": graded,
-    }
-
-
 def build(args: argparse.Namespace) -> int:
+    """Record the traces of a split into a case cache (:func:`controller.simulate.record_case`)."""
     traces = [t for t in load_traces([args.traces]) if args.split == "all" or split_of(t) == args.split][: args.limit]
-    out = []
-    # worker processes that may start processes of their own (the comparer's Math-Verify worker)
-    with ProcessPoolExecutor(
-        args.jobs, initializer=_init, initargs=(str(default_tokenizer_root(args.traces)),)
-    ) as pool:
-        for index, record in enumerate(pool.map(record_trace, traces, chunksize=4), 1):
-            out.append(record)
-            if index % 100 == 0:
-                print(f"{index}/{len(traces)}", file=sys.stderr, flush=True)
-    Path(args.cache).write_text(json.dumps(out))
-    print(f"{len(out)} traces cached in {args.cache}")
+    cases = load_or_build(traces, str(default_tokenizer_root(args.traces)), None, args.jobs, args.cache)
+    print(f"{len(cases)} traces cached in {args.cache}")
     return 0
 
 
 # ---------------------------------------------------------------------------------------------- simulate
 
-_comparer: AnswerComparer | None = None
-
-
-def equal(first: str, second: str) -> bool:
-    global _comparer
-    if first == second:
-        return True
-    if _comparer is None:
-        _comparer = AnswerComparer()
-    return _comparer.equal(first, second)
+equal = Equality()
 
 
 @dataclass
@@ -436,7 +339,7 @@ def row(name: str, figures: dict[str, dict[str, float]]) -> str:
 
 
 def search(args: argparse.Namespace) -> int:
-    traces = json.loads(Path(args.cache).read_text())
+    traces = read_cases(args.cache)
     print(f"{len(traces)} traces; per group: net saved %, accuracy change (points), harmful %")
     for name, decide in candidates().items():
         if args.only and args.only not in name:
@@ -522,7 +425,7 @@ def text_stop(trace: dict[str, Any], implicit_k: int = 3, explicit_all: bool = F
 
 
 def text_search(args: argparse.Namespace) -> int:
-    traces = json.loads(Path(args.cache).read_text())
+    traces = read_cases(args.cache)
     rules: dict[str, dict[str, Any]] = {
         "implicit_k 2 (one check of any value)": {"implicit_k": 2},
         "implicit_k 3 (released)": {"implicit_k": 3},
@@ -584,7 +487,7 @@ def no_regret_stop(trace: dict[str, Any], min_confidence: float) -> int:
 def bounds(args: argparse.Namespace) -> int:
     """What the recorded probes can say: how often a wait probe's answer is right when the full trace is right,
     by confidence, and how much an oracle that stops without changing any outcome could save."""
-    traces = json.loads(Path(args.cache).read_text())
+    traces = read_cases(args.cache)
     counts: dict[tuple[str, str, str], list[int]] = {}
     for trace in traces:
         if not trace["full_ok"]:

@@ -331,6 +331,14 @@ def data_hash(traces: Iterable[dict[str, Any]]) -> str:
     return hashlib.sha256(json.dumps(digests).encode("utf-8")).hexdigest()
 
 
+def read_cases(path: str | Path) -> list[dict[str, Any]]:
+    """The cases of a cache file written by :func:`load_or_build` (or a plain JSON list of cases)."""
+    raw = Path(path).read_bytes()
+    text = gzip.decompress(raw).decode("utf-8") if raw[:2] == b"\x1f\x8b" else raw.decode("utf-8")
+    data = json.loads(text)
+    return list(data["cases"] if isinstance(data, dict) else data)
+
+
 def load_or_build(
     traces: Sequence[dict[str, Any]],
     root: str,
