@@ -30,7 +30,7 @@ from typing import Any
 from controller.answers import AnswerComparer, last_boxed
 from controller.delimiters import Delimiters
 from controller.detector import ANSWER
-from controller.policies import StopDecision
+from controller.policies import OffConfig, PolicyRuntime, StopDecision
 from controller.probes import ProbeRequest, ProbeResult
 from controller.session import ThinkingController, Update
 from server.backend import Backend, BackendError, Chunk, Generation, Prompt, Sampling, tokens_through
@@ -55,12 +55,20 @@ def error_outcome(error: BaseException) -> str:
     return "server_error"
 
 
-def keep_detecting(controller: ThinkingController) -> None:
-    """Shadow mode, once the would-be stop is recorded: the controller goes on reading the thinking to its natural
-    end (it stops detecting after a decision), so ``solutions`` and every count are those of the whole thinking,
-    as with policy ``off``. Later decisions are ignored by the caller."""
+def keep_detecting(controller: ThinkingController, update: Update, tokens: int, comparer: AnswerComparer) -> None:
+    """Shadow mode, once a would-be stop is recorded: the controller reads on to the natural end as with policy
+    ``off``, so ``solutions`` and every count are those of the whole thinking.
+
+    A controller stops detecting at a decision, and the delta that commits a held decision (``past_stop``: it
+    only showed that the model goes on) is not detected at all, since it lies past the stop. So here the decision
+    is cleared, that delta's thinking goes to the detector, and the policy becomes ``off`` (no new decision).
+    An answer probe already on its way may still decide: the caller ignores it and calls this again."""
     controller.decision = None
     controller.kept_tokens = None
+    controller.policy = PolicyRuntime(OffConfig(), comparer.equal)
+    if update.past_stop and update.reasoning:
+        for event in controller.detector.feed(update.reasoning, tokens):
+            controller.policy.observe(event)
 
 
 @dataclass
@@ -239,7 +247,8 @@ class ChoiceRunner:
                         update.decision = update.decision or self._go_text_only()
                     if update.decision is not None and self.control.shadow:
                         result.shadow_decision = result.shadow_decision or update.decision
-                        keep_detecting(self.controller)
+                        tokens = len(item.token_ids) if isinstance(item, Chunk) else 0
+                        keep_detecting(self.controller, update, tokens, self.context.comparer)
                     elif update.decision is not None and not (isinstance(item, Chunk) and item.finish_reason):
                         decision = update.decision  # (a decision on the stream's last chunk saves nothing)
                         late = await merged.drain(DRAIN_SECONDS)  # a probe decided while a chunk was on its way
