@@ -14,7 +14,7 @@ from collections.abc import AsyncIterator, Callable
 from contextlib import asynccontextmanager
 from typing import Any
 
-from fastapi import FastAPI, Request
+from fastapi import Depends, FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, Response
 from starlette.exceptions import HTTPException
@@ -23,7 +23,7 @@ from controller.policies import PolicyError
 from server.backend import Backend, BackendError
 from server.metrics import Metrics
 from server.protocol import ChatCompletionRequest, CompletionRequest, now
-from server.routes import ModelNotFound, Service, error_response, unless_disconnected
+from server.routes import ModelNotFound, Service, error_response, not_serving, unless_disconnected
 from server.security import install as install_security
 from server.settings import Settings
 
@@ -76,27 +76,30 @@ def build_app(
     _add_error_handlers(app)
     install_security(app, settings)
 
-    @app.post("/v1/chat/completions")
+    @app.post("/v1/chat/completions", dependencies=[Depends(json_content_type)])
     async def chat_completions(body: ChatCompletionRequest, request: Request) -> Any:
         return await unless_disconnected(request, service.chat(body))
 
-    @app.post("/v1/completions")
+    @app.post("/v1/completions", dependencies=[Depends(json_content_type)])
     async def completions(body: CompletionRequest, request: Request) -> Any:
         return await unless_disconnected(request, service.completions(body))
 
     @app.get("/v1/models")
     async def models() -> dict[str, Any]:
-        names = [backend.model_name] if backend.ready else []
-        cards = [{"id": name, "object": "model", "created": now(), "owned_by": "thinkbrake"} for name in names]
-        return {"object": "list", "data": cards}
+        if not backend.ready:  # no model to list yet: say why, as the generation endpoints do
+            raise not_serving(backend) or BackendError("the model is still loading", 503)
+        card = {"id": backend.model_name, "object": "model", "created": now(), "owned_by": "thinkbrake"}
+        return {"object": "list", "data": [card]}
 
     @app.get("/health")
     async def health() -> Response:
-        if backend.ready:
-            return Response(status_code=200)
         error = app.state.startup_error
-        message = f"backend failed to start: {error}" if error else "the model is still loading"
-        return error_response(503, message)
+        if error is not None:
+            return error_response(503, f"backend failed to start: {error}")
+        problem = not_serving(backend)
+        if problem is None:
+            return Response(status_code=200)
+        return error_response(problem.status_code, problem.message, code=problem.code)
 
     @app.get("/metrics")
     async def metrics_endpoint() -> Response:
@@ -104,6 +107,18 @@ def build_app(
         return Response(body, media_type=content_type)
 
     return app
+
+
+class UnsupportedMediaType(Exception):
+    """A request body sent with a content type other than JSON."""
+
+
+def json_content_type(request: Request) -> None:
+    """Only ``application/json`` bodies, as vLLM's OpenAI server takes them (any other content type, or none, is a
+    400 before the body is read as a request; ``curl -d`` without a ``Content-Type`` header sends a form)."""
+    given = request.headers.get("content-type", "")
+    if given.split(";", 1)[0].strip().lower() != "application/json":
+        raise UnsupportedMediaType(given)
 
 
 def _param(location: tuple[Any, ...]) -> str | None:
@@ -123,13 +138,23 @@ def validation_error_response(errors: list[Any]) -> JSONResponse:
     param = _param(location)
     if param is None:
         return error_response(400, f"The request body must be a JSON object ({first.get('msg')}).")
-    return error_response(400, f"{param}: {first.get('msg')}", param=param)
+    got = f", got {first['input']!r}" if first.get("type") == "literal_error" and "input" in first else ""
+    return error_response(400, f"{param}: {first.get('msg')}{got}", param=param)
 
 
 def _add_error_handlers(app: FastAPI) -> None:
     @app.exception_handler(RequestValidationError)
     async def validation_error(_: Request, error: RequestValidationError) -> JSONResponse:
         return validation_error_response(list(error.errors()))
+
+    @app.exception_handler(UnsupportedMediaType)
+    async def unsupported_media_type(_: Request, error: UnsupportedMediaType) -> JSONResponse:
+        given = f"'{error}'" if str(error) else "none"
+        message = (
+            f"Unsupported Media Type: Only 'application/json' is allowed (the request's Content-Type is {given}); "
+            "send the JSON body with the header 'Content-Type: application/json'."
+        )
+        return error_response(400, message, code="unsupported_media_type")
 
     @app.exception_handler(PolicyError)
     async def policy_error(_: Request, error: PolicyError) -> JSONResponse:

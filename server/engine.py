@@ -96,6 +96,8 @@ class EmbeddedBackend:
         self.think_end_text = "\n</think>\n\n"
         self.engine: Any = None
         self.tokenizer: Any = None
+        #: the context length the engine runs with (known once started)
+        self.max_model_len: int | None = None
         self._suffix_ids: dict[str, list[int]] = {}
 
     @property
@@ -105,6 +107,7 @@ class EmbeddedBackend:
     async def start(self) -> None:
         self.engine = await asyncio.to_thread(self._build_engine)
         self.tokenizer = self.engine.get_tokenizer()
+        self.max_model_len = int(self.engine.model_config.max_model_len)
         self.delimiters = self._delimiters()
         self.think_end_text = f"\n{self.delimiters.end}\n\n"
         log.info("engine ready: model %s, thinking delimiters %s", self.model_path, self.delimiters)

@@ -26,8 +26,10 @@ CONSUMED_FIELDS = frozenset(
 
 
 class ChatMessage(BaseModel):
+    """One chat message; ``role`` is one OpenAI's chat API accepts (any other is a 400 naming ``messages.N.role``)."""
+
     model_config = ConfigDict(extra="allow")
-    role: str
+    role: Literal["system", "developer", "user", "assistant", "tool", "function"]
     content: str | list[dict[str, Any]] | None = None
 
 
@@ -85,6 +87,11 @@ class GenerationRequest(BaseModel):
     @property
     def token_limit(self) -> int | None:
         return self.max_completion_tokens or self.max_tokens
+
+    @property
+    def token_limit_field(self) -> str:
+        """The request field :attr:`token_limit` comes from (``max_completion_tokens`` wins, as in vLLM)."""
+        return "max_completion_tokens" if self.max_completion_tokens else "max_tokens"
 
 
 class ChatCompletionRequest(GenerationRequest):

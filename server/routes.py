@@ -212,7 +212,7 @@ class Service:
 
     def check_model(self, model: str | None) -> None:
         if not self.backend.ready:
-            raise BackendError("the model is still loading", 503)
+            raise not_serving(self.backend) or BackendError("the model is still loading", 503)
         if model is not None and model not in {self.backend.model_name, self.settings.model}:
             raise ModelNotFound(model)
 
@@ -226,15 +226,29 @@ class Service:
         question: str | None = None,
     ) -> list[ChoiceRunner]:
         context = RunContext(self.backend, self.metrics, self.comparer, self.backend.model_name, self.end_ids)
-        sampling = Sampling(request.token_limit, request.sampling_options(), request.vllm_xargs)
+        extra_args = {**self.settings.default_vllm_xargs, **(request.vllm_xargs or {})} or None
+        sampling = Sampling(request.token_limit, request.sampling_options(), extra_args)
         request_id = new_id("tb")
         return [
             ChoiceRunner(context, index, f"{request_id}-{index}", prompt, sampling, control, delimiters, raw, question)
             for index in range(request.n)
         ]
 
+    def check_token_limit(self, request: GenerationRequest) -> None:
+        """A 400 naming the limit when ``max_tokens`` (or ``max_completion_tokens``) exceeds the model's context,
+        as vLLM's OpenAI server answers (a backend without a known context, e.g. an upstream, checks itself)."""
+        context = getattr(self.backend, "max_model_len", None)
+        limit = request.token_limit
+        if context is not None and limit is not None and limit > context:
+            field = request.token_limit_field
+            message = (
+                f"{field}={limit} cannot be greater than max_model_len={context}. Please request fewer output tokens."
+            )
+            raise BackendError(message, 400, "invalid_request_error", field)
+
     async def chat(self, request: ChatCompletionRequest) -> Any:
         self.check_model(request.model)
+        self.check_token_limit(request)
         control = parse_control(request.thinkbrake, self.settings, self.random.random())
         messages = [message.model_dump(exclude_none=True) for message in request.messages]
         prompt = ChatPrompt(messages, request.chat_template_kwargs or {})
@@ -249,6 +263,7 @@ class Service:
 
     async def completions(self, request: CompletionRequest) -> Any:
         self.check_model(request.model)
+        self.check_token_limit(request)
         control = parse_control(request.thinkbrake, self.settings, self.random.random())
         prompt = TextPrompt(request.prompt) if isinstance(request.prompt, str) else TextPrompt(token_ids=request.prompt)
         tail = (await self.backend.prompt_tail(prompt)).rstrip()
@@ -432,6 +447,15 @@ async def _chain(
             yield first
             async for event in rest:
                 yield event
+
+
+def not_serving(backend: Backend) -> BackendError | None:
+    """Why ``backend`` cannot serve now, as a 503, or None. A backend that can tell (the upstream: never reached,
+    unreachable, failing) says so through its ``unavailable()``; otherwise a backend is loading until ready."""
+    unavailable = getattr(backend, "unavailable", None)
+    if unavailable is not None:
+        return unavailable()  # type: ignore[no-any-return]
+    return None if backend.ready else BackendError("the model is still loading", 503)
 
 
 def error_body(error: Exception) -> ErrorResponse:

@@ -39,6 +39,7 @@ from server.backend import (
     tokens_through,
 )
 from server.settings import Settings
+from server.upstream_health import CONNECT_ERRORS, UNAVAILABLE_CODE, UpstreamHealth, backoff, describe
 
 log = logging.getLogger(__name__)
 
@@ -112,9 +113,13 @@ class UpstreamGeneration:
         try:
             request = client.build_request("POST", self._path, json=self._body)
             response = self._response = await client.send(request, stream=True)
+        except CONNECT_ERRORS as error:
+            message = self._backend.lost(error, f"POST {self._path}")
+            raise BackendError(message, 503, UNAVAILABLE_CODE) from error
         except httpx.HTTPError as error:
             raise BackendError(f"upstream request failed: {type(error).__name__}: {error}") from error
         try:
+            self._backend.health.reachable()
             if response.status_code != 200:
                 await response.aread()
                 raise upstream_error(response, self._backend.settings.upstream_api_key)
@@ -309,7 +314,13 @@ class UpstreamClients:
 
 
 class UpstreamBackend:
-    """Proxy to an OpenAI-compatible server; becomes ready once ``/v1/models`` answers."""
+    """Proxy to an OpenAI-compatible server; becomes ready once ``/v1/models`` lists a model.
+
+    Health (:attr:`health`, :mod:`server.upstream_health`): at start the upstream is asked for its models until
+    it lists one, with back-off between attempts; a request that cannot connect later marks it unreachable and
+    starts the same watch in the background, until it answers again. Requests are never refused for a stale
+    state once the upstream was reached: each tries its own connection.
+    """
 
     def __init__(self, settings: Settings) -> None:
         assert settings.upstream is not None
@@ -322,7 +333,9 @@ class UpstreamBackend:
         headers = {"Authorization": f"Bearer {settings.upstream_api_key}"} if settings.upstream_api_key else {}
         timeout = httpx.Timeout(settings.request_timeout, connect=10.0)
         self.clients = UpstreamClients(settings.upstream, headers, timeout, settings.upstream_max_connections)
+        self.health = UpstreamHealth(settings.upstream, settings.upstream_api_key)
         self._ready = False
+        self._watch: asyncio.Task[None] | None = None
         self._suffix_ids: dict[str, list[int]] = {}
         self._end_ids: list[int] | None = None
         self._end_ids_asked = False
@@ -337,27 +350,68 @@ class UpstreamBackend:
 
     @property
     def ready(self) -> bool:
+        """The upstream listed its models once (requests are served from then on)."""
         return self._ready
 
+    def unavailable(self) -> BackendError | None:
+        """A 503 saying why the upstream is not serving now (never reached, unreachable, failing), or None."""
+        return None if self._ready and self.health.ok else self.health.error()
+
     async def start(self) -> None:
-        """Wait until the upstream lists its models; remember the first one."""
-        while True:
-            try:
-                async with self.clients.lease() as client:
-                    response = await client.get("/v1/models")
-                if response.status_code == 200:
-                    models = [item["id"] for item in response.json().get("data", [])]
-                    if models:
-                        break
-            except httpx.HTTPError as error:
-                log.info("waiting for upstream %s: %s", self.settings.upstream, error)
-            await asyncio.sleep(1.0)
+        """Wait until the upstream lists its models (retrying with back-off); remember the first one."""
+        waits = backoff()
+        while (models := await self.list_models()) is None:
+            log.debug("upstream not serving yet: %s", self.health.reason)
+            await asyncio.sleep(next(waits))
         self.upstream_model = models[0]
         self.model_name = self.model_name or self.upstream_model
         self._ready = True
-        log.info("upstream %s ready: model %s", self.settings.upstream, self.upstream_model)
+        log.info("upstream %s ready: model %s", self.health.url, self.upstream_model)
+
+    async def list_models(self) -> list[str] | None:
+        """The upstream's model ids from ``GET /v1/models``; None (and the health says why) when it gives none."""
+        key = self.settings.upstream_api_key
+        try:
+            async with self.clients.lease() as client:
+                response = await client.get("/v1/models")
+        except CONNECT_ERRORS as error:
+            self.health.unreachable(error, "GET /v1/models")
+            return None
+        except httpx.HTTPError as error:
+            self.health.failing(f"did not answer GET /v1/models ({describe(error, key)})")
+            return None
+        if response.status_code != 200:
+            hint = " (check --upstream-api-key)" if response.status_code in _GATEWAY_STATUSES else ""
+            self.health.failing(f"answers GET /v1/models with HTTP {response.status_code}{hint}")
+            return None
+        try:
+            models = [str(item["id"]) for item in response.json().get("data", [])]
+        except (ValueError, KeyError, TypeError, AttributeError):
+            self.health.failing("answers GET /v1/models with something that is not a model list")
+            return None
+        if not models:
+            self.health.failing("lists no models on GET /v1/models")
+            return None
+        self.health.reachable()
+        return models
+
+    def lost(self, error: BaseException, path: str) -> str:
+        """A request could not connect: mark the upstream unreachable, watch for its return; the client's message."""
+        message = self.health.unreachable(error, path)
+        if self._ready and (self._watch is None or self._watch.done()):
+            self._watch = asyncio.create_task(self._until_reachable())
+        return message
+
+    async def _until_reachable(self) -> None:
+        waits = backoff()
+        while not self.health.ok and await self.list_models() is None:
+            log.debug("upstream not serving: %s", self.health.reason)
+            await asyncio.sleep(next(waits))
 
     async def shutdown(self) -> None:
+        if self._watch is not None:
+            self._watch.cancel()
+            await asyncio.gather(self._watch, return_exceptions=True)
         await self.clients.aclose()
 
     def _body(self, sampling: Sampling) -> dict[str, Any]:

@@ -239,3 +239,65 @@ def test_random_thinkbrake_objects_are_200_or_400(thinkbrake: str, control: dict
     assert response.status_code in (200, 400), response.text
     if response.status_code == 400:
         assert error_of(response.json())["param"].startswith("thinkbrake")
+
+
+# -- as strict as vLLM's OpenAI server -------------------------------------------------------------------------
+
+
+def test_an_unknown_message_role_is_400_naming_it(client: openai.OpenAI) -> None:
+    wizard = [{"role": "user", "content": "hi"}, {"role": "wizard", "content": "What is 2 + 2?"}]
+    with pytest.raises(openai.BadRequestError) as raised:
+        client.chat.completions.create(model=MODEL, messages=wizard)  # type: ignore[arg-type]
+    error = error_of(raised.value.body)
+    assert error["param"] == "messages.1.role" and "'wizard'" in error["message"], error
+    for role in ("system", "developer", "assistant"):  # the roles OpenAI accepts are served
+        messages = [{"role": role, "content": "Be brief."}, *MESSAGES]
+        response = client.chat.completions.create(model=MODEL, messages=messages, max_tokens=4)  # type: ignore[arg-type]
+        assert response.choices[0].finish_reason == "length"
+
+
+@pytest.mark.parametrize(
+    "content_type", ["application/x-www-form-urlencoded", "text/plain", None], ids=["form", "text", "none"]
+)
+def test_a_json_body_with_another_content_type_is_400(thinkbrake: str, content_type: str | None) -> None:
+    """As vLLM's OpenAI server answers (its ``validate_json_request``): only ``application/json`` is read."""
+    body = json.dumps({"model": MODEL, "messages": MESSAGES, "max_tokens": 4}).encode()
+    headers = {"content-type": content_type} if content_type else {}
+    for path in ("/v1/chat/completions", "/v1/completions"):
+        response = httpx.post(f"{thinkbrake}{path}", content=body, headers=headers, timeout=10)
+        assert response.status_code == 400, response.text
+        error = error_of(response.json())
+        assert error["code"] == "unsupported_media_type" and error["param"] is None
+        assert "Only 'application/json' is allowed" in error["message"]
+        assert (content_type or "none") in error["message"]
+
+
+def test_json_with_a_charset_is_served(thinkbrake: str) -> None:
+    body = json.dumps({"model": MODEL, "messages": MESSAGES, "max_tokens": 4}).encode()
+    headers = {"content-type": "application/json; charset=utf-8"}
+    response = httpx.post(f"{thinkbrake}/v1/chat/completions", content=body, headers=headers, timeout=10)
+    assert response.status_code == 200, response.text
+
+
+def test_client_and_server_errors_are_separate_outcomes(thinkbrake: str, client: openai.OpenAI) -> None:
+    """An upstream that refuses the request (a 4xx) is the client's error; one that fails (a 5xx) is the server's:
+    only server errors feed the error-rate alert (``deploy/prometheus/alerts.yml``)."""
+
+    def outcomes() -> dict[str, float]:
+        text = httpx.get(f"{thinkbrake}/metrics", timeout=10).text
+        found: dict[str, float] = {}
+        for line in text.splitlines():
+            if line.startswith("thinkbrake_requests_total{") and f'model="{MODEL}"' in line:
+                outcome = line.split('outcome="', 1)[1].split('"', 1)[0]
+                found[outcome] = found.get(outcome, 0.0) + float(line.rsplit(" ", 1)[1])
+        return found
+
+    before = outcomes()
+    for fault, status in (("status:400", 400), ("status:503", 502)):
+        with pytest.raises(openai.APIStatusError) as raised:
+            client.chat.completions.create(model=MODEL, messages=MESSAGES, extra_body={"fake_fault": fault})
+        assert raised.value.status_code == status
+    after = outcomes()
+    assert "error" not in after
+    assert after["client_error"] - before.get("client_error", 0) == 1
+    assert after["server_error"] - before.get("server_error", 0) == 1

@@ -162,8 +162,9 @@ def test_connection_refused_then_recovery() -> None:
                 if stream:
                     list(result)  # type: ignore[arg-type]
             assert time.monotonic() - began < PROMPT
-            assert raised.value.status_code == 502
-            assert "upstream" in assert_error_shape(raised.value.body)["message"]
+            assert raised.value.status_code == 503  # nothing reached the upstream: unavailable, not a bad answer
+            error = assert_error_shape(raised.value.body)
+            assert error["code"] == "upstream_unavailable" and "is unreachable" in error["message"]
         with FakeUpstream(port=port):
             assert_still_serving(client)
 
@@ -179,12 +180,12 @@ def test_upstream_refusing_from_the_start_is_unready_not_hung() -> None:
                 assert time.monotonic() < deadline
                 time.sleep(0.1)
         assert health.status_code == 503
-        assert_error_shape(health.json())
+        assert assert_error_shape(health.json())["code"] == "upstream_unavailable"
         client = openai.OpenAI(base_url=f"{url}/v1", api_key="unused", max_retries=0, timeout=5)
         with pytest.raises(openai.APIStatusError) as raised:
             client.chat.completions.create(model=MODEL, messages=MESSAGES)
         assert raised.value.status_code == 503
-        assert_error_shape(raised.value.body)
+        assert assert_error_shape(raised.value.body)["code"] == "upstream_unavailable"
 
 
 def test_sse_lines_are_the_same_however_the_bytes_are_split() -> None:

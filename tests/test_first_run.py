@@ -313,7 +313,8 @@ def test_not_ready_is_a_503_with_retry_after() -> None:
                 assert time.monotonic() < deadline and process.poll() is None
                 time.sleep(0.1)
         assert response.status_code == 503 and response.headers["retry-after"] == "1"
-        assert response.json()["error"]["message"] == "the model is still loading"
+        error = response.json()["error"]
+        assert error["code"] == "upstream_unavailable" and nowhere.removeprefix("http://") in error["message"]
 
 
 def test_an_idle_connection_outlives_the_clients_keep_alive() -> None:
