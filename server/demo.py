@@ -6,6 +6,10 @@ embedded vLLM engine with the scripted logits processor (:mod:`server.scripted_l
 streamed request with the ``openai`` client shows the stop, the answer the model writes after it, and how many
 of the trace's thinking tokens were never decoded. ``--keep-serving`` leaves the server up afterwards.
 
+The server gives every request the trace (its ``default_vllm_xargs`` carry the script) and the text rule
+``fcs_reflection`` as its default policy, so a plain OpenAI request, with no thinkbrake-specific field, shows
+the stop: the demo's own request is one, and so is any client's while ``--keep-serving`` runs.
+
 Invariant: everything printed comes from the real stream (the ``thinkbrake`` object and usage of its last
 chunks); the only number known beforehand is the length of the scripted thinking.
 """
@@ -86,8 +90,9 @@ def script_ids(tokenizer: Any) -> tuple[list[int], int, int]:
     return [*thinking, think_end, *answer, eos], think_end, len(thinking)
 
 
-def ask(base_url: str, script: list[int], think_end: int, out: Callable[[str], None]) -> dict[str, Any]:
-    """Stream the demo question; print thinking and answer as they arrive; return the final figures."""
+def ask(base_url: str, out: Callable[[str], None]) -> dict[str, Any]:
+    """Stream the demo question as any OpenAI client would (no thinkbrake-specific field); print thinking and
+    answer as they arrive; return the final figures."""
     from openai import OpenAI
 
     client = OpenAI(base_url=f"{base_url}/v1", api_key="unused", max_retries=0, timeout=300)
@@ -96,13 +101,6 @@ def ask(base_url: str, script: list[int], think_end: int, out: Callable[[str], N
         messages=[{"role": "user", "content": QUESTION}],
         stream=True,
         stream_options={"include_usage": True},
-        max_tokens=1500,
-        # the text rule: the default probe_fcs asks the model itself, and a random-weight model's probe answers
-        # carry no confidence (its scripted tokens are forced after vLLM has taken the log-probabilities)
-        extra_body={
-            "vllm_xargs": {"script": ",".join(map(str, script)), "think_end_id": think_end},
-            "thinkbrake": {"policy": "fcs_reflection"},
-        },
     )
     info: dict[str, Any] = {}
     usage: Any = None
@@ -131,6 +129,16 @@ def ask(base_url: str, script: list[int], think_end: int, out: Callable[[str], N
     return {"thinkbrake": info, "usage": usage, "answer": "".join(answer)}
 
 
+def keep_serving_note(base_url: str) -> str:
+    """What ``--keep-serving`` prints: the server stays up, and how to ask it from your own client."""
+    return f"""
+still serving model {MODEL_NAME!r} at {base_url}/v1 (Ctrl+C to stop). Every request gets the scripted 6 * 7
+thinking and policy fcs_reflection by default, so any OpenAI client sees the stop, e.g.
+  curl -s {base_url}/v1/chat/completions -H 'Content-Type: application/json' \\
+    -d '{{"model": "{MODEL_NAME}", "messages": [{{"role": "user", "content": "What is 6 * 7?"}}]}}'
+  python -c 'from openai import OpenAI; r = OpenAI(base_url="{base_url}/v1", api_key="unused").chat.completions.create(model="{MODEL_NAME}", messages=[{{"role": "user", "content": "What is 6 * 7?"}}]); print(r.choices[0].message.content, r.model_extra["thinkbrake"])'"""
+
+
 def report(result: dict[str, Any], scripted_thinking: int, seconds: float) -> str:
     """The demo's summary lines."""
     info = result["thinkbrake"]
@@ -156,13 +164,16 @@ def main(argv: Sequence[str]) -> int:
     # one engine process, V1 model runner (the scripted processor's interface); vLLM quiet unless --verbose
     os.environ.setdefault("VLLM_ENABLE_V1_MULTIPROCESSING", "0")
     os.environ.setdefault("VLLM_USE_V2_MODEL_RUNNER", "0")
-    if not args.verbose:
-        os.environ.setdefault("VLLM_LOGGING_LEVEL", "ERROR")
-        os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
-    from server.tiny_model import build_tiny_model
+    from server.serve_cli import quiet_vllm
+
+    quiet_vllm(["--verbose"] if args.verbose else [])
+    from server.tiny_model import build_tiny_model, is_complete
 
     began = time.monotonic()
-    print(f"building the tiny demo model (random weights, offline) in {args.model_dir} ...", flush=True)
+    if is_complete(args.model_dir):
+        print(f"using the tiny demo model in {args.model_dir}", flush=True)
+    else:
+        print(f"building the tiny demo model (random weights, offline) in {args.model_dir} ...", flush=True)
     model_dir = build_tiny_model(args.model_dir)
     from transformers import AutoTokenizer
 
@@ -170,10 +181,14 @@ def main(argv: Sequence[str]) -> int:
     from server.serve_cli import run
     from server.settings import Settings
 
+    # every request gets the scripted trace; the text rule is the default policy: the default probe_fcs asks the
+    # model itself, and a random-weight model's probe answers carry no confidence (its scripted tokens are forced
+    # after vLLM has taken the log-probabilities)
     values: dict[str, Any] = {
         "model": str(model_dir), "served_model_name": MODEL_NAME, "host": args.host, "port": args.port,
         "logits_processors": [PROCESSOR], "kv_cache_bytes": 64 << 20, "max_model_len": 2048, "enforce_eager": True,
-        "log_level": "info" if args.verbose else "warning",
+        "log_level": "info" if args.verbose else "warning", "policy": "fcs_reflection",
+        "default_vllm_xargs": {"script": ",".join(map(str, script)), "think_end_id": think_end},
     }  # fmt: skip
     settings = Settings(**values)
     outcome: dict[str, Any] = {}
@@ -183,15 +198,11 @@ def main(argv: Sequence[str]) -> int:
             print(f"serving at {base_url}/v1 (engine ready after {time.monotonic() - began:.0f} s)", flush=True)
             print(f"question: {QUESTION}", flush=True)
             asked = time.monotonic()
-            result = ask(base_url, script, think_end, lambda text: print(text, end="", flush=True))
+            result = ask(base_url, lambda text: print(text, end="", flush=True))
             print(report(result, scripted_thinking, time.monotonic() - asked), flush=True)
             outcome["stopped"] = bool(result["thinkbrake"].get("stopped"))
             if args.keep_serving:
-                print(
-                    f"\nstill serving model {MODEL_NAME!r} at {base_url}/v1 (Ctrl+C to stop). Its weights are "
-                    "random: without the demo's vllm_xargs script it writes noise.",
-                    flush=True,
-                )
+                print(keep_serving_note(base_url), flush=True)
                 return
         except Exception as error:  # noqa: BLE001 - reported, then the server stops
             print(f"thinkbrake demo: the request failed: {type(error).__name__}: {error}", file=sys.stderr)

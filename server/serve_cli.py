@@ -12,6 +12,7 @@ Start-up order (each step fails with one line on stderr and exit code 2 or 1, ne
 from __future__ import annotations
 
 import argparse
+import contextlib
 import logging
 import os
 import sys
@@ -168,7 +169,11 @@ def _add_own_flags(parser: argparse.ArgumentParser, vllm_flags: bool) -> list[An
     )  # fmt: skip
     server.add_argument(
         "--log-level", type=str.lower, choices=["debug", "info", "warning", "error", "critical"],
-        help="default info; debug also prints the traceback of an engine that fails to start",
+        help="default info; debug also prints the traceback of an engine that fails to start, and vLLM's own log",
+    )  # fmt: skip
+    server.add_argument(
+        "--verbose", action="store_true",
+        help="show vLLM's own log (its start-up lines and warnings); without it vLLM logs errors only",
     )  # fmt: skip
     if not vllm_flags:
         server.add_argument("--served-model-name", help="model name clients use (default: the model / upstream's)")
@@ -227,11 +232,49 @@ def prescan(argv: Sequence[str]) -> tuple[bool, str | None]:
     return upstream, model or os.environ.get("THINKBRAKE_MODEL") or None
 
 
+def quiet_vllm(argv: Sequence[str]) -> None:
+    """vLLM's and transformers' own log: errors only, unless ``--verbose`` (or ``--log-level debug``) asks for all
+    of it. A ``VLLM_LOGGING_LEVEL`` / ``TRANSFORMERS_VERBOSITY`` already in the environment wins. Called before
+    vLLM is imported (vLLM reads the variable then)."""
+    verbose = "--verbose" in argv or any(
+        arg == "--log-level=debug" or (arg == "--log-level" and argv[i + 1 : i + 2] == ["debug"])
+        for i, arg in enumerate(argv)
+    )
+    if not verbose:
+        os.environ.setdefault("VLLM_LOGGING_LEVEL", "ERROR")
+        os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
+        # vLLM warns while it is imported, before its own logging is set up (e.g. "Triton is installed, but
+        # doesn't include CPU backend"): its logger takes the same level from the start
+        with contextlib.suppress(ValueError):  # a level name vLLM itself would refuse: leave it to vLLM
+            logging.getLogger("vllm").setLevel(os.environ["VLLM_LOGGING_LEVEL"].upper())
+
+
+def print_engine_help() -> None:
+    """The embedded-engine ``--help``, from the cache when it is there (no vLLM import); made and cached if not."""
+    from server import serve_help
+
+    path = serve_help.cache_path(sorted(POLICIES))
+    text = serve_help.cached(path)
+    if text is None:
+        parser, engine_dests = build_parser(engine=True)
+        text = parser.format_help()
+        if engine_dests:  # vLLM's parser made it: worth keeping
+            serve_help.store(path, text)
+    sys.stdout.write(text)
+
+
 def main(argv: Sequence[str]) -> int:
     """``thinkbrake serve ARGS``."""
     argv = list(argv)
     wants_help = any(arg in ("-h", "--help") or arg.startswith("--help=") for arg in argv)
     upstream, model = prescan(argv)
+    quiet_vllm(argv)
+    if not upstream:
+        from server.serve_help import plain_help
+
+        if plain_help(argv):
+            print_engine_help()
+            return 0
     checked = None
     if not wants_help and not upstream:
         from server.model_source import check_model_source
@@ -316,7 +359,7 @@ def run(settings: Any, when_ready: Callable[[str, Callable[[], None]], None] | N
         from server.upstream import UpstreamBackend
 
         backend: Any = UpstreamBackend(settings)
-        what = f"upstream {settings.upstream}"
+        what = f"upstream {backend.health.url}"
     else:
         from server.engine import EmbeddedBackend
 

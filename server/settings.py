@@ -53,6 +53,10 @@ class Settings(BaseSettings):
         default_factory=dict, description="more vLLM engine arguments (AsyncEngineArgs keywords), e.g. from flags"
     )
     log_level: str = "info"
+    default_vllm_xargs: dict[str, Any] = Field(
+        default_factory=dict,
+        description="vllm_xargs every request gets under its own (a request's own keys win); the demo's script",
+    )
 
     @field_validator("upstream")
     @classmethod

@@ -16,6 +16,7 @@ import urllib.request
 from pathlib import Path
 
 import httpx
+import openai
 import pytest
 
 from tests.support.fixtures import REPO_ROOT, engine_environment, free_port, stop_process
@@ -34,10 +35,15 @@ def _status(url: str) -> int | None:
 
 
 def test_demo_prints_the_stop_and_keeps_serving(tmp_path: Path) -> None:
+    """The demo's own request and, while it keeps serving, any OpenAI client's plain request (no thinkbrake field,
+    no vllm_xargs) get the scripted trace and are stopped. The cached model is reused, and the demo says so."""
+    from server.tiny_model import build_tiny_model
+
+    model_dir = build_tiny_model(tmp_path / "demo-model")
     port = free_port()
     env = {**os.environ, "PYTHONPATH": str(REPO_ROOT)}
     command = [sys.executable, "-m", "server.cli", "demo", "--keep-serving", "--port", str(port),
-               "--model-dir", str(tmp_path / "demo-model")]  # fmt: skip
+               "--model-dir", str(model_dir)]  # fmt: skip
     log = tmp_path / "demo.out"
     with log.open("wb") as out:
         process = subprocess.Popen(command, cwd=REPO_ROOT, env=env, stdout=out, stderr=subprocess.STDOUT)
@@ -55,12 +61,36 @@ def test_demo_prints_the_stop_and_keeps_serving(tmp_path: Path) -> None:
             never, total = int(saved.split()[2]), int(saved.split()[6])
             assert 0 < never < total
             assert "Traceback" not in text
+            assert f"using the tiny demo model in {model_dir}" in text and "building" not in text
             base = f"http://127.0.0.1:{port}"
             assert _status(f"{base}/health") == 200
             models = httpx.get(f"{base}/v1/models", timeout=10).json()
             assert [card["id"] for card in models["data"]] == ["tiny-r1"]
+            assert_a_plain_client_sees_the_stop(base, never)
         finally:
             stop_process(process)
+
+
+def assert_a_plain_client_sees_the_stop(base: str, never_decoded: int) -> None:
+    """The README's copy-paste calls against ``demo --keep-serving``: the openai client and a bare JSON POST."""
+    client = openai.OpenAI(base_url=f"{base}/v1", api_key="unused", max_retries=0, timeout=300)
+    response = client.chat.completions.create(model="tiny-r1", messages=[{"role": "user", "content": "What is 6 * 7?"}])
+    info = response.model_extra["thinkbrake"]
+    print("openai client:", response.choices[0].message.content, info)
+    assert info["stopped"] and info["reason"] == "confirmed" and info["answer"] == "42"
+    assert info["policy"] == "fcs_reflection" and info["solutions"] == 2
+    assert response.choices[0].message.content.endswith("\\boxed{42}")
+    assert response.choices[0].finish_reason == "stop"
+    streamed = client.chat.completions.create(
+        model="tiny-r1", messages=[{"role": "user", "content": "And 7 * 6?"}], stream=True
+    )
+    last = [chunk for chunk in streamed][-1]
+    assert last.model_extra["thinkbrake"]["stopped"] and last.model_extra["thinkbrake"]["answer"] == "42"
+    body = {"model": "tiny-r1", "messages": [{"role": "user", "content": "What is 6 * 7?"}]}
+    plain = httpx.post(f"{base}/v1/chat/completions", json=body, timeout=300).json()
+    assert plain["thinkbrake"]["stopped"] and plain["thinkbrake"]["thinking_tokens"] == info["thinking_tokens"]
+    assert plain["usage"]["completion_tokens_details"]["reasoning_tokens"] == info["thinking_tokens"]
+    assert never_decoded > 0
 
 
 def test_serve_starts_on_cpu_defaults_and_says_when_it_is_ready(tiny_model_dir: Path, tmp_path: Path) -> None:
