@@ -288,9 +288,13 @@ def main(argv: Sequence[str]) -> int:
     parser, engine_dests = build_parser(engine=not upstream)
     namespace = argparse.Namespace()
     if engine_dests:
+        from server import serve_help
         from server.engine_config import unset_namespace
 
         namespace = unset_namespace(engine_dests)
+        path = serve_help.cache_path(sorted(POLICIES))
+        if path is not None and not path.exists():  # vLLM's parser is built anyway: the next --help is quick
+            serve_help.store(path, parser.format_help())
     args = parser.parse_args(argv, namespace)
     try:
         settings = load_settings(args, engine_dests)

@@ -69,3 +69,13 @@ def test_proxy_help_never_imports_vllm(tmp_path: pathlib.Path) -> None:
     assert result.returncode == 0, result.stderr
     assert result.stderr == "vllm imported: False\n"
     assert "--upstream URL" in result.stdout and "--policy" in result.stdout
+
+
+@pytest.mark.engine
+def test_any_run_that_builds_vllms_parser_caches_the_help(tmp_path: pathlib.Path) -> None:
+    search = serve_help(tmp_path, "--help=CacheConfig")  # a search of vLLM's flags runs vLLM's parser
+    assert search.returncode == 0, search.stderr
+    assert search.stderr == "vllm imported: True\n" and "--block-size" in search.stdout
+    plain = serve_help(tmp_path, "--help")
+    assert plain.stderr == "vllm imported: False\n"
+    assert_full_help(plain.stdout)
