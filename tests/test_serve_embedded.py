@@ -138,7 +138,9 @@ def test_two_choices_each_stop(server, client, tiny_tokenizer):
         info = choice.model_extra["thinkbrake"]
         assert info["stopped"] and info["answer"] == "42"
         assert choice.message.content.strip() == ANSWER
-    assert len(response.model_extra["thinkbrake"]["choices"]) == 2
+    top = dict(response.model_extra["thinkbrake"])
+    each = top.pop("choices")  # n > 1: the top-level fields are choice 0's, and `choices` has every choice's
+    assert each == [choice.model_extra["thinkbrake"] for choice in response.choices] and top == each[0]
     completion = response.usage.completion_tokens
     assert completion == sum(
         c.model_extra["thinkbrake"]["thinking_tokens"] + c.model_extra["thinkbrake"]["answer_tokens"]
