@@ -110,6 +110,14 @@ _QUOTING = re.compile(
     re.IGNORECASE,
 )
 _MAX_EXAMPLES = 8
+_FORM_ASK = re.compile(r"\s*(?:express|enter|give|simplify)\b", re.IGNORECASE)
+_QUANTITY = re.compile(
+    r"\b(ratio|radius|radii|diameter|side|length|height|width|slope|intercept|discriminant|numerator|denominator|"
+    r"term|area|perimeter|circumference|volume|angle|distance|speed|velocity|rate|probability|sum|product|"
+    r"difference|quotient|remainder|mean|median|average|coefficient|period|amplitude|determinant|magnitude|norm|"
+    r"projection|hypotenuse|altitude|diagonal|inverse|multiplier)(?:s|es)?\b",
+    re.IGNORECASE,
+)
 
 
 @dataclass(frozen=True)
@@ -135,6 +143,7 @@ class Question:
     options: dict[str, str] = field(default_factory=dict)  # letter -> option text (multiple choice)
     given: frozenset[str] = frozenset()  # keys of the numbers the question itself gives
     examples: tuple[tuple[str, str], ...] = ()  # (text, key) of the sample answers its instructions quote
+    quantities: frozenset[str] = frozenset()  # the named quantities its final ask asks for ("area", "term")
 
     @property
     def multiple_choice(self) -> bool:
@@ -160,13 +169,18 @@ class Question:
 
     def concludes(self, sentence: str, key: str, explicit: bool) -> bool:
         """Whether an implicit conclusion can answer the question: not a number the question gives ("the
-        equation is 3x + 2(1 + x) = 17"), and, when a combination is asked (m + n), one that names it."""
+        equation is 3x + 2(1 + x) = 17"); when a combination is asked (m + n), one that names it; when the ask
+        names a quantity ("the eighth term"), not one that names only other quantities ("the common ratio")."""
         if explicit or not self.text:
             return True
         if key in self.given:
             return False
         if self.target is not None and self.combination:
             return self.target in re.sub(r"\s|\$|\\\(|\\\)|\\cdot|\*", "", sentence)
+        if self.quantities:
+            named = _quantities(sentence)
+            if named and not named & self.quantities:
+                return False  # "So the common ratio is 3/5" where the eighth term is asked: another quantity
         return True
 
     def admits(self, answer: str, key: str, subject: str | None = None, approximate: bool = False) -> bool:
@@ -276,6 +290,7 @@ def read_question(text: str | None) -> Question:
         ask_symbols=symbols,
         given=_given(question),
         examples=examples,
+        quantities=_asked_quantities(question),
     )
 
 
@@ -338,6 +353,29 @@ def derives(sentence: str, example: str) -> bool:
     else:
         pattern = rf"(?<![\w.\\]){escaped}(?![\w]|\.\d)"
     return re.search(pattern, text) is not None
+
+
+def _quantities(text: str) -> frozenset[str]:
+    """The named quantities a text mentions ("ratio", "area", "term"), singular and lower-case."""
+    found = set()
+    for match in _QUANTITY.finditer(text):
+        word = match.group(1).lower()
+        found.add("radius" if word == "radii" else word)
+    return frozenset(found)
+
+
+def _asked_quantities(question: str) -> frozenset[str]:
+    """The quantities named by the last sentence that asks for a value ("What is the eighth term ...?"), not by a
+    later form instruction ("Express your answer as a common fraction.")."""
+    body = re.sub(r"\[asy\].*?\[/asy\]", " ", question, flags=re.DOTALL)
+    starts = [match.start() for match in _ASK_START.finditer(body)]
+    if not starts:
+        return _quantities(body[-300:])
+    for start, end in reversed(list(zip(starts, [*starts[1:], len(body)], strict=True))):
+        sentence = body[start:end]
+        if not _FORM_ASK.match(sentence):
+            return _quantities(sentence)
+    return frozenset()
 
 
 def _ask(question: str) -> str:

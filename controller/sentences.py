@@ -93,10 +93,10 @@ _NEGATION_BEFORE = re.compile(
 )
 _ANNOUNCING_END = re.compile(r"(?:\bis|\bare|\bbe|\bequals|=|\bget|\bgives?|\bobtain|\bresult)\s*:$", re.IGNORECASE)
 _OPERATOR_AFTER = re.compile(
-    r"\s*(?:[-+*/×÷^]|\\times|\\cdot|\\div)\s*(?:[\w(\\]|(?:\$|\\\)|\\\])?\s*$)|"
+    r"\s*(?:[-+*/×÷^]|\\times|\\cdot|\\div)\s*(?:[\w(\\]|(?:\$|\\\)|\\\])?\s*$)|\(|\\left\(|"
     r",?\s+(?:minus|plus|times|divided by|multiplied by)\b|"
     r"\s*\\?(?:cos|sin|tan|cot|sec|csc|log|ln|exp)\b|(?:\$|\\\()\\|\}|\s*(?:≡|\\equiv\b|=(?!>))"
-)  # an operand, not a result: "180 minus 74", "2 cos(π/9)", "9$\sqrt{2}$", "sum_{k=1}"
+)  # an operand, not a result: "180 minus 74", "2 cos(π/9)", "9$\sqrt{2}$", "sum_{k=1}", a factor "11(1 + √5)"
 _TRAILING_OPERATOR = re.compile(r"(?:[-+*/×÷^_=<>≤≥−]|\\(?:times|cdot|div|pm|mp|le|ge|leq|geq)|\\[,;: ]?)\s*$")
 _CUT_AT_OPERATOR = re.compile(r"(?:[-+*/=×÷−]|\\times|\\cdot|\\div)\s*(?:\$|\\\()?$")
 _APPROXIMATE_BEFORE = re.compile(

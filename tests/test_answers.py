@@ -60,6 +60,10 @@ EXTRACTION = [
     ("So x = \\( 2\\sqrt{3} + \\)", None, None),
     ("The answer is (3, 4", None, None),
     ("So the answer is \\(\\frac{1}{2} \\cdot\\)", None, None),
+    # a factor is not the result (R1-distill dev trace math500/352: the perimeter is 11(1 + √5), not 11)
+    ("So, perimeter is 11(1 + sqrt(5))", None, None),
+    ("So the answer is 11(1 + \\sqrt{5}).", "11(1+\\sqrt{5})", True),
+    ("So the answer is 29 (since 29 is prime).", "29", True),
 ]
 
 

@@ -195,3 +195,22 @@ def test_no_reference_answer_is_ruled_out_by_its_own_question() -> None:
     assert sum(form.integer for form in forms) > 600
     assert sum(form.target is not None and len(form.target) > 1 for form in forms) > 40
     assert sum(form.fraction for form in forms) > 10 and sum(form.multiple_choice for form in forms) >= 3
+
+
+GEOMETRIC = (
+    "Consider the geometric sequence $\\frac{125}{9}, \\frac{25}{3}, 5, 3, \\ldots$. What is the eighth term of the "
+    "sequence? Express your answer as a common fraction."
+)
+
+
+def test_a_conclusion_that_names_only_another_quantity_is_a_step() -> None:
+    """Sentences of an R1-distill dev trace (math500/33): the common ratio is a step on the way to the term."""
+    question = read_question(GEOMETRIC)
+    assert question.quantities == {"term"}
+    assert not question.concludes("So, the common ratio is indeed 3/5.", "3/5", explicit=False)
+    assert not question.concludes("So the common ratio r is 3/5.", "3/5", explicit=False)
+    assert question.concludes("So the common ratio is 3/5, and the eighth term is 243/625.", "243/625", False)
+    assert question.concludes("So a_8 = 243/625.", "243/625", explicit=False)  # names no quantity
+    assert question.concludes("So the common ratio is 3/5.", "3/5", explicit=True)  # said to be the answer
+    assert read_question(DIVISORS).quantities == frozenset()  # "how many": no named quantity, no rule
+    assert read_question(RADICAL).quantities == {"distance"}
