@@ -8,6 +8,10 @@ import argparse
 import sys
 from collections.abc import Sequence
 
+from server.serve_cli import quiet_imports
+
+quiet_imports()  # here too in vLLM's engine process, which imports this module as the main module of a spawn
+
 
 def main(argv: Sequence[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)

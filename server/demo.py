@@ -129,11 +129,12 @@ def ask(base_url: str, out: Callable[[str], None]) -> dict[str, Any]:
     return {"thinkbrake": info, "usage": usage, "answer": "".join(answer)}
 
 
-def keep_serving_note(base_url: str) -> str:
+def keep_serving_note(base_url: str, scripted_thinking: int) -> str:
     """What ``--keep-serving`` prints: the server stays up, and how to ask it from your own client."""
     return f"""
 still serving model {MODEL_NAME!r} at {base_url}/v1 (Ctrl+C to stop). Every request gets the scripted 6 * 7
-thinking and policy fcs_reflection by default, so any OpenAI client sees the stop, e.g.
+thinking ({scripted_thinking} tokens: what a stop at thinking_tokens saves is the rest) and policy fcs_reflection
+by default, so any OpenAI client sees the stop, e.g.
   curl -s {base_url}/v1/chat/completions -H 'Content-Type: application/json' \\
     -d '{{"model": "{MODEL_NAME}", "messages": [{{"role": "user", "content": "What is 6 * 7?"}}]}}'
   python -c 'from openai import OpenAI; r = OpenAI(base_url="{base_url}/v1", api_key="unused").chat.completions.create(model="{MODEL_NAME}", messages=[{{"role": "user", "content": "What is 6 * 7?"}}]); print(r.choices[0].message.content, r.model_extra["thinkbrake"])'"""
@@ -202,7 +203,7 @@ def main(argv: Sequence[str]) -> int:
             print(report(result, scripted_thinking, time.monotonic() - asked), flush=True)
             outcome["stopped"] = bool(result["thinkbrake"].get("stopped"))
             if args.keep_serving:
-                print(keep_serving_note(base_url), flush=True)
+                print(keep_serving_note(base_url, scripted_thinking), flush=True)
                 return
         except Exception as error:  # noqa: BLE001 - reported, then the server stops
             print(f"thinkbrake demo: the request failed: {type(error).__name__}: {error}", file=sys.stderr)

@@ -12,10 +12,10 @@ Start-up order (each step fails with one line on stderr and exit code 2 or 1, ne
 from __future__ import annotations
 
 import argparse
-import contextlib
 import logging
 import os
 import sys
+import warnings
 from collections.abc import Callable, Sequence
 from typing import Any
 
@@ -243,10 +243,19 @@ def quiet_vllm(argv: Sequence[str]) -> None:
     if not verbose:
         os.environ.setdefault("VLLM_LOGGING_LEVEL", "ERROR")
         os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
-        # vLLM warns while it is imported, before its own logging is set up (e.g. "Triton is installed, but
-        # doesn't include CPU backend"): its logger takes the same level from the start
-        with contextlib.suppress(ValueError):  # a level name vLLM itself would refuse: leave it to vLLM
-            logging.getLogger("vllm").setLevel(os.environ["VLLM_LOGGING_LEVEL"].upper())
+        os.environ.setdefault("TORCH_CPP_LOG_LEVEL", "ERROR")  # torch's C++ warnings in the engine process
+        quiet_imports()
+
+
+def quiet_imports() -> None:
+    """In this process, when ``VLLM_LOGGING_LEVEL`` is ERROR or CRITICAL: vLLM's logger at that level from the
+    start, and Python warnings raised in vLLM's code hidden. vLLM warns while it is imported, before its own
+    logging is set up ("Triton is installed, but doesn't include CPU backend"). vLLM's engine process is a spawn
+    child that imports ``server.cli`` as its main module, which calls this there too."""
+    level = os.environ.get("VLLM_LOGGING_LEVEL", "").upper()
+    if level in ("ERROR", "CRITICAL"):
+        logging.getLogger("vllm").setLevel(level)
+        warnings.filterwarnings("ignore", module=r"vllm(\.|$)")
 
 
 def print_engine_help() -> None:
