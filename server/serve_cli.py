@@ -283,7 +283,7 @@ def main(argv: Sequence[str]) -> int:
 
         if plain_help(argv):
             print_engine_help()
-            return 0
+            raise SystemExit(0)  # as argparse ends on --help
     checked = None
     if not wants_help and not upstream:
         from server.model_source import check_model_source
