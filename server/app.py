@@ -21,9 +21,11 @@ from starlette.exceptions import HTTPException
 
 from controller.policies import PolicyError
 from server.backend import Backend, BackendError
+from server.disconnect import unless_disconnected
+from server.errors import ModelNotFound, error_response, not_serving
 from server.metrics import Metrics
 from server.protocol import ChatCompletionRequest, CompletionRequest, now
-from server.routes import ModelNotFound, Service, error_response, not_serving, unless_disconnected
+from server.routes import Service
 from server.security import install as install_security
 from server.settings import Settings
 

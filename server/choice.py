@@ -25,7 +25,6 @@ import time
 from collections.abc import AsyncGenerator
 from contextlib import aclosing
 from dataclasses import dataclass, field
-from typing import Any
 
 from controller.answers import AnswerComparer, last_boxed
 from controller.delimiters import Delimiters
@@ -34,6 +33,7 @@ from controller.policies import OffConfig, PolicyRuntime, StopDecision
 from controller.probes import ProbeRequest, ProbeResult
 from controller.session import ThinkingController, Update
 from server.backend import Backend, BackendError, Chunk, Generation, Prompt, Sampling, tokens_through
+from server.events import ChoiceEvent, ChoiceResult
 from server.metrics import Metrics, RequestRecord
 from server.probing import NO_PROBE_METHOD, NO_TOKEN_IDS, ChoiceProbes, Interleave
 from server.protocol import RequestControl
@@ -69,72 +69,6 @@ def keep_detecting(controller: ThinkingController, update: Update, tokens: int, 
     if update.past_stop and update.reasoning:
         for event in controller.detector.feed(update.reasoning, tokens):
             controller.policy.observe(event)
-
-
-@dataclass
-class ChoiceResult:
-    """Everything known about a finished choice."""
-
-    finish_reason: str
-    prompt_tokens: int = 0
-    generated_tokens: int = 0
-    thinking_tokens: int = 0
-    answer_tokens: int = 0
-    stopped: bool = False
-    decision: StopDecision | None = None
-    shadow_decision: StopDecision | None = None
-    shadow_agree: bool | None = None
-    solutions: int = 0
-    continuation_cached_tokens: int | None = None
-    controller_error: str | None = None
-    probes: dict[str, Any] | None = None
-
-    def info(self, policy: str, shadow: bool) -> dict[str, Any]:
-        """The ``thinkbrake`` object of the response for this choice."""
-        decision = self.decision
-        data: dict[str, Any] = {
-            "stopped": self.stopped,
-            "reason": decision.reason if decision else None,
-            "answer": decision.answer if decision else None,
-            "solutions": self.solutions,
-            "thinking_tokens": self.thinking_tokens,
-            "answer_tokens": self.answer_tokens,
-            "policy": policy,
-        }
-        if decision is not None:
-            data["stop_position_tokens"] = decision.tokens
-        if self.continuation_cached_tokens is not None:
-            data["continuation_cached_tokens"] = self.continuation_cached_tokens
-        if self.probes is not None:
-            data["probes"] = self.probes
-        if shadow:
-            would = self.shadow_decision
-            data["shadow"] = {
-                "would_stop": would is not None,
-                "reason": would.reason if would else None,
-                "answer": would.answer if would else None,
-                "stop_tokens": would.tokens if would else None,
-                "solutions": would.solutions if would else None,
-                "agree": self.shadow_agree,
-            }
-        if self.controller_error:
-            data["error"] = self.controller_error
-        return data
-
-
-@dataclass
-class ChoiceEvent:
-    """Text for the client (``text`` is raw text for completions), or the end of the choice (``result``)."""
-
-    index: int
-    reasoning: str = ""
-    content: str = ""
-    text: str = ""
-    result: ChoiceResult | None = None
-
-    @property
-    def empty(self) -> bool:
-        return not (self.reasoning or self.content or self.text or self.result)
 
 
 @dataclass
@@ -211,7 +145,7 @@ class ChoiceRunner:
 
     async def run(self) -> AsyncGenerator[ChoiceEvent, None]:
         """Yield the choice's events; the last one carries the result."""
-        result = ChoiceResult(finish_reason="stop")
+        result = ChoiceResult("stop", self.control.policy.name, self.control.shadow)
         try:
             async with aclosing(self._generate(result)) as events:
                 async for event in events:

@@ -30,8 +30,8 @@ from server.protocol import (
     DeltaMessage,
     parse_control,
 )
-from server.routes import CompletionFrames, DeltaFrames, sse
 from server.settings import Settings
+from server.sse import CompletionFrames, DeltaFrames, sse
 from server.upstream import RawTextRebuilder
 
 

@@ -1,0 +1,97 @@
+"""The events of a request's choice runners as one stream.
+
+Invariants: events keep their order within a choice; text that piled up while the client was being written to
+leaves in as few events as possible (:func:`coalesce`); closing the stream early cancels every runner, and their
+cleanup (aborting backend requests) runs to its end even when the response itself is being cancelled.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import AsyncGenerator
+from contextlib import aclosing
+from typing import Any
+
+from server.choice import ChoiceRunner
+from server.events import ChoiceEvent
+
+
+async def merge(runners: list[ChoiceRunner], cleanups: set[asyncio.Future[Any]]) -> AsyncGenerator[ChoiceEvent, None]:
+    """Events of all runners in arrival order; cancels every runner when closed early.
+
+    The runners' cleanup (aborting their backend requests) is shielded: when the response is cancelled by a
+    client disconnect, starlette's cancel scope keeps cancelling every await of the cancelled task, and a
+    cancelled ``gather`` would cancel the runners again in the middle of their abort. ``cleanups`` holds the
+    shielded futures until they finish (asyncio keeps only weak references to tasks).
+    """
+    queue: asyncio.Queue[ChoiceEvent | Exception] = asyncio.Queue()
+
+    async def pump(runner: ChoiceRunner) -> None:
+        try:
+            async with aclosing(runner.run()) as events:
+                async for event in events:
+                    await queue.put(event)
+        except Exception as error:  # noqa: BLE001 - handed to the consumer, which reports it
+            await queue.put(error)
+
+    tasks = [asyncio.create_task(pump(runner)) for runner in runners]
+    remaining = len(runners)
+    try:
+        while remaining:
+            batch = [await queue.get()]
+            while not queue.empty():  # what piled up while the client was being written to
+                batch.append(queue.get_nowait())
+            for item in coalesce(batch):
+                if isinstance(item, Exception):
+                    raise item
+                if item.result is not None:
+                    remaining -= 1
+                if not item.empty:
+                    yield item
+    finally:
+        for task in tasks:
+            task.cancel()
+        cleanup = asyncio.gather(*tasks, return_exceptions=True)
+        cleanups.add(cleanup)
+        cleanup.add_done_callback(cleanups.discard)
+        await asyncio.shield(cleanup)
+
+
+def coalesce(batch: list[ChoiceEvent | Exception]) -> list[ChoiceEvent | Exception]:
+    """Joins consecutive text-only events of the same choice: tokens that arrived together leave in one SSE
+    event (under load this is what keeps the cost per client event, not per token). Order is kept."""
+    out: list[ChoiceEvent | Exception] = []
+    for item in batch:
+        last = out[-1] if out else None
+        if (
+            isinstance(item, ChoiceEvent) and isinstance(last, ChoiceEvent) and item.result is None
+            and last.result is None and item.index == last.index
+        ):  # fmt: skip
+            out[-1] = ChoiceEvent(
+                item.index, last.reasoning + item.reasoning, last.content + item.content, last.text + item.text
+            )
+        else:
+            out.append(item)
+    return out
+
+
+async def first_event(events: AsyncGenerator[ChoiceEvent, None]) -> ChoiceEvent | None:
+    """The first event, so errors raised before any output become ordinary HTTP errors."""
+    try:
+        return await events.__anext__()
+    except StopAsyncIteration:
+        return None
+    except BaseException:
+        await events.aclose()
+        raise
+
+
+async def chain(
+    first: ChoiceEvent | None, events: AsyncGenerator[ChoiceEvent, None]
+) -> AsyncGenerator[ChoiceEvent, None]:
+    """``first`` and then the rest of ``events`` (nothing when there was no first event); closes ``events``."""
+    async with aclosing(events) as rest:
+        if first is not None:
+            yield first
+            async for event in rest:
+                yield event
