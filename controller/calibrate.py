@@ -4,26 +4,28 @@ The loss of a request under a candidate rule is 1 when the rule changes its answ
 answer at the stop differs from the full trace's own final answer (no ground truth needed); with label
 ``reference``, the full trace's answer was right and the answer at the stop is wrong (a harmful stop).
 
-Procedure (Learn-then-Test, Angelopoulos et al., arXiv 2110.01052), per model, for each risk level A:
-1. The calibration traces are split by problem (:func:`order_part`): the *ordering* part (``ORDER_FRACTION`` of
-   the problems) and the *testing* part.
-2. On the ordering part the candidates are ranked: the path is the Pareto front of (change rate, net saved),
-   from the safest to the boldest; candidates that save nothing net of their probes are left out.
-3. On the testing part each candidate on the path is tested in that order (fixed-sequence testing) for
-   H0: risk > A with the binomial tail p-value ``scipy.stats.binom.cdf(k, n, A)`` (k changed answers of n);
-   it is accepted while p <= delta, and the walk stops at the first candidate that fails.
-4. Of the accepted candidates the one that saves the most thinking tokens net of probe tokens on all the
-   calibration traces is chosen; with none accepted, the level holds ``off``.
+The family (:func:`family`): DEER's lone confident probe and ``probe_fcs``'s confirmations (the previous probe,
+the thinking's own answer, two of its solutions, a dense probe on the same prefix; a lone ten-times-surer probe)
+with every threshold at ``tau``, with the probe schedule (back-off, spacing, a later start), over the fixed grid
+``TAUS``. The walk is fixed before any calibration data is seen: threshold by threshold from the safest down,
+and at each threshold the structures in ``STRUCTURES`` order (the confirmed ones, which stop later than a lone
+probe of the same threshold, first; plain DEER last).
 
-Invariant: every accepted candidate has risk <= A with probability >= 1 - delta over the draw of the testing
-part (the path never looks at the testing part's losses); ``bound`` is the Clopper-Pearson upper
-``1 - delta`` bound of the chosen candidate's change rate on the testing part (<= A exactly when p <= delta).
+Procedure (Learn-then-Test, Angelopoulos et al., arXiv 2110.01052, with fixed-sequence testing), per model and
+risk level A: walk the candidates in that order, testing H0: risk > A with the binomial tail p-value
+``scipy.stats.binom.cdf(k, n, A)`` (k changed answers among the model's n calibration traces); accept while
+p <= delta and stop at the first candidate that fails. Of the accepted candidates the one that saves the most
+thinking tokens net of probe tokens is chosen; with none accepted (or none saving anything), the level holds
+``off``.
+
+Invariant: with calibration traces exchangeable with future requests, every accepted candidate has risk <= A with
+probability >= 1 - delta (the walk does not depend on the data); ``bound`` is the Clopper-Pearson upper
+``1 - delta`` bound of the chosen candidate's change rate (<= A exactly when p <= delta). Traces of the same
+problem (several seeds) are not independent: there the guarantee is looser than stated.
 """
 
 from __future__ import annotations
 
-import hashlib
-import itertools
 import os
 import sys
 from collections.abc import Callable, Sequence
@@ -38,71 +40,65 @@ from controller.calibration import FORMAT, VERSION
 from controller.policies import ProbeFcsConfig
 from controller.simulate import Case, Equality, simulate
 
-ORDER_FRACTION = 0.3
 MODEL_LABEL = "model"
 REFERENCE_LABEL = "reference"
-METHOD = "learn-then-test: path ordered on a problem split, fixed-sequence binomial tests (scipy) on the rest"
+METHOD = "learn-then-test: fixed-sequence binomial tests (scipy) along a fixed walk, safest first"
 
 
 @dataclass(frozen=True)
 class Candidate:
-    """One operating point of the family: a ``probe_fcs`` config, its family (``deer`` or ``probe_fcs``)."""
+    """One operating point: a ``probe_fcs`` config, the structure it belongs to and its threshold ``tau`` there
+    (a structure's candidates, by ``tau`` from high to low, go from the safest to the boldest)."""
 
     name: str
-    family: str
+    structure: str
+    tau: float
     config: ProbeFcsConfig
 
 
-def deer(tau: float, backoff: int = 0) -> Candidate:
-    """The single confident wait probe: stop at the first wait probe of confidence >= ``tau`` (DEER)."""
-    config = ProbeFcsConfig(
+#: the thresholds of every structure, from the safest down (a fixed grid: the order the tests walk)
+TAUS = (0.99999, 0.99995, 0.9999, 0.9995, 0.999, 0.998, 0.997, 0.995, 0.99, 0.98, 0.95, 0.9)
+
+
+def deer(tau: float, **schedule: int) -> ProbeFcsConfig:
+    """The single confident wait probe: stop at the first wait probe of confidence >= ``tau`` (DEER), with the
+    probe schedule ``schedule`` (``backoff``, ``probe_spacing``, ``min_probe_tokens``)."""
+    return ProbeFcsConfig(
         confidence=tau, alone_confidence=tau, confirm_confidence=1.0, sure_confidence=1.0, agree_confidence=1.0,
-        solution_agree=0, settle_agree=0, backoff=backoff,
+        solution_agree=0, settle_agree=0, **schedule,
     )  # fmt: skip
-    return Candidate(f"deer {tau}" + (f" backoff{backoff}" if backoff else ""), "deer", config)
 
 
-DEER_TAUS = (0.9, 0.95, 0.98, 0.99, 0.995, 0.997, 0.998, 0.999, 0.9995, 0.9999, 0.99995, 0.99999)
+def confirmed(tau: float, settle: bool, alone: bool, **schedule: int) -> ProbeFcsConfig:
+    """``probe_fcs`` with every confidence threshold at ``tau``: a probe of at least ``tau`` stops when the
+    previous probe, the thinking's own answer, two of its solutions or a dense probe confirms it; ``alone``: one
+    ten times surer (``1 - (1 - tau) / 10``) stops on its own; ``settle``: settle probes in long thinking."""
+    return ProbeFcsConfig(
+        confidence=tau, confirm_confidence=tau, sure_confidence=tau, agree_confidence=tau,
+        alone_confidence=1 - (1 - tau) / 10 if alone else 1.0, settle_agree=3 if settle else 0, **schedule,
+    )  # fmt: skip
+
+
+#: the structures, in the order the walk takes them at each threshold (the safest first)
+STRUCTURES: dict[str, Callable[[float], ProbeFcsConfig]] = {
+    "confirmed+backoff": lambda tau: confirmed(tau, settle=False, alone=False, backoff=3),
+    "confirmed+alone+backoff": lambda tau: confirmed(tau, settle=False, alone=True, backoff=3),
+    "deer+backoff+from 512": lambda tau: deer(tau, backoff=3, min_probe_tokens=512),
+    "deer+backoff+spacing": lambda tau: deer(tau, backoff=3, probe_spacing=256),
+    "deer+backoff": lambda tau: deer(tau, backoff=3),
+    "deer": lambda tau: deer(tau),
+}
 
 
 def family(name: str = "all") -> list[Candidate]:
-    """The candidates: ``deer`` (the single-threshold family) or ``all`` (``deer`` with and without back-off,
-    and ``probe_fcs`` over its confirmation thresholds, the lone confident probe, the dense-probe checks, and
-    the probe schedule: start, spacing, back-off)."""
-    candidates = [deer(tau) for tau in DEER_TAUS]
-    if name == "deer":
-        return candidates
-    candidates += [deer(tau, 3) for tau in DEER_TAUS]
-    grid = itertools.product((0.5, 0.9, 0.99), (0.99, 0.999, 0.9999), (0.99, 0.999, 1.0), (1.0, 0.9999, 0.999), (0, 3))
-    for conf, confirm, sure, alone, backoff in grid:
-        if alone < 1.0 and alone < conf:
-            continue
-        config = ProbeFcsConfig(
-            confidence=conf, confirm_confidence=confirm, sure_confidence=sure, alone_confidence=alone, backoff=backoff
-        )
-        name_ = f"fcs conf{conf} confirm{confirm} sure{sure} alone{alone}" + (f" backoff{backoff}" if backoff else "")
-        candidates.append(Candidate(name_, "probe_fcs", config))
-    base = {"backoff": 3}
-    variants: dict[str, dict[str, Any]] = {
-        "no dense check": {"agree_confidence": 1.0},
-        "no settle": {"settle_agree": 0},
-        "early settle": {"settle_tokens": 4096, "settle_spacing": 256},
-        "solutions 3": {"solution_agree": 3},
-        "no solutions": {"solution_agree": 0},
-        "from 512 tokens": {"min_probe_tokens": 512},
-        "from 1024 tokens": {"min_probe_tokens": 1024},
-        "spacing 256": {"probe_spacing": 256},
-        "spacing 512": {"probe_spacing": 512},
-        "backoff 1": {"backoff": 1},
-        "backoff 6": {"backoff": 6},
-        "backoff 3 from 1024": {"backoff_tokens": 1024},
-        "20 probes": {"max_probes": 20},
-    }
-    for label, changes in variants.items():
-        for conf in (0.9, 0.99):
-            config = ProbeFcsConfig(**{"confidence": conf, **base, **changes})
-            candidates.append(Candidate(f"fcs conf{conf} {label}", "probe_fcs", config))
-    return candidates
+    """The candidates in the order of the walk (see the module docstring): ``all``, or ``deer`` (the
+    single-threshold family alone, threshold by threshold)."""
+    structures = ["deer"] if name == "deer" else list(STRUCTURES)
+    return [
+        Candidate(f"{structure} {tau}", structure, tau, STRUCTURES[structure](tau))
+        for tau in TAUS
+        for structure in structures
+    ]
 
 
 # ------------------------------------------------------------------------------------------ evaluation
@@ -203,15 +199,6 @@ def evaluate(
 # ------------------------------------------------------------------------------------------ learn then test
 
 
-def order_part(problems: Sequence[str], fraction: float = ORDER_FRACTION, salt: str = "order") -> np.ndarray:
-    """True for the traces of the ordering part: a stable hash of ``salt/problem`` below ``fraction``."""
-    cut = int(round(fraction * 2**32))
-    return np.array(
-        [int.from_bytes(hashlib.sha256(f"{salt}/{p}".encode()).digest()[:4], "big") < cut for p in problems],
-        dtype=bool,
-    )
-
-
 def p_value(losses: int, n: int, risk: float) -> float:
     """Binomial tail p-value of H0 "risk > ``risk``" after ``losses`` losses in ``n`` requests."""
     return float(binom.cdf(losses, n, risk))
@@ -224,19 +211,6 @@ def upper_bound(losses: int, n: int, delta: float) -> float:
     if losses >= n:
         return 1.0
     return float(beta.ppf(1.0 - delta, losses + 1, n - losses))
-
-
-def path_order(loss_rate: np.ndarray, net: np.ndarray) -> list[int]:
-    """The fixed-sequence path: the Pareto front of (lower change rate, higher net saved), safest first; only
-    candidates with a positive net saving. Ties in rate keep the higher saving."""
-    order = sorted(range(len(net)), key=lambda i: (loss_rate[i], -net[i], i))
-    path: list[int] = []
-    best = 0.0
-    for index in order:
-        if net[index] > best:
-            path.append(index)
-            best = float(net[index])
-    return path
 
 
 @dataclass(frozen=True)
@@ -262,36 +236,26 @@ class Choice:
 
 
 def learn_then_test(
-    losses: np.ndarray,
-    net: np.ndarray,
-    totals: np.ndarray,
-    ordering: np.ndarray,
-    risks: Sequence[float],
-    delta: float,
+    losses: np.ndarray, net: np.ndarray, totals: np.ndarray, risks: Sequence[float], delta: float
 ) -> list[Choice]:
-    """Learn-then-Test on one model's traces (columns): ``losses`` and ``net`` are (candidates, traces),
-    ``ordering`` marks the ordering part. See the module docstring."""
-    testing = ~ordering
-    n_order, n_test = int(ordering.sum()), int(testing.sum())
-    if n_order == 0 or n_test == 0:
+    """Learn-then-Test on one model's traces (columns): ``losses`` and ``net`` are (candidates, traces), the
+    candidates in the order of the walk. See the module docstring."""
+    n = losses.shape[1]
+    if n == 0:
         return [Choice(risk, [], None) for risk in risks]
-    rate = losses[:, ordering].mean(axis=1)
-    saved_order = net[:, ordering].sum(axis=1) / max(1, int(totals[ordering].sum()))
-    path = path_order(rate, saved_order)
-    test_losses = losses[:, testing].sum(axis=1)
-    saved_all = net.sum(axis=1) / max(1, int(totals.sum()))
+    counts = losses.sum(axis=1)
+    saved = net.sum(axis=1) / max(1, int(totals.sum()))
     choices = []
     for risk in risks:
         steps = []
-        for index in path:
-            k = int(test_losses[index])
-            p = p_value(k, n_test, risk)
-            accepted = p <= delta
-            steps.append(Step(index, k, n_test, p, upper_bound(k, n_test, delta), float(saved_all[index]), accepted))
-            if not accepted:
+        for index in range(losses.shape[0]):
+            k = int(counts[index])
+            p = p_value(k, n, risk)
+            steps.append(Step(index, k, n, p, upper_bound(k, n, delta), float(saved[index]), p <= delta))
+            if p > delta:
                 break
-        accepted_steps = [step for step in steps if step.accepted and step.net_saved > 0]
-        chosen = max(accepted_steps, key=lambda step: step.net_saved).candidate if accepted_steps else None
+        accepted = [step for step in steps if step.accepted and step.net_saved > 0]
+        chosen = max(accepted, key=lambda step: step.net_saved).candidate if accepted else None
         choices.append(Choice(risk, steps, chosen))
     return choices
 
@@ -315,14 +279,11 @@ def calibrate(
     models: dict[str, Any] = {}
     for model in sorted({evaluation.models[i] for i in columns}):
         mine = np.array([i for i in columns if evaluation.models[i] == model], dtype=np.int64)
-        ordering = order_part([evaluation.problems[i] for i in mine])
-        choices = learn_then_test(
-            losses_all[:, mine], net_all[:, mine], evaluation.totals[mine], ordering, risks, delta
-        )
-        say(f"\n{model}: {len(mine)} traces ({int(ordering.sum())} order the path, {int((~ordering).sum())} test it)")
+        choices = learn_then_test(losses_all[:, mine], net_all[:, mine], evaluation.totals[mine], risks, delta)
+        say(f"\n{model}: {len(mine)} traces")
         levels = []
         for choice in choices:
-            say(f"  risk {choice.risk:g}: {len(choice.steps)} candidates tested")
+            say(f"  risk {choice.risk:g}: {len(choice.steps)} candidates tested, in the order of the walk")
             say("    changed %  bound %  net saved %  p-value  candidate")
             for step in choice.steps:
                 mark = "" if step.accepted else "   <- fails: the walk stops"

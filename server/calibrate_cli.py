@@ -20,13 +20,17 @@ thinking tokens net of probe tokens while the share of requests whose answer it 
 probability at least 1 - D. A changed answer is one that differs from the full trace's own final answer
 (--label model: no ground truth needed) or, with --label reference, a right answer made wrong by the stop.
 
-How: every candidate of the family (the single confident wait probe, DEER-style, at 12 thresholds; probe_fcs
-over its confirmation thresholds, the lone confident probe, dense-probe checks and the probe schedule: start,
-spacing, back-off) is simulated on each trace with replay's accounting. Per model the traces are split by
-problem: on 30%% of the problems the candidates are ordered along their Pareto front (change rate vs. net
-saved, safest first); on the other 70%% they are tested in that order, H0 "risk > A" by the binomial tail
-p-value scipy.stats.binom.cdf(k, n, A), accepting while p <= D (Learn-then-Test with fixed-sequence testing).
-The accepted candidate that saves the most is chosen; with none accepted the level holds 'off' (no early stop).
+How: every candidate is simulated on each trace with replay's accounting (probe tokens charged). The
+candidates: the single confident wait probe (DEER-style: stop at the first probe of confidence >= tau), alone
+and with the probe schedule (back-off after 3 unconfident probes in a row, 256-token spacing, no probe before
+512 tokens), and probe_fcs's confirmations (the previous probe, the thinking's own answer, two of its
+solutions, a dense probe; a lone ten-times-surer probe) with every threshold at tau; tau from 0.99999 down to
+0.9. Per model, they are tested in a fixed order, threshold by threshold from the safest down (the confirmed
+rules before the lone probe at each threshold), for H0 "risk > A" with the binomial tail p-value
+scipy.stats.binom.cdf(k, n, A) (k changed answers among the model's n traces), accepting while p <= D and
+stopping at the first failure (Learn-then-Test with fixed-sequence testing). The accepted candidate that saves
+the most is chosen; with none accepted the level holds 'off' (no early stop). Traces of one problem (several
+seeds) are not independent: on such data the guarantee is looser than stated.
 
 Traces need recorded probes (the dev-probes format). Prints the candidates tested (change rate, its upper
 bound, net saved, p-value) and the choice per level; writes the calibration (JSON) to --out, which
