@@ -274,6 +274,16 @@ def no_confidence(evaluation: Evaluation, plain: Evaluation) -> None:
         print(f"| {model} | " + " | ".join(cells) + f" | {default['net']:.1f} |")
     for model, entry in calibration["models"].items():
         print(f"  {model}: " + "; ".join(f"{level['risk']:g} -> {level['candidate']}" for level in entry["levels"]))
+    names = {c.name: i for i, c in enumerate(evaluation.candidates)}
+    print("what probing costs without confidence (holdout; probe tokens per trace, net saved %):")
+    for model in sorted(set(evaluation.models)):
+        mask = ~tune & np.array([m == model for m in evaluation.models])
+        cells = []
+        for name in ("deer 0.999", "deer+backoff 0.999", "probe_fcs (default)"):
+            index = names[name]
+            rows = candidate_rows(evaluation, index)
+            cells.append(f"{name}: {rows['probe'][mask].mean():.0f} tok, {figures(rows, evaluation, mask)['net']:.1f}%")
+        print(f"  {model}: " + "; ".join(cells))
     del plain
 
 

@@ -318,7 +318,8 @@ def _level(evaluation: Evaluation, choice: Choice, label: str) -> dict[str, Any]
     step = next((s for s in choice.steps if s.candidate == choice.chosen), None)
     if choice.chosen is None or step is None:
         n = choice.steps[0].n if choice.steps else 0
-        return {"risk": choice.risk, "policy": {"policy": "off"}, "candidate": "off (nothing certified)",
+        why = "no certified rule saves tokens" if any(s.accepted for s in choice.steps) else "nothing certified"
+        return {"risk": choice.risk, "policy": {"policy": "off"}, "candidate": f"off ({why})",
                 "certified": False, "changed": 0.0, "bound": 0.0, "n": n, "net_saved": 0.0}  # fmt: skip
     candidate = evaluation.candidates[choice.chosen]
     return {
