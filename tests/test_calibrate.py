@@ -299,3 +299,12 @@ def test_every_report_row_shows_the_answers_changed_beside_accuracy() -> None:
     titles = [cell.strip() for cell in header.split("|")]
     assert titles.index("changed %") == titles.index("Δ pts") + 1
     assert [cell.strip() for cell in row.split("|")][titles.index("changed %")] == "50.0"
+
+
+def test_the_reference_label_counts_only_right_answers_made_wrong() -> None:
+    problems = [f"math500/{i}" for i in range(4)]
+    evaluation = evaluation_of([[1, 1, 0, 0]], [[10, 10, 10, 10]], problems)
+    evaluation.full_ok[:] = [True, False, True, False]  # the second trace's own answer was wrong already
+    evaluation.correct[:] = [[False, True, True, False]]  # its changed answer is right: not a harmful stop
+    assert evaluation.losses("model").tolist() == [[1, 1, 0, 0]]
+    assert evaluation.losses("reference").tolist() == [[1, 0, 0, 0]]
