@@ -218,8 +218,10 @@ def evaluation_of_family(evaluation: Evaluation, name: str) -> Evaluation:
     return subset(evaluation, [i for i, c in enumerate(evaluation.candidates) if c.name in names])
 
 
-def resplits(evaluation: Evaluation, count: int, seed: int) -> None:
-    """Random problem-level half splits: the holdout change rate against the risk, and mean holdout savings."""
+def resplits(evaluation: Evaluation, count: int, seed: int, one_seed: bool = False) -> None:
+    """Random problem-level half splits: the holdout change rate against the risk, and mean holdout savings.
+    ``one_seed``: of each problem and model only one trace (a random seed) is used, on both sides, so that no two
+    traces share a problem (independent requests, as the binomial test assumes)."""
     rng = np.random.default_rng(seed)
     problems = sorted(set(evaluation.problems))
     problem_index = np.array([problems.index(p) for p in evaluation.problems])
@@ -231,8 +233,18 @@ def resplits(evaluation: Evaluation, count: int, seed: int) -> None:
     for _ in range(count):
         tune_problems = rng.permutation(len(problems))[: len(problems) // 2]
         tune = np.isin(problem_index, tune_problems)
+        kept = np.ones(len(evaluation.ids), dtype=bool)
+        if one_seed:
+            order = rng.permutation(len(evaluation.ids))
+            seen: set[tuple[int, str]] = set()
+            kept[:] = False
+            for index in order:
+                key = (int(problem_index[index]), evaluation.models[index])
+                if key not in seen:
+                    seen.add(key)
+                    kept[index] = True
         for model in models:
-            mine = np.array([m == model for m in evaluation.models])
+            mine = np.array([m == model for m in evaluation.models]) & kept
             fit, held = np.flatnonzero(tune & mine), np.flatnonzero(~tune & mine)
             pairs += 1
             for name, sub in families.items():
@@ -247,7 +259,10 @@ def resplits(evaluation: Evaluation, count: int, seed: int) -> None:
                     saved[name, choice.risk].append(100 * gain)
                     if rate > choice.risk:
                         exceed[name, choice.risk] += 1
-    print(f"\n{count} random problem-level tune/holdout splits x {len(models)} models = {pairs} calibrations per risk")
+    what = "one random seed per problem and model" if one_seed else "every seed"
+    print(
+        f"\n{count} random problem-level tune/holdout splits x {len(models)} models = {pairs} calibrations per risk ({what})"
+    )
     print("| risk A | holdout change rate > A: calibrated family | DEER family | mean holdout net saved %: "
           "calibrated family | DEER family |")  # fmt: skip
     print("|---|---|---|---|---|")
@@ -301,6 +316,7 @@ def main() -> int:
     evaluation, without = evaluations(args, cases)
     table(args, cases, evaluation)
     resplits(evaluation, args.resplits, args.seed)
+    resplits(evaluation, args.resplits, args.seed, one_seed=True)
     no_confidence(without, evaluation)
     return 0
 

@@ -17,7 +17,7 @@ asked up to the stop is charged.
 
 Invariant: for a :class:`ProbeFcsConfig` without ``min_thinking_tokens``/``max_thinking_tokens``,
 :func:`simulate` gives the stop position, answer, reason, probe count and probe tokens that ``thinkbrake
-replay`` gives on the same trace (tests/test_simulate.py checks it on real traces). Nothing here does I/O except
+replay`` gives on the same trace (tests/test_calibrate.py checks it on real traces). Nothing here does I/O except
 :func:`build_cases` and :func:`load_or_build`.
 """
 
@@ -323,20 +323,28 @@ def build_cases(
     return cases
 
 
+def trace_key(trace: dict[str, Any]) -> str:
+    """SHA-256 of one trace's canonical JSON."""
+    return hashlib.sha256(json.dumps(trace, sort_keys=True).encode("utf-8")).hexdigest()
+
+
 def data_hash(traces: Iterable[dict[str, Any]]) -> str:
     """SHA-256 over the traces' canonical JSON, in id order: the same traces give the same hash in any order."""
-    digests = sorted(
-        (str(t.get("id")), hashlib.sha256(json.dumps(t, sort_keys=True).encode("utf-8")).hexdigest()) for t in traces
-    )
+    digests = sorted((str(t.get("id")), trace_key(t)) for t in traces)
     return hashlib.sha256(json.dumps(digests).encode("utf-8")).hexdigest()
 
 
 def read_cases(path: str | Path) -> list[dict[str, Any]]:
     """The cases of a cache file written by :func:`load_or_build` (or a plain JSON list of cases)."""
-    raw = Path(path).read_bytes()
-    text = gzip.decompress(raw).decode("utf-8") if raw[:2] == b"\x1f\x8b" else raw.decode("utf-8")
-    data = json.loads(text)
-    return list(data["cases"] if isinstance(data, dict) else data)
+    data = _read_json(Path(path))
+    if isinstance(data, dict):
+        return list(data["cases"].values())
+    return list(data)
+
+
+def _read_json(path: Path) -> Any:
+    raw = path.read_bytes()
+    return json.loads(gzip.decompress(raw).decode("utf-8") if raw[:2] == b"\x1f\x8b" else raw.decode("utf-8"))
 
 
 def load_or_build(
@@ -347,16 +355,19 @@ def load_or_build(
     cache: str | None,
     progress: bool = True,
 ) -> list[dict[str, Any]]:
-    """Cases for ``traces``: read from ``cache`` when it holds this data (same hash and case version), else
-    recorded and written there. A cache file is gzip JSON."""
-    key = f"{CASE_VERSION}:{data_hash(traces)}:{override or ''}"
+    """Cases for ``traces``, in order: those ``cache`` holds (the same trace, case version and tokenizer
+    override) are read from it, the others recorded and added to it. A cache file is gzip JSON
+    ``{"cases": {key: case}}``; any subset of cached traces (a split, a limit) is served from it."""
+    keys = [f"{CASE_VERSION}:{override or ''}:{trace_key(trace)}" for trace in traces]
+    stored: dict[str, Any] = {}
     if cache and Path(cache).exists():
-        with gzip.open(cache, "rt", encoding="utf-8") as handle:
-            stored = json.load(handle)
-        if stored.get("key") == key:
-            return list(stored["cases"])
-    cases = build_cases(traces, root, override, jobs, progress)
-    if cache:
-        with gzip.open(cache, "wt", encoding="utf-8") as handle:
-            json.dump({"key": key, "cases": cases}, handle)
-    return cases
+        data = _read_json(Path(cache))
+        stored = dict(data.get("cases", {})) if isinstance(data, dict) else {}
+    missing = [index for index, key in enumerate(keys) if key not in stored]
+    if missing:
+        built = build_cases([traces[index] for index in missing], root, override, jobs, progress)
+        stored.update((keys[index], case) for index, case in zip(missing, built, strict=True))
+        if cache:
+            with gzip.open(cache, "wt", encoding="utf-8") as handle:
+                json.dump({"cases": stored}, handle)
+    return [stored[key] for key in keys]
