@@ -9,6 +9,9 @@ caller answers each with :meth:`ThinkingController.probe_result` whenever its re
 controller built with ``probes=False`` (the backend cannot probe) runs the policy's text-only fallback and
 says why in ``probe_fallback``.
 
+``question`` (of the constructor): the request's question (last user message, or a completion's prompt), if
+known; the detector then only takes answers of the form it asks for (see :mod:`controller.question`).
+
 A stop is made only while the model is visibly still thinking. A decision that becomes due on a delta whose
 thinking text ends in whitespace (a sentence completed by a newline, say) may have been completed by the text
 the model uses to close its thinking (``"\\n</think>\\n\\n"``). It is held *pending* until later thinking text
@@ -16,22 +19,37 @@ shows that the model goes on (non-whitespace text; a prefix of the end delimiter
 so it does not count), and dropped if the end delimiter arrives or the stream ends first. So however the end
 delimiter arrives (in one delta or split across deltas), a model that closes its thinking on its own is never
 reported as stopped. The delta that confirms a pending decision lies past the stop point (``Update.past_stop``).
+
+The server changes course through methods, never by setting fields: ``go_text_only`` (probing failed before any
+probe answered: the text-only fallback takes over as if it had run from the start, on what was fed so far; its
+text was forwarded already, so nothing of it counts twice), ``keep_probing`` (a probe answered: probing works,
+``go_text_only`` will not be needed), ``keep_fed_tokens`` (text after the stop point was shown, so a stop keeps
+it), ``keep_detecting`` (shadow mode, after a would-be stop); ``final_answer`` gives the answer a response ended
+with (the last ``\\boxed{}`` of its content, else the last answer read in the thinking).
+
+Shadow mode: a controller stops detecting at a decision, and the delta that commits a held decision
+(``past_stop``) is not detected at all, since it lies past the stop. ``keep_detecting`` clears the decision,
+sends that delta's thinking to the detector and makes the policy ``off``, so ``solutions`` and every count are
+those of the whole thinking, as with policy ``off``. An answer probe already on its way may still decide: the
+caller ignores that decision and calls ``keep_detecting`` again.
 """
 
 from __future__ import annotations
 
-import dataclasses
 import logging
 from dataclasses import dataclass, field
 
 from controller.answers import AnswerComparer
 from controller.delimiters import Delimiters
 from controller.detector import Event, SolutionDetector
-from controller.policies import PolicyConfig, PolicyRuntime, ProbeFcsConfig, StopDecision
-from controller.probe_policy import ProbeRuntime
-from controller.probes import WAIT, ProbeRequest, ProbeResult, WaitScanner
+from controller.held_stop import HeldStop
+from controller.policies import OffConfig, PolicyConfig, PolicyRuntime, StopDecision
+from controller.prober import Prober
+from controller.probes import ProbeRequest, ProbeResult
 from controller.question import read_question
+from controller.runtime import runtime_for
 from controller.splitter import ANSWER, THINKING, ThinkingSplitter
+from controller.transcript import Transcript
 
 log = logging.getLogger(__name__)
 
@@ -57,44 +75,37 @@ class ThinkingController:
     included), except that a delta that closes the thinking and says how many of its tokens come through the
     end tag (``through_end``) counts only those; ``decision`` is set at most once and, once set, the controller only routes text; ``decision`` is
     never set on or after the delta in which the model closes its thinking; ``kept_tokens`` (set with
-    ``decision``) is the number of tokens fed up to the stop point.
+    ``decision``) is the number of tokens fed up to the stop point. While a probing controller has had no
+    probe answered, it keeps what it was fed (for :meth:`go_text_only`).
     """
 
     def __init__(
-        self,
-        config: PolicyConfig,
-        delimiters: Delimiters,
-        comparer: AnswerComparer,
-        probes: bool = True,
+        self, config: PolicyConfig, delimiters: Delimiters, comparer: AnswerComparer, probes: bool = True,
         question: str | None = None,
-    ) -> None:
-        """``question``: the request's question (last user message, or a completion's prompt), if known; the
-        detector then only takes answers of the form it asks for (see :mod:`controller.question`)."""
+    ) -> None:  # fmt: skip
         self.config = config
-        self.splitter = ThinkingSplitter(delimiters)
-        self.detector = SolutionDetector(question=read_question(question) if question else None)
-        self.probe_fallback: str | None = None
+        self._delimiters, self._equal, self._question = delimiters, comparer.equal, question
+        self.transcript = Transcript()
+        self._start(probes)
+
+    def _start(self, probes: bool) -> None:
+        """Fresh state for the whole stream: splitter, detector, policy runtime, counts."""
+        self.splitter = ThinkingSplitter(self._delimiters)
+        self.detector = SolutionDetector(question=read_question(self._question) if self._question else None)
+        self.policy, probe_runtime = runtime_for(self.config, self._equal, probes)
+        self._prober = None if probe_runtime is None else Prober(probe_runtime)
+        fallback = self.config.uses_probes and self._prober is None
+        self.probe_fallback = "no answer probes here: text-only fcs_reflection" if fallback else None
+        self.transcript.seen = [] if self._prober is not None else None  # see go_text_only
         self.probes_sent = 0
         self.probe_tokens = 0
-        self._probe_policy: ProbeRuntime | None = None
-        self._waits: WaitScanner | None = None
-        if isinstance(config, ProbeFcsConfig) and probes:
-            self._probe_policy = ProbeRuntime(config, comparer.equal)
-            self._waits = WaitScanner()
-            self.policy: PolicyRuntime | ProbeRuntime = self._probe_policy
-        elif isinstance(config, ProbeFcsConfig):
-            self.probe_fallback = "no answer probes here: text-only fcs_reflection"
-            self.policy = PolicyRuntime(config.fallback(), comparer.equal)
-        else:
-            self.policy = PolicyRuntime(config, comparer.equal)
         self.thinking_tokens = 0
         self.answer_tokens = 0
         self.decision: StopDecision | None = None
         self.error: str | None = None
         self.detection_seconds = 0.0
-        self.pending: StopDecision | None = None
+        self._held = HeldStop()
         self.kept_tokens: int | None = None
-        self._pending_at = 0
         self._thinking_chars = 0  # thinking characters fed to the detector
         self._visible_end = 0  # ... up to and including the last non-whitespace one
         self.fed_tokens = 0
@@ -107,6 +118,10 @@ class ThinkingController:
     def thinking_done(self) -> bool:
         return self.splitter.saw_end
 
+    @property
+    def pending(self) -> StopDecision | None:
+        return self._held.pending
+
     def feed(self, delta: str, tokens: int, through_end: int | None = None) -> Update:
         """Route one delta and run detection on its thinking part.
 
@@ -114,6 +129,9 @@ class ThinkingController:
         and including the end of thinking. It is used only if this delta closes the thinking: the tokens after the
         end tag are then answer tokens, so the counts do not depend on how the backend grouped tokens into deltas.
         """
+        seen = self.transcript.seen
+        if seen is not None:
+            seen.append((delta, tokens, through_end))
         fed_before = self.fed_tokens
         self.fed_tokens += tokens
         in_thinking = self.splitter.state != ANSWER
@@ -125,6 +143,7 @@ class ThinkingController:
                 thinking += piece.text
             else:
                 update.content += piece.text
+                self.transcript.content.append(piece.text)
         if not in_thinking:
             self.answer_tokens += tokens
         elif self.splitter.state == ANSWER and through_end is not None and 0 < through_end < tokens:
@@ -133,24 +152,29 @@ class ThinkingController:
             tokens = through_end
         else:
             self.thinking_tokens += tokens
-        if self.pending is not None:
-            self._resolve_pending(thinking, fed_before, update)
+        if self._held.pending is not None:
+            held = self._held.resolve(thinking, self.splitter.saw_end, self.thinking_tokens)
+            if held is not None:  # this delta showed the model goes on: it lies past the stop point
+                update.past_stop = True
+                self._commit(held, fed_before, update)
         elif self.decision is None and self.error is None and self.splitter.saw_start:
             self._detect(thinking, tokens if thinking or not self.splitter.saw_end else 0, update)
+        if update.events:
+            self.transcript.note_answers(update.events)
         return update
 
     def probe_result(self, result: ProbeResult) -> Update:
         """Take the answer of one probe; a stop it decides applies at the current position. Never raises."""
         update = Update()
-        probe_policy = self._probe_policy
-        if probe_policy is None or self.error is not None:
+        prober = self._prober
+        if prober is None or self.error is not None:
             return update
         try:
-            if not probe_policy.result(result, self.detector.tokens, self.detector.offset):
+            if not prober.take(result, self.detector.tokens, self.detector.offset):
                 return update  # unknown or repeated id
             self.probe_tokens += max(0, int(result.out_tokens))
-            if self.decision is None and self.pending is None and not self.splitter.saw_end:
-                decision = probe_policy.advance(self.detector.tokens, self.detector.offset)
+            if self.decision is None and self._held.pending is None and not self.splitter.saw_end:
+                decision = prober.runtime.advance(self.detector.tokens, self.detector.offset)
                 if decision is not None:
                     self._decide(decision, update)
         except Exception as error:  # noqa: BLE001 - a bad probe result must never break the stream
@@ -159,13 +183,14 @@ class ThinkingController:
 
     def finish(self) -> Update:
         """End of stream: release held-back text and close detection (a pending decision is dropped)."""
-        self.pending = None
+        self._held.pending = None
         update = Update()
         for piece in self.splitter.flush():
             if piece.kind == THINKING:
                 update.reasoning += piece.text
             else:
                 update.content += piece.text
+                self.transcript.content.append(piece.text)
         if self.decision is None and self.error is None:
             try:
                 update.events = self.detector.flush()
@@ -184,10 +209,8 @@ class ThinkingController:
             update.events = self.detector.feed(thinking, tokens)
             for event in update.events:
                 self.policy.observe(event)
-            if self._probe_policy is not None and self._waits is not None and not self.splitter.saw_end:
-                for trigger_tokens, offset in self._waits.feed(thinking, before):
-                    self._probe_policy.trigger(WAIT, trigger_tokens, offset)
-                update.probes = self._probe_policy.take_requests()
+            if self._prober is not None and not self.splitter.saw_end:
+                update.probes = self._prober.requests(thinking, before)
                 self.probes_sent += len(update.probes)
             if self.splitter.saw_end:
                 return  # the model closed thinking on its own: nothing to stop
@@ -200,23 +223,8 @@ class ThinkingController:
 
     def _decide(self, decision: StopDecision, update: Update) -> None:
         """Commit a decision while text after its stop point shows the model goes on; else hold it pending."""
-        if self._visible_end > decision.offset:
-            self._commit(decision, self.fed_tokens, update)  # text after the stop point: the model goes on
-        else:
-            self.pending = decision  # the whitespace may begin the end of thinking: wait for the next text
-            self._pending_at = self.thinking_tokens
-
-    def _resolve_pending(self, thinking: str, fed_before: int, update: Update) -> None:
-        """Commit the pending decision once the model visibly goes on thinking; drop it if thinking ends."""
-        pending = self.pending
-        assert pending is not None
-        if self.splitter.saw_end:
-            self.pending = None  # the model closed its thinking on its own: nothing to stop
-        elif thinking.strip():
-            self.pending = None
-            update.past_stop = True
-            tokens = pending.tokens + self.thinking_tokens - self._pending_at
-            self._commit(dataclasses.replace(pending, tokens=tokens), fed_before, update)
+        if self._held.offer(decision, self._visible_end, self.thinking_tokens):
+            self._commit(decision, self.fed_tokens, update)
 
     def _commit(self, decision: StopDecision, kept_tokens: int, update: Update) -> None:
         self.decision = update.decision = decision
@@ -225,3 +233,38 @@ class ThinkingController:
     def _fail(self, error: Exception) -> None:
         log.exception("thinking detection failed; this request continues without early stopping")
         self.error = f"{type(error).__name__}: {error}"
+
+    def go_text_only(self) -> StopDecision | None:
+        """Probing failed: run text-only from the start (see the module docstring); the stop that decides on what
+        was fed so far, if any. Does nothing (None) without probes or after :meth:`keep_probing`."""
+        seen, mark = self.transcript.seen, self.transcript.mark()
+        if seen is None:
+            return None
+        self._start(probes=False)
+        decision = None
+        for delta, tokens, through_end in seen:
+            decision = decision or self.feed(delta, tokens, through_end).decision
+        self.transcript.rewind(mark)
+        return decision
+
+    def keep_probing(self) -> None:
+        """A probe answered: what was kept for :meth:`go_text_only` is dropped."""
+        self.transcript.seen = None
+
+    def keep_fed_tokens(self) -> None:
+        """Every token fed so far was shown to the client (a stop that lands after them keeps them all)."""
+        self.kept_tokens = self.fed_tokens
+
+    def keep_detecting(self, update: Update, tokens: int) -> None:
+        """Shadow mode, after the would-be stop ``update.decision`` (``tokens``: the delta's token count): read on
+        to the natural end as with policy ``off`` (see the module docstring)."""
+        self.decision = None
+        self.kept_tokens = None
+        self.policy = PolicyRuntime(OffConfig(), self._equal)
+        if update.past_stop and update.reasoning:
+            for event in self.detector.feed(update.reasoning, tokens):
+                self.policy.observe(event)
+
+    def final_answer(self) -> str | None:
+        """The answer the response ended with (None if none was read)."""
+        return self.transcript.final_answer()

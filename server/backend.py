@@ -8,8 +8,8 @@ Invariants: ``Generation.prompt_token_ids`` is known once the first chunk has ar
 cannot tell); the concatenation of chunk texts is the model's raw output; ``abort`` is idempotent and makes
 the backend stop decoding; after it the iterator ends.
 
-Answer probes (:mod:`controller.probes`) are optional: a backend that can run them has a ``probe`` method
-(:class:`ProbingBackend`); one that cannot (or a generation whose token ids are unknown) makes the server run
+Answer probes (:mod:`controller.probes`) are optional: a backend that can run them is a :class:`ProbingBackend`
+(it has a ``probe`` method besides the rest); one that cannot (or a generation whose token ids are unknown) makes the server run
 the text-only fallback.
 """
 
@@ -17,7 +17,7 @@ from __future__ import annotations
 
 from collections.abc import AsyncGenerator
 from dataclasses import dataclass, field
-from typing import Any, Protocol
+from typing import Any, Protocol, runtime_checkable
 
 from controller.delimiters import Delimiters
 from controller.probes import ProbeSpec
@@ -158,8 +158,9 @@ class Backend(Protocol):
         ...
 
 
+@runtime_checkable
 class ProbingBackend(Backend, Protocol):
-    """A backend that can run answer probes."""
+    """A backend that can run answer probes (``isinstance(backend, ProbingBackend)`` tells)."""
 
     async def probe(
         self, token_ids: list[int], spec: ProbeSpec, extra_args: dict[str, Any] | None, request_id: str
