@@ -33,7 +33,8 @@ def add_parser(commands: Any) -> None:
         help="evaluate stop policies on recorded reasoning traces",
         description=(
             "Stream each trace's thinking token by token through the controller (as the server would) and "
-            "report, per dataset/model and in total: accuracy of the full trace and at the stop, agreement, "
+            "report, per dataset/model and in total: accuracy of the full trace and at the stop, answers changed "
+            "by the stop (and agreement), "
             "harmful stops, reasoning tokens saved, tokens vs the oracle, solutions per trace and efficiencies."
         ),
     )
