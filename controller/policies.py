@@ -23,6 +23,7 @@ from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from typing import Any, ClassVar
 
+from controller import stop_reasons
 from controller.detector import ANSWER, LOOP, SOLUTION, Event
 
 Equal = Callable[[str, str], bool]
@@ -297,7 +298,7 @@ class PolicyRuntime:
         if event.kind == LOOP and self.config.stop_on_loop:
             answer, key = self._last if self._last else (None, None)
             self._due = self._due or StopDecision(
-                "loop", answer, key, event.tokens, event.offset, len(self._solution_keys)
+                stop_reasons.LOOP, answer, key, event.tokens, event.offset, len(self._solution_keys)
             )
             return
         if event.key is None or event.answer is None:
@@ -305,7 +306,7 @@ class PolicyRuntime:
         if event.kind == ANSWER:
             self._last = (event.answer, event.key)
             if isinstance(self.config, FirstAnswerConfig):
-                self._due = self._decide("first_answer", event, event.solution + 1)
+                self._due = self._decide(stop_reasons.FIRST_ANSWER, event, event.solution + 1)
             elif event.explicit and isinstance(self.config, ConsistencyConfig):
                 # an explicit answer is a conclusion already: it may confirm without waiting for the close
                 keys, explicit = self._solution_keys + [event.key], self._solution_explicit + [True]
@@ -330,7 +331,7 @@ class PolicyRuntime:
             n = max(config.implicit_k, config.k)
             if len(keys) < n or not all(self._equal(key, current) for key in keys[-n : -config.k]):
                 return None
-        reason = "confirmed" if isinstance(config, FcsReflectionConfig) else "consistent"
+        reason = stop_reasons.CONFIRMED if isinstance(config, FcsReflectionConfig) else stop_reasons.CONSISTENT
         return self._decide(reason, event, len(keys))
 
     @staticmethod
@@ -347,6 +348,6 @@ class PolicyRuntime:
             self.decision = dataclasses.replace(due, tokens=tokens)
         elif config.max_thinking_tokens is not None and tokens >= config.max_thinking_tokens:
             answer, key = self._last if self._last else (None, None)
-            reason = "budget" if isinstance(config, BudgetConfig) else "max_thinking_tokens"
+            reason = stop_reasons.BUDGET if isinstance(config, BudgetConfig) else stop_reasons.MAX_THINKING_TOKENS
             self.decision = StopDecision(reason, answer, key, tokens, offset, len(self._solution_keys))
         return self.decision

@@ -53,6 +53,15 @@ from controller.detector import ANSWER, Event
 from controller.detector import SOLUTION as SOLUTION_CLOSED
 from controller.policies import Equal, ProbeFcsConfig, StopDecision
 from controller.probes import SOLUTION, WAIT, ProbeRequest, ProbeResult
+from controller.stop_reasons import (
+    MAX_THINKING_TOKENS,
+    PROBE_AGREED,
+    PROBE_CONFIDENT,
+    PROBE_CONFIRMED,
+    PROBE_SETTLED,
+    PROBE_SOLUTIONS,
+    PROBE_SURE,
+)
 
 _TEXT_KEPT = 32  # text answers and solutions remembered (a probe looks at those before its position)
 _PLAIN = re.compile(r"^[\s\S]{1,60}$")
@@ -169,7 +178,7 @@ class ProbeRuntime:
             checked = self._checks.pop(request.id, None)
             if checked is not None and result.answer is not None and result.confidence >= 1.0:
                 if self._equal(checked, result.answer):
-                    self._due = StopDecision("probe_agreed", checked, checked, tokens, offset, self.solutions)
+                    self._due = StopDecision(PROBE_AGREED, checked, checked, tokens, offset, self.solutions)
             return True
         if request.id < self._last_asked:
             return True  # an older probe answered after a newer one: the newer one speaks for the model
@@ -183,7 +192,7 @@ class ProbeRuntime:
         assert result.answer is not None
         reason = None
         if config.alone_confidence < 1.0 and result.confidence >= config.alone_confidence:
-            reason = "probe_confident"
+            reason = PROBE_CONFIDENT
         elif (
             previous is not None
             and previous.answer is not None
@@ -192,14 +201,14 @@ class ProbeRuntime:
             and max(previous.confidence, result.confidence) >= config.confirm_confidence
             and self._equal(previous.answer, result.answer)
         ):
-            reason = "probe_confirmed"
+            reason = PROBE_CONFIRMED
         elif config.sure_confidence < 1.0 and result.confidence >= config.sure_confidence:
             if self._wrote(result.answer, request.tokens, config.text_window):
-                reason = "probe_sure"
+                reason = PROBE_SURE
         if reason is None and config.solution_agree:
             reached = [text for at, text in self._solution_answers if at <= request.tokens]
             if sum(1 for text in reached if self._equal(text, result.answer)) >= config.solution_agree:
-                reason = "probe_solutions"
+                reason = PROBE_SOLUTIONS
         if reason is None and config.agree_confidence < 1.0 and result.confidence >= config.agree_confidence:
             check = self._ask(request.tokens, request.offset, SOLUTION)  # the dense probe on the same prefix
             if check is not None:
@@ -226,7 +235,7 @@ class ProbeRuntime:
         recent = self._settle_answers[-config.settle_agree :]
         if answer is not None and len(recent) == config.settle_agree:
             if all(other is not None and self._equal(other, answer) for other in recent):
-                self._due = StopDecision("probe_settled", answer, answer, tokens, offset, self.solutions)
+                self._due = StopDecision(PROBE_SETTLED, answer, answer, tokens, offset, self.solutions)
 
     def advance(self, tokens: int, offset: int) -> StopDecision | None:
         if self.decision is not None:
@@ -238,5 +247,5 @@ class ProbeRuntime:
             answer = self._previous.answer if self._previous and self._previous.answer else None
             if answer is None and self._last_text:
                 answer = self._last_text[0]
-            self.decision = StopDecision("max_thinking_tokens", answer, answer, tokens, offset, self.solutions)
+            self.decision = StopDecision(MAX_THINKING_TOKENS, answer, answer, tokens, offset, self.solutions)
         return self.decision

@@ -37,9 +37,10 @@ from server.end_ids import EndOfThinking
 from server.events import ChoiceEvent, ChoiceResult
 from server.finalize import Stopped, finalize
 from server.metrics import Metrics
-from server.probing import NO_PROBE_METHOD, NO_TOKEN_IDS, ChoiceProbes, Interleave
+from server.probing import ChoiceProbes, Interleave
 from server.protocol import RequestControl
 from server.records import record_choice
+from server.vocabulary import NO_PROBE_METHOD, NO_TOKEN_IDS
 
 #: at a stop decided by a probe, how long to wait for the main stream's chunk already on its way (one engine
 #: step): its tokens were decoded, so they are counted and forwarded like the rest

@@ -70,6 +70,9 @@ from typing import Final
 from prometheus_client import CONTENT_TYPE_LATEST, REGISTRY, CollectorRegistry, Counter, Histogram, generate_latest
 from prometheus_client.multiprocess import MultiProcessCollector
 
+from controller.stop_reasons import STOP_REASONS
+from server.vocabulary import PROBE_FALLBACK_REASONS
+
 OUTCOMES: Final = frozenset({"stopped", "natural", "length", "client_error", "server_error"})
 #: the outcomes of a choice that ended in an error (see :func:`server.choice.error_outcome`)
 ERROR_OUTCOMES: Final = frozenset({"client_error", "server_error"})
@@ -80,11 +83,6 @@ MULTIPROC_ENV: Final = "PROMETHEUS_MULTIPROC_DIR"
 
 #: Reason label for a stop whose record carries no reason.
 UNKNOWN_REASON: Final = "unknown"
-#: The stop reasons of controller/policies.py; their series are created at 0 up front (see :meth:`Metrics.prepare`).
-STOP_REASONS: Final = (
-    "first_answer", "confirmed", "consistent", "loop", "budget", "max_thinking_tokens", "probe_confirmed", "probe_sure",
-    "probe_agreed", "probe_solutions", "probe_settled",
-)  # fmt: skip
 
 SOLUTION_BUCKETS: Final = (0, 1, 2, 3, 4, 5, 6, 8, 10, 15, 20, 30)
 TOKEN_BUCKETS: Final = (64, 128, 256, 512, 1024, 2048, 4096, 8192, 16384, 32768, 65536)
@@ -92,8 +90,6 @@ RATIO_BUCKETS: Final = (0.1, 0.2, 0.3, 0.4, 0.5, 0.6, 0.7, 0.8, 0.9, 1.0)
 CONTROLLER_BUCKETS: Final = (1e-6, 3e-6, 1e-5, 3e-5, 1e-4, 3e-4, 1e-3, 3e-3, 1e-2)
 TTFT_BUCKETS: Final = (0.001, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0)
 PROBE_BUCKETS: Final = (0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0)
-#: why a choice of a probing policy ran text-only (see server/probing.py)
-PROBE_FALLBACK_REASONS: Final = ("unsupported", "no_token_ids", "rejected")
 LATENCY_BUCKETS: Final = (0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 20.0, 40.0, 60.0, 120.0, 300.0, 600.0)
 
 
@@ -152,31 +148,11 @@ def estimate_tokens_saved(thinking_at_stop: int, stop_ratio: float) -> float:
     return thinking_at_stop * (1.0 / max(stop_ratio, MIN_STOP_RATIO) - 1.0)
 
 
-class Metrics:
-    """thinkbrake's Prometheus collectors on one registry, and the estimator state behind the estimated savings."""
+class Collectors:
+    """thinkbrake's Prometheus collectors on one registry (labels ``model``, ``policy`` and, where named, one more)."""
 
-    def __init__(self, registry: CollectorRegistry | None = None, multiproc_dir: str | None = None) -> None:
-        """``registry=None`` uses the default REGISTRY; ``multiproc_dir`` defaults to ``$PROMETHEUS_MULTIPROC_DIR``."""
-        self._registry = REGISTRY if registry is None else registry
-        self._multiproc_dir = multiproc_dir if multiproc_dir is not None else os.environ.get(MULTIPROC_ENV) or None
-        self._stop_ratios: dict[tuple[str, str], _StopRatio] = {}
-        self._prepared: set[tuple[str, str]] = set()
-        self._lock = threading.Lock()
-        try:
-            self._build_collectors()
-        except ValueError as error:  # prometheus_client: "Duplicated timeseries in CollectorRegistry"
-            raise ValueError(
-                f"thinkbrake metrics already registered on this registry ({error}); "
-                "create one Metrics per registry, or pass a fresh CollectorRegistry"
-            ) from error
-
-    def _counter(self, name: str, documentation: str, *extra_labels: str) -> Counter:
-        return Counter(name, documentation, ("model", "policy", *extra_labels), registry=self._registry)
-
-    def _histogram(self, name: str, documentation: str, buckets: tuple[float, ...]) -> Histogram:
-        return Histogram(name, documentation, ("model", "policy"), buckets=buckets, registry=self._registry)
-
-    def _build_collectors(self) -> None:
+    def __init__(self, registry: CollectorRegistry) -> None:
+        self._registry = registry
         counter, histogram = self._counter, self._histogram
         self.requests = counter("thinkbrake_requests", "Finished choices by outcome.", "outcome")
         self.prompt_tokens = counter("thinkbrake_prompt_tokens", "Prompt tokens of finished choices.")
@@ -243,6 +219,41 @@ class Metrics:
             "thinkbrake_e2e_request_latency_seconds", "End-to-end latency of a choice.", LATENCY_BUCKETS
         )
 
+    def _counter(self, name: str, documentation: str, *extra_labels: str) -> Counter:
+        return Counter(name, documentation, ("model", "policy", *extra_labels), registry=self._registry)
+
+    def _histogram(self, name: str, documentation: str, buckets: tuple[float, ...]) -> Histogram:
+        return Histogram(name, documentation, ("model", "policy"), buckets=buckets, registry=self._registry)
+
+    def per_pair(self) -> tuple[Counter | Histogram, ...]:
+        """The collectors labelled by ``(model, policy)`` alone."""
+        return (
+            self.prompt_tokens, self.thinking_tokens, self.answer_tokens, self.saved_measured, self.saved_estimated,
+            self.shadow_requests, self.shadow_thinking, self.shadow_would_stop, self.shadow_would_stop_thinking,
+            self.shadow_compared, self.shadow_agree, self.controller_errors, self.solutions, self.thinking_per_request,
+            self.stop_position, self.shadow_stop_ratio, self.controller_seconds, self.ttft, self.latency,
+            self.probes, self.probe_tokens, self.probe_cached_tokens, self.probe_errors, self.probe_latency,
+        )  # fmt: skip
+
+
+class Metrics:
+    """thinkbrake's Prometheus collectors on one registry, and the estimator state behind the estimated savings."""
+
+    def __init__(self, registry: CollectorRegistry | None = None, multiproc_dir: str | None = None) -> None:
+        """``registry=None`` uses the default REGISTRY; ``multiproc_dir`` defaults to ``$PROMETHEUS_MULTIPROC_DIR``."""
+        self._registry = REGISTRY if registry is None else registry
+        self._multiproc_dir = multiproc_dir if multiproc_dir is not None else os.environ.get(MULTIPROC_ENV) or None
+        self._stop_ratios: dict[tuple[str, str], _StopRatio] = {}
+        self._prepared: set[tuple[str, str]] = set()
+        self._lock = threading.Lock()
+        try:
+            self._c = Collectors(self._registry)
+        except ValueError as error:  # prometheus_client: "Duplicated timeseries in CollectorRegistry"
+            raise ValueError(
+                f"thinkbrake metrics already registered on this registry ({error}); "
+                "create one Metrics per registry, or pass a fresh CollectorRegistry"
+            ) from error
+
     def prepare(self, model: str, policy: str) -> None:
         """Create every series of ``(model, policy)`` at 0 (idempotent).
 
@@ -256,40 +267,31 @@ class Metrics:
                 return
             self._prepared.add(labels)
         for outcome in sorted(OUTCOMES):
-            self.requests.labels(*labels, outcome)
+            self._c.requests.labels(*labels, outcome)
         for reason in (*STOP_REASONS, UNKNOWN_REASON):
-            self.early_stops.labels(*labels, reason)
+            self._c.early_stops.labels(*labels, reason)
         for reason in PROBE_FALLBACK_REASONS:
-            self.probe_fallbacks.labels(*labels, reason)
-        for collector in self._per_pair_collectors():
+            self._c.probe_fallbacks.labels(*labels, reason)
+        for collector in self._c.per_pair():
             collector.labels(*labels)
-
-    def _per_pair_collectors(self) -> tuple[Counter | Histogram, ...]:
-        return (
-            self.prompt_tokens, self.thinking_tokens, self.answer_tokens, self.saved_measured, self.saved_estimated,
-            self.shadow_requests, self.shadow_thinking, self.shadow_would_stop, self.shadow_would_stop_thinking,
-            self.shadow_compared, self.shadow_agree, self.controller_errors, self.solutions, self.thinking_per_request,
-            self.stop_position, self.shadow_stop_ratio, self.controller_seconds, self.ttft, self.latency,
-            self.probes, self.probe_tokens, self.probe_cached_tokens, self.probe_errors, self.probe_latency,
-        )  # fmt: skip
 
     def observe_request(self, record: RequestRecord) -> None:
         """Count one finished choice. Call exactly once per choice, at its end."""
         labels = (record.model, record.policy)
         self.prepare(*labels)
-        self.requests.labels(*labels, record.outcome).inc()
-        self.prompt_tokens.labels(*labels).inc(record.prompt_tokens)
-        self.thinking_tokens.labels(*labels).inc(record.thinking_tokens)
-        self.answer_tokens.labels(*labels).inc(record.answer_tokens)
+        self._c.requests.labels(*labels, record.outcome).inc()
+        self._c.prompt_tokens.labels(*labels).inc(record.prompt_tokens)
+        self._c.thinking_tokens.labels(*labels).inc(record.thinking_tokens)
+        self._c.answer_tokens.labels(*labels).inc(record.answer_tokens)
         if record.probe_fallback is not None:
-            self.probe_fallbacks.labels(*labels, record.probe_fallback).inc()
+            self._c.probe_fallbacks.labels(*labels, record.probe_fallback).inc()
         if record.outcome in ERROR_OUTCOMES:
             return
-        self.solutions.labels(*labels).observe(record.solutions)
-        self.thinking_per_request.labels(*labels).observe(record.thinking_tokens)
+        self._c.solutions.labels(*labels).observe(record.solutions)
+        self._c.thinking_per_request.labels(*labels).observe(record.thinking_tokens)
         if record.ttft_seconds is not None:
-            self.ttft.labels(*labels).observe(record.ttft_seconds)
-        self.latency.labels(*labels).observe(record.latency_seconds)
+            self._c.ttft.labels(*labels).observe(record.ttft_seconds)
+        self._c.latency.labels(*labels).observe(record.latency_seconds)
         if record.outcome == "stopped":
             self._observe_stop(record)
         if record.shadow:
@@ -298,31 +300,31 @@ class Metrics:
     def _observe_stop(self, record: RequestRecord) -> None:
         labels = (record.model, record.policy)
         at_stop = record.stop_position_tokens if record.stop_position_tokens is not None else record.thinking_tokens
-        self.early_stops.labels(*labels, record.reason or UNKNOWN_REASON).inc()
-        self.stop_position.labels(*labels).observe(at_stop)
+        self._c.early_stops.labels(*labels, record.reason or UNKNOWN_REASON).inc()
+        self._c.stop_position.labels(*labels).observe(at_stop)
         estimate = estimate_tokens_saved(at_stop, self.stop_ratio(*labels))
-        self.saved_estimated.labels(*labels).inc(max(0.0, estimate - record.probe_tokens))
+        self._c.saved_estimated.labels(*labels).inc(max(0.0, estimate - record.probe_tokens))
 
     def _observe_shadow(self, record: RequestRecord) -> None:
         labels = (record.model, record.policy)
-        self.shadow_requests.labels(*labels).inc()
-        self.shadow_thinking.labels(*labels).inc(record.thinking_tokens)
+        self._c.shadow_requests.labels(*labels).inc()
+        self._c.shadow_thinking.labels(*labels).inc(record.thinking_tokens)
         if not record.shadow_would_stop or record.shadow_stop_tokens is None:
             return
         stop = min(record.shadow_stop_tokens, record.thinking_tokens)
-        self.shadow_would_stop.labels(*labels).inc()
-        self.shadow_would_stop_thinking.labels(*labels).inc(record.thinking_tokens)
-        self.saved_measured.labels(*labels).inc(max(0, record.thinking_tokens - stop - record.probe_tokens))
+        self._c.shadow_would_stop.labels(*labels).inc()
+        self._c.shadow_would_stop_thinking.labels(*labels).inc(record.thinking_tokens)
+        self._c.saved_measured.labels(*labels).inc(max(0, record.thinking_tokens - stop - record.probe_tokens))
         if record.thinking_tokens > 0:
-            self.shadow_stop_ratio.labels(*labels).observe(stop / record.thinking_tokens)
+            self._c.shadow_stop_ratio.labels(*labels).observe(stop / record.thinking_tokens)
         with self._lock:
             sums = self._stop_ratios.setdefault(labels, _StopRatio())
             sums.stop_tokens += stop
             sums.thinking_tokens += record.thinking_tokens
         if record.shadow_agree is not None:
-            self.shadow_compared.labels(*labels).inc()
+            self._c.shadow_compared.labels(*labels).inc()
             if record.shadow_agree:
-                self.shadow_agree.labels(*labels).inc()
+                self._c.shadow_agree.labels(*labels).inc()
 
     def stop_ratio(self, model: str, policy: str) -> float:
         """The ``f`` of the savings estimate for ``(model, policy)``: prior blended with this process's shadow data."""
@@ -333,29 +335,29 @@ class Metrics:
         """Record controller time spent on ``tokens`` generated tokens (ignored when ``tokens`` is 0)."""
         self.prepare(model, policy)
         if tokens > 0:
-            self.controller_seconds.labels(model, policy).observe(seconds / tokens)
+            self._c.controller_seconds.labels(model, policy).observe(seconds / tokens)
 
     def count_probe(self, model: str, policy: str) -> None:
         """One answer probe sent."""
         self.prepare(model, policy)
-        self.probes.labels(model, policy).inc()
+        self._c.probes.labels(model, policy).inc()
 
     def observe_probe(self, model: str, policy: str, seconds: float, tokens: int, cached_tokens: int | None) -> None:
         """One answer probe answered after ``seconds``, having decoded ``tokens`` (``cached_tokens`` of its prompt
         served from the prefix cache, None when unknown)."""
         self.prepare(model, policy)
-        self.probe_latency.labels(model, policy).observe(seconds)
-        self.probe_tokens.labels(model, policy).inc(tokens)
+        self._c.probe_latency.labels(model, policy).observe(seconds)
+        self._c.probe_tokens.labels(model, policy).inc(tokens)
         if cached_tokens:
-            self.probe_cached_tokens.labels(model, policy).inc(cached_tokens)
+            self._c.probe_cached_tokens.labels(model, policy).inc(cached_tokens)
 
     def count_probe_error(self, model: str, policy: str) -> None:
         self.prepare(model, policy)
-        self.probe_errors.labels(model, policy).inc()
+        self._c.probe_errors.labels(model, policy).inc()
 
     def count_controller_error(self, model: str, policy: str) -> None:
         self.prepare(model, policy)
-        self.controller_errors.labels(model, policy).inc()
+        self._c.controller_errors.labels(model, policy).inc()
 
     def render(self) -> tuple[bytes, str]:
         """Body and content type for ``GET /metrics``; merges all workers' files in multiprocess mode."""

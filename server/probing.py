@@ -23,25 +23,15 @@ from typing import Any
 
 from controller.probes import ProbeRequest, ProbeResult, probe_spec, read_probe
 from server.backend import BackendError, Chunk, ProbeRejected, probe_extra_args
-from server.metrics import PROBE_FALLBACK_REASONS, Metrics
+from server.metrics import Metrics
+from server.vocabulary import FALLBACK_TEXT, REJECTED
 
 log = logging.getLogger(__name__)
-
-#: fallback reasons (the ``reason`` label of ``thinkbrake_probe_fallbacks_total``)
-NO_PROBE_METHOD = "unsupported"  # the backend has no probe method
-NO_TOKEN_IDS = "no_token_ids"  # the backend returns no prompt or generated token ids
-REJECTED = "rejected"  # the backend refused a token-id probe request
-assert (NO_PROBE_METHOD, NO_TOKEN_IDS, REJECTED) == PROBE_FALLBACK_REASONS
-_FALLBACK_TEXT = {
-    NO_PROBE_METHOD: "the backend cannot run answer probes",
-    NO_TOKEN_IDS: "the backend returns no token ids (a probe needs a token-id prompt)",
-    REJECTED: "the backend rejected a token-id probe request",
-}
 
 
 def fallback_text(reason: str) -> str:
     """The human-readable form of a fallback reason (the ``thinkbrake.probes.fallback`` field)."""
-    return _FALLBACK_TEXT.get(reason, reason)
+    return FALLBACK_TEXT.get(reason, reason)
 
 
 @dataclass

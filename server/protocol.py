@@ -15,7 +15,8 @@ from typing import Any, Literal
 from pydantic import MISSING, BaseModel, ConfigDict, Field, model_validator
 
 from controller.policies import PolicyConfig, PolicyError, parse_policy
-from server.settings import Finalize, Settings
+from server.settings import Settings
+from server.vocabulary import FINALIZE_MODES, Finalize
 
 SERVER_CONTROL_FIELDS = ("finalize", "max_answer_tokens", "shadow")
 #: request fields the server consumes itself; everything else is passed to the backend as sampling options
@@ -121,8 +122,8 @@ def parse_control(raw: dict[str, Any] | None, settings: Settings, shadow_draw: f
     """
     raw = dict(raw or {})
     finalize = raw.pop("finalize", settings.finalize)
-    if finalize not in ("model", "answer", "none"):
-        raise PolicyError("thinkbrake.finalize", f"must be one of model, answer, none; got {finalize!r}")
+    if finalize not in FINALIZE_MODES:
+        raise PolicyError("thinkbrake.finalize", f"must be one of {', '.join(FINALIZE_MODES)}; got {finalize!r}")
     max_answer = raw.pop("max_answer_tokens", settings.max_answer_tokens)
     if isinstance(max_answer, bool) or not isinstance(max_answer, int) or max_answer < 1:
         raise PolicyError("thinkbrake.max_answer_tokens", f"must be an integer >= 1, got {max_answer!r}")

@@ -15,18 +15,16 @@ import argparse
 import logging
 import os
 import sys
+import types
+import typing
 import warnings
 from collections.abc import Callable, Sequence
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from controller.policies import POLICIES
 
-SETTING_FLAGS = (
-    "model", "upstream", "host", "port", "policy", "policy_args", "delimiters", "finalize", "max_answer_tokens",
-    "shadow_rate", "served_model_name", "upstream_api_key", "request_timeout", "max_model_len", "kv_cache_bytes",
-    "logits_processors", "enforce_eager", "log_level", "upstream_max_connections", "api_keys", "api_key_file",
-    "protect_health", "protect_metrics", "max_body_bytes", "keep_alive_timeout",
-)  # fmt: skip
+if TYPE_CHECKING:
+    from server.settings import Flag
 
 DESCRIPTION = """\
 Serve an OpenAI-compatible API (/v1/chat/completions, /v1/completions, /v1/models, /health, /metrics) that
@@ -116,99 +114,64 @@ def build_parser(engine: bool) -> tuple[argparse.ArgumentParser, list[str]]:
     return parser, engine_dests
 
 
+def setting_flags() -> list[tuple[str, Flag, Any]]:
+    """(field name, its :class:`server.settings.Flag`, its type) of every setting that is a ``serve`` flag, in order."""
+    from server.settings import Flag, Settings
+
+    found = []
+    for name, info in Settings.model_fields.items():
+        flag = next((item for item in info.metadata if isinstance(item, Flag)), None)
+        if flag is not None:
+            found.append((name, flag, info.annotation))
+    return found
+
+
+def _argument(name: str, flag: Flag, annotation: Any) -> tuple[str, dict[str, Any]]:
+    """The ``add_argument`` flag and keywords of one setting, read off its type and :class:`Flag`."""
+    kind = annotation
+    if isinstance(annotation, types.UnionType):  # X | None
+        kind = next(arg for arg in typing.get_args(annotation) if arg is not type(None))
+    options: dict[str, Any] = {"dest": name, "help": flag.help}
+    if kind is bool:
+        options["action"] = "store_true"
+    elif typing.get_origin(kind) in (list, dict):
+        options["action"] = "append"
+    elif flag.lower:
+        options["type"] = str.lower
+    elif kind in (int, float):
+        options["type"] = kind
+    choices = flag.choices or (typing.get_args(kind) if typing.get_origin(kind) is typing.Literal else None)
+    if choices:
+        options["choices"] = list(choices)
+    if flag.metavar:
+        options["metavar"] = flag.metavar
+    return "--" + (flag.name or name).replace("_", "-"), options
+
+
 def _add_own_flags(parser: argparse.ArgumentParser, vllm_flags: bool) -> list[Any]:
-    backend = parser.add_argument_group("backend (choose one)")
-    backend.add_argument(
-        "--model",
-        help="model id or local folder for the embedded vLLM engine, same as the MODEL argument (default: "
-        "deepseek-ai/DeepSeek-R1-Distill-Qwen-1.5B; offline, pass a local folder)",
-    )
-    backend.add_argument("--upstream", metavar="URL", help="base URL of an OpenAI-compatible server to proxy")
-    backend.add_argument(
-        "--upstream-api-key",
-        help="bearer token thinkbrake sends to the upstream; never taken from or shown to clients "
-        "(prefer env THINKBRAKE_UPSTREAM_API_KEY: flags show in the process list)",
-    )
-    backend.add_argument(
-        "--request-timeout", type=float,
-        help="seconds the upstream may stay silent (connect, first byte, between chunks) before the request fails "
-        "with an error for the client (default 600)",
-    )  # fmt: skip
-    backend.add_argument(
-        "--upstream-max-connections", type=int, metavar="N",
-        help="concurrent streams to the upstream; more requests wait for a free connection (default 1024)",
-    )  # fmt: skip
+    """thinkbrake's flags, made from the settings (:func:`setting_flags`), plus ``--verbose``; with vLLM's engine
+    flags, the settings vLLM's parser has a flag for are left to it, and ``--kv-cache-bytes`` is its alias."""
+    from server.settings import ENGINE, FLAG_GROUPS, SERVER
 
-    policy = parser.add_argument_group("stopping")
-    policy.add_argument("--policy", choices=sorted(POLICIES), help="default stop policy (default probe_fcs)")
-    policy.add_argument(
-        "--policy-arg", dest="policy_args", action="append", metavar="K=V",
-        help="argument of the default policy, repeatable: k=3, min_thinking_tokens=100, max_thinking_tokens=8000",
-    )  # fmt: skip
-    policy.add_argument(
-        "--delimiters", choices=["auto", "think", "think-implicit", "sky-t1"],
-        help="thinking tags; auto (default) infers them from the chat template (upstream: think-implicit)",
-    )  # fmt: skip
-    policy.add_argument(
-        "--finalize", choices=["model", "answer", "none"],
-        help="after a stop: the model writes its answer (default), a boxed answer is written, or nothing",
-    )  # fmt: skip
-    policy.add_argument("--max-answer-tokens", type=int, help="token limit of the answer after a stop (default 1024)")
-    policy.add_argument(
-        "--shadow-rate", type=float, metavar="R",
-        help="fraction of requests run in shadow mode: the stop is recorded in metrics but not acted on",
-    )  # fmt: skip
-
-    server = parser.add_argument_group("server")
-    server.add_argument("--host", help="address to listen on (default 127.0.0.1)")
-    server.add_argument("--port", type=int, help="port (default 8000)")
-    server.add_argument(
-        "--keep-alive-timeout", type=float, metavar="S",
-        help="seconds an idle client connection stays open (default 75: longer than clients and load balancers "
-        "keep theirs, so a client never reuses a connection the server is closing)",
-    )  # fmt: skip
-    server.add_argument(
-        "--log-level", type=str.lower, choices=["debug", "info", "warning", "error", "critical"],
-        help="default info; debug also prints the traceback of an engine that fails to start, and vLLM's own log",
-    )  # fmt: skip
-    server.add_argument(
-        "--verbose", action="store_true",
-        help="show vLLM's own log (its start-up lines and warnings); without it vLLM logs errors only",
-    )  # fmt: skip
-    if not vllm_flags:
-        server.add_argument("--served-model-name", help="model name clients use (default: the model / upstream's)")
-
-    access = parser.add_argument_group("access and limits")
-    access.add_argument(
-        "--api-key", dest="api_keys", action="append", metavar="KEY",
-        help="accept clients sending 'Authorization: Bearer KEY'; repeatable (env: THINKBRAKE_API_KEYS=k1,k2). "
-        "Without any key the API is open",
-    )  # fmt: skip
-    access.add_argument("--api-key-file", metavar="PATH", help="more keys, one per line ('#' comments allowed)")
-    access.add_argument("--protect-health", action="store_true", help="/health needs a key too (default open)")
-    access.add_argument("--protect-metrics", action="store_true", help="/metrics needs a key too (default open)")
-    access.add_argument(
-        "--max-body-bytes", type=int, metavar="N",
-        help="larger request bodies get 413 (default 4194304 = 4 MiB)",
-    )  # fmt: skip
-
-    engine = parser.add_argument_group("embedded engine")
+    groups = {title: parser.add_argument_group(title) for title in FLAG_GROUPS}
+    for name, flag, annotation in setting_flags():
+        if flag.own_engine and vllm_flags:
+            continue
+        option, options = _argument(name, flag, annotation)
+        groups[flag.group].add_argument(option, **options)
+        if name == "log_level":
+            groups[SERVER].add_argument(
+                "--verbose", action="store_true",
+                help="show vLLM's own log (its start-up lines and warnings); without it vLLM logs errors only",
+            )  # fmt: skip
     if vllm_flags:
         kv_type: Any = next(a.type for a in parser._actions if a.dest == "kv_cache_memory_bytes")
-        engine.add_argument(
+        groups[ENGINE].add_argument(
             "--kv-cache-bytes", dest="kv_cache_memory_bytes", type=kv_type, metavar="BYTES",
             help="KV cache size, same as vLLM's --kv-cache-memory-bytes (e.g. 2G; CPU default: a quarter of "
             "the free memory, at most 4 GiB)",
         )  # fmt: skip
-    else:
-        engine.add_argument("--max-model-len", type=int, help="context length (default: the model's)")
-        engine.add_argument("--kv-cache-bytes", type=int, help="KV cache size in bytes")
-        engine.add_argument(
-            "--logits-processors", action="append", metavar="MODULE:CLASS",
-            help="vLLM v1 logits processor to load, repeatable (enabled per request through vllm_xargs)",
-        )  # fmt: skip
-        engine.add_argument("--enforce-eager", action="store_true", help="skip graph compilation (faster start)")
-    return [backend, policy, server, access, engine]
+    return list(groups.values())
 
 
 def add_parser(commands: Any) -> None:
@@ -332,8 +295,9 @@ def load_settings(args: argparse.Namespace, engine_dests: Sequence[str] = ()) ->
     from server.engine_config import SETTING_DESTS, given_engine_args
     from server.settings import Settings
 
-    own = [name for name in SETTING_FLAGS if name not in engine_dests and hasattr(args, name)]
-    overrides = {name: getattr(args, name) for name in own}
+    given = vars(args)
+    own = [name for name, _, _ in setting_flags() if name not in engine_dests and name in given]
+    overrides = {name: given[name] for name in own}
     model_tag = getattr(args, "model_tag", None)
     if model_tag:
         overrides["model"] = model_tag

