@@ -1,6 +1,6 @@
 """thinkbrake's own overhead on the embedded engine: ``thinkbrake serve --model`` vs vLLM's OpenAI server.
 
-Both run the same ``AsyncLLM`` on the same tiny random-weight test model (``tests/support/tiny_model.py``, built
+Both run the same ``AsyncLLM`` on the same tiny random-weight test model (``server/demo/tiny_model.py``, built
 on first use) with the same engine settings, one after the other, so the difference is what thinkbrake's
 server and controller add on top of the engine (vLLM's own server is the baseline a user would otherwise run).
 Requests are greedy (``temperature 0``) with ``ignore_eos``, so both servers decode the same tokens. For each
@@ -71,8 +71,8 @@ def run_server(
 
 
 def main(argv: list[str] | None = None) -> int:
+    from server.demo.tiny_model import RECIPE, build_tiny_model
     from tests.support.fixtures import SCRIPTED_PROCESSOR_FQCN, cache_root, server_command
-    from tests.support.tiny_model import RECIPE, build_tiny_model
 
     args = parse_args(argv)
     logs = pathlib.Path(args.logs)

@@ -1,6 +1,6 @@
 """``thinkbrake demo`` and ``thinkbrake serve MODEL`` on the CPU defaults, as a new user runs them (real engine).
 
-The demo's model and logits processor come from the package (``server.tiny_model``, ``server.scripted_logits``);
+The demo's model and logits processor come from the package (``server.demo.tiny_model``, ``server.demo.scripted_logits``);
 the engine's worker imports the processor by its package name.
 """
 
@@ -37,7 +37,7 @@ def _status(url: str) -> int | None:
 def test_demo_prints_the_stop_and_keeps_serving(tmp_path: Path) -> None:
     """The demo's own request and, while it keeps serving, any OpenAI client's plain request (no thinkbrake field,
     no vllm_xargs) get the scripted trace and are stopped. The cached model is reused, and the demo says so."""
-    from server.tiny_model import build_tiny_model
+    from server.demo.tiny_model import build_tiny_model
 
     model_dir = build_tiny_model(tmp_path / "demo-model")
     port = free_port()

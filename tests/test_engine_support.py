@@ -21,6 +21,14 @@ from vllm.sampling_params import RequestOutputKind
 from vllm.v1.sample.logits_processor import BatchUpdate, MoveDirectionality
 
 from server.backend import PROBE_MARKER
+from server.demo.scripted_logits import ScriptedLogitsProcessor
+from server.demo.tiny_model import (
+    COMPLETE_MARKER,
+    SPECIAL_TOKENS,
+    THINK_END,
+    THINK_TOKENS,
+    build_tiny_model,
+)
 from tests.support.engine_metrics import (
     GENERATION_TOKENS,
     PROMPT_TOKENS_CACHED,
@@ -38,14 +46,6 @@ from tests.support.fixtures import (  # noqa: F401  (pytest fixtures)
     tiny_engine,
     tiny_model_dir,
     tiny_tokenizer,
-)
-from tests.support.scripted_logits import ScriptedLogitsProcessor
-from tests.support.tiny_model import (
-    COMPLETE_MARKER,
-    SPECIAL_TOKENS,
-    THINK_END,
-    THINK_TOKENS,
-    build_tiny_model,
 )
 
 QUESTION = "What is 17 * 3?"

@@ -235,7 +235,7 @@ def test_client_disconnect_aborts_upstream_within_a_second(
 
 
 def test_client_disconnect_before_first_token_aborts_upstream(upstream: FakeUpstream, thinkbrake: str) -> None:
-    from tests.serve_support import post_then_disconnect
+    from tests.support.serving import post_then_disconnect
 
     began = time.monotonic()
     body = {"model": MODEL, "messages": MESSAGES, "fake_fault": "stall:30@0"}

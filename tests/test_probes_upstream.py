@@ -14,9 +14,9 @@ from typing import Any
 
 import openai
 
-from tests.serve_support import metric
 from tests.support.fake_upstream import FakeUpstream, Trace
 from tests.support.servers import thinkbrake_process
+from tests.support.serving import metric
 
 QUESTION = "What is 6 * 7?"
 SOLVE = "Six times seven: 6 * 7 = 42. So the answer is 42.\n\n"

@@ -42,9 +42,9 @@ from fastapi import FastAPI, Response
 from prometheus_client import CollectorRegistry
 
 from server.metrics import PRIOR_STOP_RATIO, PRIOR_WEIGHT_TOKENS, Metrics, RequestRecord
-from tests.serve_support import scripted_body, thinkbrake_server
 from tests.support.fake_upstream import FakeUpstream
-from tests.support.fixtures import KV_CACHE_BYTES, MAX_MODEL_LEN, SCRIPTED_PROCESSOR_FQCN, stop_process
+from tests.support.fixtures import KV_CACHE_BYTES, MAX_MODEL_LEN, SCRIPTED_PROCESSOR_FQCN, free_port, stop_process
+from tests.support.serving import scripted_body, thinkbrake_server
 from tests.test_deploy_files import dashboard
 from tests.test_metrics import ERROR, MODEL, NATURAL, SHADOW, STOPPED
 
@@ -83,13 +83,6 @@ SECOND_BATCH: list[RequestRecord] = [
     dataclasses.replace(SHADOW, shadow_agree=False),
     ERROR,
 ]
-
-
-def free_port() -> int:
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        port: int = probe.getsockname()[1]
-        return port
 
 
 def wait_for(condition: Callable[[], bool], what: str, timeout: float = TIMEOUT) -> None:

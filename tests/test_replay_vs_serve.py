@@ -22,8 +22,8 @@ from controller.answers import AnswerComparer
 from controller.policies import FcsReflectionConfig
 from controller.replay import REPLAY_DELIMITERS, replay_trace, token_deltas, trace_stream
 from controller.session import ThinkingController
-from tests.serve_support import FEW_TOKENS, http_json, thinkbrake_server
 from tests.support.fixtures import KV_CACHE_BYTES, MAX_MODEL_LEN, SCRIPTED_PROCESSOR_FQCN, openai_server
+from tests.support.serving import FEW_TOKENS, http_json, thinkbrake_server
 
 pytestmark = [pytest.mark.engine, pytest.mark.replay]
 

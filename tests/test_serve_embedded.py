@@ -1,7 +1,7 @@
 """``thinkbrake serve`` on an embedded vLLM engine, end to end with the real ``openai`` client.
 
 One ``thinkbrake serve`` subprocess per module: the tiny random-weight model, the scripted logits processor
-(so the engine really decodes the R1-style trace of :mod:`tests.serve_support`), CPU block size 128.
+(so the engine really decodes the R1-style trace of :mod:`tests.support.serving`), CPU block size 128.
 Engine facts are read from the engine's own counters on ``/metrics`` (``vllm:generation_tokens_total``,
 ``vllm:prompt_tokens_cached_total``), not from what the controller reports.
 """
@@ -12,7 +12,16 @@ import httpx
 import openai
 import pytest
 
-from tests.serve_support import (
+from tests.support import openai_spec as spec
+from tests.support.engine_metrics import GENERATION_TOKENS, PROMPT_TOKENS_CACHED
+from tests.support.fixtures import (
+    CPU_BLOCK_SIZE,
+    KV_CACHE_BYTES,
+    MAX_MODEL_LEN,
+    SCRIPTED_PROCESSOR_FQCN,
+    chat_prompt_ids,
+)
+from tests.support.serving import (
     ANSWER,
     CONFIRM,
     FEW_TOKENS,
@@ -30,15 +39,6 @@ from tests.serve_support import (
     stream_message,
     thinkbrake_server,
     wait_metric,
-)
-from tests.support import openai_spec as spec
-from tests.support.engine_metrics import GENERATION_TOKENS, PROMPT_TOKENS_CACHED
-from tests.support.fixtures import (
-    CPU_BLOCK_SIZE,
-    KV_CACHE_BYTES,
-    MAX_MODEL_LEN,
-    SCRIPTED_PROCESSOR_FQCN,
-    chat_prompt_ids,
 )
 
 pytestmark = pytest.mark.engine

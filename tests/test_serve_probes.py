@@ -1,6 +1,6 @@
 """Answer probes on the embedded vLLM engine (``thinkbrake serve --model``), end to end with the ``openai`` client.
 
-The tiny random-weight model decodes the scripted R1-style trace of :mod:`tests.serve_support`; its probes are
+The tiny random-weight model decodes the scripted R1-style trace of :mod:`tests.support.serving`; its probes are
 forced to decode ``probe_script`` (the scripted logits processor sees the probe marker the server adds to the
 request's ``vllm_xargs``). The processor forces tokens *after* vLLM has taken the raw log-probabilities, so a
 random model's forced tokens have low confidence: these tests set the policy's confidence thresholds to 0 (how
@@ -13,7 +13,15 @@ from __future__ import annotations
 import openai
 import pytest
 
-from tests.serve_support import (
+from tests.support.engine_metrics import GENERATION_TOKENS, PROMPT_TOKENS_CACHED
+from tests.support.fixtures import (
+    CPU_BLOCK_SIZE,
+    KV_CACHE_BYTES,
+    MAX_MODEL_LEN,
+    SCRIPTED_PROCESSOR_FQCN,
+    chat_prompt_ids,
+)
+from tests.support.serving import (
     CONFIRM,
     FEW_TOKENS,
     NEVER_DECODED,
@@ -23,14 +31,6 @@ from tests.serve_support import (
     scripted_body,
     thinkbrake_server,
     wait_metric,
-)
-from tests.support.engine_metrics import GENERATION_TOKENS, PROMPT_TOKENS_CACHED
-from tests.support.fixtures import (
-    CPU_BLOCK_SIZE,
-    KV_CACHE_BYTES,
-    MAX_MODEL_LEN,
-    SCRIPTED_PROCESSOR_FQCN,
-    chat_prompt_ids,
 )
 
 pytestmark = pytest.mark.engine

@@ -11,7 +11,14 @@ import httpx
 import openai
 import pytest
 
-from tests.serve_support import (
+from tests.support import openai_spec as spec
+from tests.support.engine_metrics import GENERATION_TOKENS, PROMPT_TOKENS_CACHED
+from tests.support.fixtures import (
+    BLOCK_SIZE,
+    chat_prompt_ids,
+    openai_server,
+)
+from tests.support.serving import (
     ANSWER,
     FEW_TOKENS,
     NEVER_DECODED,
@@ -26,13 +33,6 @@ from tests.serve_support import (
     stream_message,
     thinkbrake_server,
     wait_metric,
-)
-from tests.support import openai_spec as spec
-from tests.support.engine_metrics import GENERATION_TOKENS, PROMPT_TOKENS_CACHED
-from tests.support.fixtures import (
-    BLOCK_SIZE,
-    chat_prompt_ids,
-    openai_server,
 )
 
 pytestmark = pytest.mark.engine

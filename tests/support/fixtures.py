@@ -9,7 +9,7 @@ Invariants:
 
 * ``tiny_model_dir`` is built once per cache directory (``$THINKBRAKE_TEST_CACHE``
   or ``~/.cache/thinkbrake-tests``) and reused across sessions; see
-  :mod:`tests.support.tiny_model`.
+  :mod:`server.demo.tiny_model`.
 * Engines are started with :func:`engine_environment` applied (single-process
   executor, V1 model runner, so the v1 :class:`ScriptedLogitsProcessor` loads)
   and the environment is restored when the fixture ends.
@@ -34,7 +34,7 @@ from typing import TYPE_CHECKING, Any
 import pytest
 import pytest_asyncio
 
-from tests.support.tiny_model import RECIPE, THINK_END, build_tiny_model, token_id
+from server.demo.tiny_model import RECIPE, THINK_END, build_tiny_model, token_id
 
 if TYPE_CHECKING:
     from transformers import PreTrainedTokenizerBase
@@ -43,7 +43,7 @@ if TYPE_CHECKING:
 
 CACHE_ENV = "THINKBRAKE_TEST_CACHE"
 REPO_ROOT = pathlib.Path(__file__).resolve().parents[2]
-SCRIPTED_PROCESSOR_FQCN = "tests.support.scripted_logits:ScriptedLogitsProcessor"
+SCRIPTED_PROCESSOR_FQCN = "server.demo.scripted_logits:ScriptedLogitsProcessor"
 #: vLLM's CPU attention accepts only multiples of 32 (16 fails at engine start).
 BLOCK_SIZE = 32
 KV_CACHE_BYTES = 64 << 20
@@ -125,7 +125,7 @@ def tiny_engine_args(model_dir: pathlib.Path, **overrides: Any) -> AsyncEngineAr
     """
     from vllm.engine.arg_utils import AsyncEngineArgs
 
-    from tests.support.scripted_logits import ScriptedLogitsProcessor
+    from server.demo.scripted_logits import ScriptedLogitsProcessor
 
     settings: dict[str, Any] = {
         "model": str(model_dir),
@@ -216,22 +216,33 @@ def openai_server(
         )  # fmt: skip
         stack.callback(stop_process, process)
         base_url = f"http://127.0.0.1:{port}"
-        _wait_healthy(base_url, process, timeout)
+        wait_healthy(base_url, timeout, process, poll=0.5, name="vLLM server")
         yield base_url
 
 
-def _wait_healthy(base_url: str, process: subprocess.Popen[bytes], timeout: float) -> None:
-    """Block until ``GET /health`` answers 200; raise if the server dies or times out."""
+def wait_healthy(
+    base_url: str, timeout: float = 120.0, process: subprocess.Popen[bytes] | None = None,
+    log: pathlib.Path | None = None, poll: float = 0.05, name: str = "thinkbrake",
+) -> None:  # fmt: skip
+    """Block until ``GET /health`` answers 200 (or any status but 503: a server that protects ``/health`` answers
+    401). Raises if ``process`` exits first (with the tail of its ``log``, if given) or after ``timeout`` seconds;
+    the long default deadline only matters on a slow, loaded machine."""
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
-        if process.poll() is not None:
-            raise RuntimeError(f"vLLM server exited with code {process.returncode}")
-        with contextlib.suppress(OSError, urllib.error.URLError):
+        if process is not None and process.poll() is not None:
+            tail = log.read_text()[-3000:] if log and log.exists() else ""
+            raise RuntimeError(f"{name} exited with code {process.returncode}\n{tail}".rstrip())
+        try:
             with urllib.request.urlopen(f"{base_url}/health", timeout=2) as response:
                 if response.status == 200:
                     return
-        time.sleep(0.5)
-    raise TimeoutError(f"vLLM server at {base_url} not healthy after {timeout} s")
+        except urllib.error.HTTPError as error:
+            if error.code != 503:
+                return
+        except OSError:
+            pass
+        time.sleep(poll)
+    raise TimeoutError(f"{name} at {base_url} not healthy after {timeout} s")
 
 
 def stop_process(process: subprocess.Popen[bytes], timeout: float = 30.0) -> None:

@@ -14,33 +14,11 @@ import subprocess
 import sys
 import threading
 import time
-import urllib.error
 import urllib.request
 from collections.abc import Iterator
 from typing import Any
 
-from tests.support.fixtures import REPO_ROOT, free_port, stop_process
-
-
-def wait_healthy(base_url: str, timeout: float = 120.0, process: subprocess.Popen[bytes] | None = None) -> None:
-    """Block until ``GET /health`` answers 200 (any status other than 503 when the server protects it).
-
-    A proxy starts in a second or two; the long default deadline only matters on a slow, loaded machine."""
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if process is not None and process.poll() is not None:
-            raise RuntimeError(f"thinkbrake exited with code {process.returncode}")
-        try:
-            with urllib.request.urlopen(f"{base_url}/health", timeout=2) as response:
-                if response.status == 200:
-                    return
-        except urllib.error.HTTPError as error:
-            if error.code not in (503,):
-                return
-        except OSError:
-            pass
-        time.sleep(0.05)
-    raise TimeoutError(f"thinkbrake at {base_url} not healthy after {timeout} s")
+from tests.support.fixtures import REPO_ROOT, free_port, stop_process, wait_healthy
 
 
 @contextlib.contextmanager

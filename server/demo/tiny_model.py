@@ -1,7 +1,7 @@
 """Build a tiny random-weight Qwen2 chat model with an R1-style chat template.
 
-The model is for tests only: its weights are random, so its own output is noise;
-tests steer it with :mod:`tests.support.scripted_logits`. Everything is made
+The model is for the demo and the tests: its weights are random, so its own output is noise;
+they steer it with :mod:`server.demo.scripted_logits`. Everything is made
 offline in a few seconds and is deterministic (fixed seed, fixed corpus).
 
 Invariants of a built directory:

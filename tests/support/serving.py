@@ -21,7 +21,15 @@ from collections.abc import Iterator
 from typing import Any
 
 from tests.support.engine_metrics import metrics_text_value
-from tests.support.fixtures import REPO_ROOT, engine_environment, free_port, script_ids, stop_process, think_end_id
+from tests.support.fixtures import (
+    REPO_ROOT,
+    engine_environment,
+    free_port,
+    script_ids,
+    stop_process,
+    think_end_id,
+    wait_healthy,
+)
 
 QUESTION = "What is 6 * 7? Put the final answer in \\boxed{}."
 SOLVE = (
@@ -147,22 +155,8 @@ def thinkbrake_server(*args: str, timeout: float = 600.0, log_path: pathlib.Path
         )
         stack.callback(stop_process, process)
         base_url = f"http://127.0.0.1:{port}"
-        _wait_healthy(base_url, process, timeout, log_path)
+        wait_healthy(base_url, timeout, process, log_path, poll=0.25, name="thinkbrake serve")
         yield base_url
-
-
-def _wait_healthy(base_url: str, process: subprocess.Popen[bytes], timeout: float, log: pathlib.Path | None) -> None:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if process.poll() is not None:
-            tail = log.read_text()[-3000:] if log and log.exists() else ""
-            raise RuntimeError(f"thinkbrake serve exited with code {process.returncode}\n{tail}")
-        with contextlib.suppress(OSError):
-            with urllib.request.urlopen(f"{base_url}/health", timeout=2) as response:
-                if response.status == 200:
-                    return
-        time.sleep(0.25)
-    raise TimeoutError(f"thinkbrake serve at {base_url} not healthy after {timeout} s")
 
 
 def stream_message(stream: Any) -> dict[str, Any]:

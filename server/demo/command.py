@@ -1,7 +1,7 @@
 """``thinkbrake demo``: watch thinkbrake stop an overthinking model, offline, with no weights to download.
 
-It builds a tiny random-weight chat model (:mod:`server.tiny_model`, a few seconds, cached), serves it on the
-embedded vLLM engine with the scripted logits processor (:mod:`server.scripted_logits`) that makes the model
+It builds a tiny random-weight chat model (:mod:`server.demo.tiny_model`, a few seconds, cached), serves it on the
+embedded vLLM engine with the scripted logits processor (:mod:`server.demo.scripted_logits`) that makes the model
 "think" a written trace: it reaches 42, confirms it, then goes on re-checking for hundreds of tokens. One
 streamed request with the ``openai`` client shows the stop, the answer the model writes after it, and how many
 of the trace's thinking tokens were never decoded. ``--keep-serving`` leaves the server up afterwards.
@@ -25,7 +25,7 @@ from collections.abc import Callable, Sequence
 from typing import Any
 
 MODEL_NAME = "tiny-r1"
-PROCESSOR = "server.scripted_logits:ScriptedLogitsProcessor"
+PROCESSOR = "server.demo.scripted_logits:ScriptedLogitsProcessor"
 QUESTION = "What is 6 * 7? Think it through, then give the answer."
 THINKING = """Okay, so I need to multiply 6 by 7. Let me think. 6 * 7 means adding 6 seven times: 6 + 6 = 12, \
 12 + 6 = 18, 18 + 6 = 24, 24 + 6 = 30, 30 + 6 = 36, 36 + 6 = 42. So 6 * 7 = 42.
@@ -81,7 +81,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 def script_ids(tokenizer: Any) -> tuple[list[int], int, int]:
     """(the scripted output: thinking, ``</think>``, answer, eos), the ``</think>`` id, the thinking length."""
-    from server.tiny_model import THINK_END, token_id
+    from server.demo.tiny_model import THINK_END, token_id
 
     thinking = tokenizer.encode(THINKING, add_special_tokens=False)
     think_end = token_id(tokenizer, THINK_END)
@@ -168,7 +168,7 @@ def main(argv: Sequence[str]) -> int:
     from server.serve_cli import quiet_vllm
 
     quiet_vllm(["--verbose"] if args.verbose else [])
-    from server.tiny_model import build_tiny_model, is_complete
+    from server.demo.tiny_model import build_tiny_model, is_complete
 
     began = time.monotonic()
     if is_complete(args.model_dir):

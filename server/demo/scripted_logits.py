@@ -3,10 +3,10 @@
 Register it at engine construction:
 
 * in process: ``AsyncEngineArgs(..., logits_processors=[ScriptedLogitsProcessor])``
-  (or the string ``"tests.support.scripted_logits:ScriptedLogitsProcessor"``);
+  (or the string ``"server.demo.scripted_logits:ScriptedLogitsProcessor"``);
 * OpenAI server: ``python -m vllm.entrypoints.openai.api_server
-  --logits-processors tests.support.scripted_logits:ScriptedLogitsProcessor``
-  (run with ``tests`` importable, e.g. cwd = repository root).
+  --logits-processors server.demo.scripted_logits:ScriptedLogitsProcessor``
+  (or ``thinkbrake serve --logits-processors ...``; ``server`` importable).
 
 Switch it on per request with ``SamplingParams.extra_args`` (HTTP: the request
 body field ``vllm_xargs``, which vLLM copies verbatim into ``extra_args``):
