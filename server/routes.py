@@ -37,7 +37,8 @@ from server.shapes import CHAT, COMPLETION, ResponseShape
 from server.writers import write_response, write_stream
 
 # Answer comparisons beyond canonical keys (Math-Verify) run inside the controller's feed, on the event loop;
-# a short bound keeps one slow comparison from stalling every stream (a timed-out pair counts as different).
+# a short wall-clock bound keeps one slow comparison from stalling every stream (a timed-out pair counts as
+# different): latency is what the server bounds, so its clock is the wall's, not the worker's CPU time.
 COMPARE_TIMEOUT_SECONDS = 0.25
 
 
@@ -50,7 +51,7 @@ class Service:
         self.metrics = metrics
         # its worker processes start once the backend is up (:meth:`warm_up`): a server whose model fails to load
         # never spawns them, so it exits with its one-line error and nothing else
-        self.comparer = AnswerComparer(timeout_seconds=COMPARE_TIMEOUT_SECONDS)
+        self.comparer = AnswerComparer(timeout_seconds=COMPARE_TIMEOUT_SECONDS, clock="wall")
         self.random = random.Random()
         self.cleanups: set[asyncio.Future[Any]] = set()  # aborts still running after a disconnect
         self.end_ids: dict[str, list[int]] = {}  # end-of-thinking delimiter -> its token ids (RunContext)
