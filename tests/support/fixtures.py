@@ -206,18 +206,25 @@ def openai_server(
     output goes to ``log_path`` (default: discarded).
     """
     port = free_port()
-    env = {**os.environ, **engine_environment()}
-    env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(REPO_ROOT), env.get("PYTHONPATH")]))
-    with contextlib.ExitStack() as stack:
-        log = stack.enter_context(open(log_path or os.devnull, "wb"))
-        process = subprocess.Popen(
-            server_command(model_dir, port, *extra),
-            cwd=REPO_ROOT, env=env, stdout=log, stderr=subprocess.STDOUT,
-        )  # fmt: skip
-        stack.callback(stop_process, process)
+    with server_process(server_command(model_dir, port, *extra), engine_environment(), log_path) as process:
         base_url = f"http://127.0.0.1:{port}"
         wait_healthy(base_url, timeout, process, poll=0.5, name="vLLM server")
         yield base_url
+
+
+@contextlib.contextmanager
+def server_process(
+    command: list[str], env: dict[str, str], log_path: pathlib.Path | None = None, stop_timeout: float = 30.0
+) -> Iterator[subprocess.Popen[bytes]]:
+    """Run ``command`` with cwd and ``PYTHONPATH`` the repository root and ``env`` over the environment, its output
+    to ``log_path`` (default: discarded); terminate it (and only it) on exit, killing it after ``stop_timeout``."""
+    environment = {**os.environ, **env}
+    environment["PYTHONPATH"] = os.pathsep.join(filter(None, [str(REPO_ROOT), environment.get("PYTHONPATH")]))
+    with contextlib.ExitStack() as stack:
+        log = stack.enter_context(open(log_path or os.devnull, "wb"))
+        process = subprocess.Popen(command, cwd=REPO_ROOT, env=environment, stdout=log, stderr=subprocess.STDOUT)
+        stack.callback(stop_process, process, stop_timeout)
+        yield process
 
 
 def wait_healthy(

@@ -18,7 +18,7 @@ import urllib.request
 from collections.abc import Iterator
 from typing import Any
 
-from tests.support.fixtures import REPO_ROOT, free_port, stop_process, wait_healthy
+from tests.support.fixtures import REPO_ROOT, free_port, server_process, stop_process, wait_healthy
 
 
 @contextlib.contextmanager
@@ -29,12 +29,7 @@ def thinkbrake_process(
     """``python -m server.cli serve --upstream URL`` on a free port; yields (base URL, process)."""
     port = free_port()
     command = [sys.executable, "-m", "server.cli", "serve", "--upstream", upstream, "--port", str(port), *flags]
-    environment = {**os.environ, **(env or {})}
-    environment["PYTHONPATH"] = os.pathsep.join(filter(None, [str(REPO_ROOT), environment.get("PYTHONPATH")]))
-    with contextlib.ExitStack() as stack:
-        log = stack.enter_context(open(log_path or os.devnull, "wb"))
-        process = subprocess.Popen(command, cwd=REPO_ROOT, env=environment, stdout=log, stderr=subprocess.STDOUT)
-        stack.callback(stop_process, process, 10.0)
+    with server_process(command, env or {}, log_path, stop_timeout=10.0) as process:
         base_url = f"http://127.0.0.1:{port}"
         if wait:
             wait_healthy(base_url, process=process)

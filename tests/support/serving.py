@@ -10,9 +10,7 @@ from __future__ import annotations
 
 import contextlib
 import json
-import os
 import pathlib
-import subprocess
 import sys
 import time
 import urllib.error
@@ -22,11 +20,10 @@ from typing import Any
 
 from tests.support.engine_metrics import metrics_text_value
 from tests.support.fixtures import (
-    REPO_ROOT,
     engine_environment,
     free_port,
     script_ids,
-    stop_process,
+    server_process,
     think_end_id,
     wait_healthy,
 )
@@ -146,14 +143,7 @@ def serve_command(port: int, *args: str) -> list[str]:
 def thinkbrake_server(*args: str, timeout: float = 600.0, log_path: pathlib.Path | None = None) -> Iterator[str]:
     """Run ``thinkbrake serve ARGS`` (cwd = repo root) and yield its base URL once ``/health`` is 200."""
     port = free_port()
-    env = {**os.environ, **engine_environment()}
-    env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(REPO_ROOT), env.get("PYTHONPATH")]))
-    with contextlib.ExitStack() as stack:
-        log = stack.enter_context(open(log_path or os.devnull, "wb"))
-        process = subprocess.Popen(
-            serve_command(port, *args), cwd=REPO_ROOT, env=env, stdout=log, stderr=subprocess.STDOUT
-        )
-        stack.callback(stop_process, process)
+    with server_process(serve_command(port, *args), engine_environment(), log_path) as process:
         base_url = f"http://127.0.0.1:{port}"
         wait_healthy(base_url, timeout, process, log_path, poll=0.25, name="thinkbrake serve")
         yield base_url
