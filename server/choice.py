@@ -211,9 +211,10 @@ class ChoiceRunner:
             return
         if generation.prompt_token_ids is not None and all(token >= 0 for token in chunk.token_ids):
             return
+        controller = self.controller  # made before the reason is set: a backend that cannot probe says so first
         stats.fallback = NO_TOKEN_IDS
         if first:
-            self.controller.go_text_only()
+            controller.go_text_only()
 
     async def _through_end(self, chunk: Chunk, generated: list[int]) -> int | None:
         """How many of a multi-token chunk's tokens come up to and including the end-of-thinking delimiter's ids,
