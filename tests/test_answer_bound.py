@@ -25,9 +25,9 @@ import time
 import psutil
 import pytest
 
-from controller.answers import WORKER_START_SECONDS, AnswerComparer
+from controller.answers import CPU_BOUND_WALL_FACTOR, WORKER_START_SECONDS, AnswerComparer
 from tests.support.fixtures import REPO_ROOT
-from tests.support.slow_compare import SPIN, spin_or_compare
+from tests.support.slow_compare import NAP, SPIN, spin_or_compare
 
 #: the bound of the real pathological pairs; a run may raise it (THINKBRAKE_TEST_ANSWER_BOUND=60) to act out a
 #: CPU fast enough to decide every pair in time: the tests must pass then too
@@ -108,15 +108,19 @@ def compare_bounded(comparer: AnswerComparer, first: str, second: str, bound: fl
     """Compare one pair that is not equal; return whether it timed out.
 
     Invariants checked here for every pair: the verdict is "not equal", it comes within the bound plus
-    :data:`SLACK`, and a pair that timed out had its worker killed (a worker set that lost a member)."""
+    :data:`SLACK` (a CPU-time bound: within its wall-clock backstop), and a pair that timed out had its worker
+    killed (a worker set that lost a member) when the bound is wall-clock time, or kept when it is CPU time."""
     _, workers = children_cpu_seconds()
     timeouts = comparer.timeouts
     began = time.monotonic()
     assert comparer.equal(first, second) is False
-    assert time.monotonic() - began < bound + SLACK, (first, second)
+    limit = bound * CPU_BOUND_WALL_FACTOR if comparer.clock == "cpu" else bound
+    assert time.monotonic() - began < limit + SLACK, (first, second)
     timed_out = comparer.timeouts == timeouts + 1
     assert comparer.timeouts in (timeouts, timeouts + 1)
-    if timed_out:
+    if timed_out and comparer.clock == "cpu":
+        assert alive(workers) == workers  # interrupted in its worker, which goes on
+    elif timed_out:
         # the worker that was stuck is gone (killed), not left running in the background
         give_up = time.monotonic() + SLACK
         while alive(workers) == workers:
@@ -126,7 +130,8 @@ def compare_bounded(comparer: AnswerComparer, first: str, second: str, bound: fl
 
 
 def test_endless_comparisons_are_stopped_at_the_bound_and_their_cpu_freed(monkeypatch) -> None:
-    comparer = AnswerComparer(timeout_seconds=SPIN_BOUND, verify=spin_or_compare)
+    """A wall-clock bound (the server's): the worker doing an endless comparison is killed and replaced."""
+    comparer = AnswerComparer(timeout_seconds=SPIN_BOUND, verify=spin_or_compare, clock="wall")
     try:
         assert comparer.equal("x+1", "1+x")  # the workers are up and run the injected comparison
         for number, (first, second) in enumerate(ENDLESS):
@@ -152,10 +157,34 @@ def test_endless_comparisons_are_stopped_at_the_bound_and_their_cpu_freed(monkey
     wait_gone(workers)
 
 
-def test_pathological_pairs_are_stopped_at_the_bound_when_they_outlive_it() -> None:
+def test_a_cpu_time_bound_stops_endless_work_and_never_a_comparison_that_waits() -> None:
+    """A CPU-time bound (the default): an endless comparison is interrupted once it used the bound's CPU seconds,
+    in a worker that lives on; a comparison that takes three times the bound in wall-clock time without using
+    the CPU (as one does on a machine too loaded to run it) is not cut: its verdict stands."""
+    comparer = AnswerComparer(timeout_seconds=SPIN_BOUND, verify=spin_or_compare)
+    assert comparer.clock == "cpu"
+    try:
+        assert comparer.equal("x+1", "1+x")
+        _, workers = children_cpu_seconds()
+        for number, (first, second) in enumerate(ENDLESS):
+            assert compare_bounded(comparer, first, second, SPIN_BOUND), (first, second)
+            assert comparer.timeouts == number + 1
+            wait_until_idle()  # nothing spins on after the interruption
+        assert alive(workers) == workers  # the same workers throughout: none was killed
+        began = time.monotonic()
+        assert comparer.equal(f"{NAP}y+1", f"1+y{NAP}")  # sleeps 3 x the bound, then compares
+        assert time.monotonic() - began >= 3 * SPIN_BOUND
+        assert comparer.timeouts == len(ENDLESS)
+    finally:
+        comparer.close()
+
+
+@pytest.mark.parametrize("clock", ["cpu", "wall"])
+def test_pathological_pairs_are_stopped_at_the_bound_when_they_outlive_it(clock: str) -> None:
     """Each real pair is "not equal" within the bound plus slack; the ones that outlived the bound (as many as this
-    machine's speed makes them: counted, not assumed) had their worker killed and their CPU freed."""
-    comparer = AnswerComparer(timeout_seconds=BOUND)
+    machine's speed makes them: counted, not assumed) were stopped and their CPU freed (with a wall-clock bound,
+    by killing their worker)."""
+    comparer = AnswerComparer(timeout_seconds=BOUND, clock=clock)  # type: ignore[arg-type]
     stopped = []
     try:
         assert comparer.equal("x+1", "1+x")  # the workers are up (and Math-Verify still works)
@@ -165,7 +194,9 @@ def test_pathological_pairs_are_stopped_at_the_bound_when_they_outlive_it() -> N
             assert comparer.timeouts == len(stopped)
             assert comparer.equal(f"{number + 2}x+1", f"1+{number + 2}x")
             wait_until_idle()
-        print(f"\n{len(stopped)} of {len(PATHOLOGICAL)} pathological pairs outlived the {BOUND} s bound: {stopped}")
+        print(
+            f"\n{len(stopped)} of {len(PATHOLOGICAL)} pathological pairs outlived the {BOUND} s {clock} bound: {stopped}"
+        )
     finally:
         _, workers = children_cpu_seconds()
         comparer.close()
@@ -181,7 +212,7 @@ SCRIPT = textwrap.dedent(
     from tests.support.slow_compare import spin_or_compare
 
     pairs = json.loads(sys.argv[1])
-    comparer = AnswerComparer(timeout_seconds=float(sys.argv[2]), verify=spin_or_compare)
+    comparer = AnswerComparer(timeout_seconds=float(sys.argv[2]), verify=spin_or_compare, clock="wall")
     assert comparer.equal("x+1", "1+x")
     for first, second in pairs:
         assert not comparer.equal(first, second)
