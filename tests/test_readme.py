@@ -21,7 +21,7 @@ README = ROOT / "README.md"
 DOCS = ROOT / "docs"
 MAX_README_LINES = 260
 POLICY_SECTION = "## Policies: what they cost and save"
-SUBCOMMANDS = {"replay", "serve", "demo"}
+SUBCOMMANDS = {"serve", "demo", "replay", "calibrate"}
 
 
 def table_rows(lines: list[str]) -> list[list[str]]:
