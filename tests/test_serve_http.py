@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import time
 from collections.abc import AsyncIterator
 
 import pytest
@@ -185,8 +186,11 @@ def test_health_is_503_until_the_backend_is_ready():
             == 503
         )
         client.portal.call(release.set)  # type: ignore[union-attr]
-        client.portal.call(asyncio.sleep, 0.05)  # type: ignore[union-attr]
-        assert client.get("/health").status_code == 200
+        # the start task finishes on the server's loop once it runs again: poll (a loaded machine may take a while)
+        deadline = time.monotonic() + 60
+        while client.get("/health").status_code != 200:
+            assert time.monotonic() < deadline, "/health never answered 200 after the backend started"
+            client.portal.call(asyncio.sleep, 0.01)  # type: ignore[union-attr]
 
 
 def test_completion_prompt_outside_thinking_is_not_controlled():
