@@ -86,6 +86,7 @@ class ThinkingController:
         self.config = config
         self._delimiters, self._equal, self._question = delimiters, comparer.equal, question
         self.transcript = Transcript()
+        self._content = self.transcript.content
         self._start(probes)
 
     def _start(self, probes: bool) -> None:
@@ -96,7 +97,7 @@ class ThinkingController:
         self._prober = None if probe_runtime is None else Prober(probe_runtime)
         fallback = self.config.uses_probes and self._prober is None
         self.probe_fallback = "no answer probes here: text-only fcs_reflection" if fallback else None
-        self.transcript.seen = [] if self._prober is not None else None  # see go_text_only
+        self._seen: list[tuple[str, int, int | None]] | None = [] if self._prober is not None else None
         self.probes_sent = 0
         self.probe_tokens = 0
         self.thinking_tokens = 0
@@ -129,9 +130,8 @@ class ThinkingController:
         and including the end of thinking. It is used only if this delta closes the thinking: the tokens after the
         end tag are then answer tokens, so the counts do not depend on how the backend grouped tokens into deltas.
         """
-        seen = self.transcript.seen
-        if seen is not None:
-            seen.append((delta, tokens, through_end))
+        if self._seen is not None:
+            self._seen.append((delta, tokens, through_end))
         fed_before = self.fed_tokens
         self.fed_tokens += tokens
         in_thinking = self.splitter.state != ANSWER
@@ -143,7 +143,7 @@ class ThinkingController:
                 thinking += piece.text
             else:
                 update.content += piece.text
-                self.transcript.content.append(piece.text)
+                self._content.append(piece.text)
         if not in_thinking:
             self.answer_tokens += tokens
         elif self.splitter.state == ANSWER and through_end is not None and 0 < through_end < tokens:
@@ -159,8 +159,6 @@ class ThinkingController:
                 self._commit(held, fed_before, update)
         elif self.decision is None and self.error is None and self.splitter.saw_start:
             self._detect(thinking, tokens if thinking or not self.splitter.saw_end else 0, update)
-        if update.events:
-            self.transcript.note_answers(update.events)
         return update
 
     def probe_result(self, result: ProbeResult) -> Update:
@@ -190,7 +188,7 @@ class ThinkingController:
                 update.reasoning += piece.text
             else:
                 update.content += piece.text
-                self.transcript.content.append(piece.text)
+                self._content.append(piece.text)
         if self.decision is None and self.error is None:
             try:
                 update.events = self.detector.flush()
@@ -206,8 +204,10 @@ class ThinkingController:
         self._thinking_chars += len(thinking)
         try:
             before = self.detector.tokens
-            update.events = self.detector.feed(thinking, tokens)
-            for event in update.events:
+            events = update.events = self.detector.feed(thinking, tokens)
+            if events:
+                self.transcript.note_answers(events)
+            for event in events:
                 self.policy.observe(event)
             if self._prober is not None and not self.splitter.saw_end:
                 update.probes = self._prober.requests(thinking, before)
@@ -237,7 +237,7 @@ class ThinkingController:
     def go_text_only(self) -> StopDecision | None:
         """Probing failed: run text-only from the start (see the module docstring); the stop that decides on what
         was fed so far, if any. Does nothing (None) without probes or after :meth:`keep_probing`."""
-        seen, mark = self.transcript.seen, self.transcript.mark()
+        seen, mark = self._seen, self.transcript.mark()
         if seen is None:
             return None
         self._start(probes=False)
@@ -249,7 +249,7 @@ class ThinkingController:
 
     def keep_probing(self) -> None:
         """A probe answered: what was kept for :meth:`go_text_only` is dropped."""
-        self.transcript.seen = None
+        self._seen = None
 
     def keep_fed_tokens(self) -> None:
         """Every token fed so far was shown to the client (a stop that lands after them keeps them all)."""

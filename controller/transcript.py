@@ -1,8 +1,8 @@
-"""What a controller was fed and what the client was sent, kept for the server's changes of course.
+"""What the client was sent, kept for the answer a response ended with (shadow agreement).
 
-Invariants: ``seen`` is every delta fed since the stream began while it is recorded (a probing controller before
-any probe answered) and None otherwise; ``content`` and the last answer read in the thinking are those of the
-text the client was sent: a replay (:meth:`controller.session.ThinkingController.go_text_only`) is rewound.
+Invariant: ``content`` (the content pieces routed, in order; the list object is never replaced) and the last
+answer read in the thinking are those of the text the client was sent: a replay
+(:meth:`controller.session.ThinkingController.go_text_only`) is rewound.
 """
 
 from __future__ import annotations
@@ -10,14 +10,10 @@ from __future__ import annotations
 from controller.answers import last_boxed
 from controller.detector import ANSWER, Event
 
-#: one fed delta: its text, its token count and ``through_end`` (see ThinkingController.feed)
-Delta = tuple[str, int, int | None]
-
 
 class Transcript:
     def __init__(self) -> None:
-        self.seen: list[Delta] | None = None
-        self.content: list[str] = []  # content pieces routed, in order
+        self.content: list[str] = []
         self._last_answer: str | None = None
 
     def note_answers(self, events: list[Event]) -> None:
