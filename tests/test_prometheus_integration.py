@@ -173,7 +173,8 @@ class EngineServer:
     body: dict[str, Any]
 
     def send(self) -> None:
-        response = httpx.post(f"{self.url}/v1/chat/completions", json=self.body, timeout=120)
+        # a guard against a hang, not a speed goal: the scripted request takes seconds, far more on a loaded machine
+        response = httpx.post(f"{self.url}/v1/chat/completions", json=self.body, timeout=600)
         assert response.status_code == 200, response.text
 
 
