@@ -25,9 +25,11 @@ BODY_LIMIT = 16384
 MODEL = "fake-reasoner"
 MESSAGES = [{"role": "user", "content": "What is 6 * 7?"}]
 PROMPT = "Question: what is 6 * 7?\n<think>\n"  # leaves the model inside thinking: the completion is controlled
-#: always the first written trace (one thinkbrake stops); streams are paced (the fake upstream's
-#: ``fake_token_rate``) so that tokens arrive as many SSE chunks
-TRACE = {"fake_trace": 0}
+#: a written trace the text rule stops (``QWQ_BOXED``: 55, a value the question does not hold). The text rule
+#: decides on the text as it is read, so the stop does not depend on this machine's speed (the default policy's
+#: stop waits on its answer probes, which may come back after an unpaced trace has ended on a loaded machine).
+#: Streams are paced (the fake upstream's ``fake_token_rate``) so that tokens arrive as many SSE chunks.
+TRACE = {"fake_trace": 2, "thinkbrake": {"policy": "fcs_reflection"}}
 PACED = {"fake_token_rate": 2000, **TRACE}
 
 
