@@ -1,7 +1,7 @@
 """How the calibration does on data it was not calibrated on: ``dev-probes``, tune half -> holdout half.
 
-With the product's simulator (:mod:`controller.simulate`, exact against replay) every candidate of
-``controller.calibrate.family()``, the default ``probe_fcs`` and the rules of ``probe_reference_rules.py`` run on
+With the product's simulator (:mod:`controller.offline.simulate`, exact against replay) every candidate of
+``controller.offline.calibrate.family()``, the default ``probe_fcs`` and the rules of ``probe_reference_rules.py`` run on
 every trace once; then, from those outcomes:
 1. ``table``: calibrate on the tune half per model at each risk (Learn-then-Test, delta 0.05, label model), the
    DEER family (``family("deer")``) calibrated the same way, and both evaluated on the holdout half per model and
@@ -32,7 +32,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 import probe_reference_rules  # noqa: E402
 
-from controller.calibrate import (  # noqa: E402
+from controller.offline.calibrate import (  # noqa: E402
     Candidate,
     Evaluation,
     calibrate,
@@ -40,9 +40,9 @@ from controller.calibrate import (  # noqa: E402
     family,
     learn_then_test,
 )
+from controller.offline.replay import TUNE, default_tokenizer_root, load_traces, split_of  # noqa: E402
+from controller.offline.simulate import load_or_build  # noqa: E402
 from controller.policies import ProbeFcsConfig  # noqa: E402
-from controller.replay import TUNE, default_tokenizer_root, load_traces, split_of  # noqa: E402
-from controller.simulate import load_or_build  # noqa: E402
 
 RISKS = (0.01, 0.02, 0.03, 0.05)
 DELTA = 0.05
@@ -305,7 +305,7 @@ def no_confidence(evaluation: Evaluation, plain: Evaluation) -> None:
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("traces", help="dev-probes.jsonl.gz")
-    parser.add_argument("--cache", required=True, help="case cache (controller.simulate.load_or_build)")
+    parser.add_argument("--cache", required=True, help="case cache (controller.offline.simulate.load_or_build)")
     parser.add_argument("--outcomes", required=True, help="npz file keeping every candidate's outcomes")
     parser.add_argument("--jobs", type=int, default=2)
     parser.add_argument("--resplits", type=int, default=200)

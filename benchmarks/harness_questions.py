@@ -18,7 +18,7 @@ import json
 import sys
 from pathlib import Path
 
-from controller.replay import load_traces
+from controller.offline.replay import load_traces
 
 #: instruction lines of common evaluation harnesses, and whether they come before the question
 HARNESSES: dict[str, tuple[str, bool]] = {

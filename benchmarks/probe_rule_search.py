@@ -1,11 +1,11 @@
 """Search answer-probe stop rules fast: replay each trace's text detector once, then simulate rules in Python.
 
 Step 1 (``build``, slow, once): every ``dev-probes`` trace of a split is recorded by the product's
-:func:`controller.simulate.record_case` (the cases ``thinkbrake calibrate`` simulates): tokenized with its
+:func:`controller.offline.simulate.record_case` (the cases ``thinkbrake calibrate`` simulates): tokenized with its
 tokenizer and streamed token by token through the text detector as replay does; the detector's answer and
 solution events, the "Wait" triggers (with the position where each trigger became certain), the recorded probes
 and the grading of every answer against ``reference`` are written to a cache file. ``probe_fcs`` settings
-themselves are simulated exactly by :func:`controller.simulate.simulate` (the real runtime); the rules below
+themselves are simulated exactly by :func:`controller.offline.simulate.simulate` (the real runtime); the rules below
 are the wider families tried on the way, simulated here.
 
 Step 2 (``search``, seconds): candidate rules are simulated on the cache with replay's accounting: a probe
@@ -38,15 +38,15 @@ from typing import Any
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
+from controller.offline.replay import default_tokenizer_root, load_traces, split_of  # noqa: E402
+from controller.offline.simulate import Equality, load_or_build, read_cases  # noqa: E402
 from controller.probe_policy import plain_answer  # noqa: E402
-from controller.replay import default_tokenizer_root, load_traces, split_of  # noqa: E402
-from controller.simulate import Equality, load_or_build, read_cases  # noqa: E402
 
 # ---------------------------------------------------------------------------------------------- build
 
 
 def build(args: argparse.Namespace) -> int:
-    """Record the traces of a split into a case cache (:func:`controller.simulate.record_case`)."""
+    """Record the traces of a split into a case cache (:func:`controller.offline.simulate.record_case`)."""
     traces = [t for t in load_traces([args.traces]) if args.split == "all" or split_of(t) == args.split][: args.limit]
     cases = load_or_build(traces, str(default_tokenizer_root(args.traces)), None, args.jobs, args.cache)
     print(f"{len(cases)} traces cached in {args.cache}")

@@ -1,6 +1,6 @@
 """The calibration file: per model, the stop policy to run at each risk level the file holds.
 
-A calibration (``thinkbrake calibrate``, :mod:`controller.calibrate`) is a JSON object::
+A calibration (``thinkbrake calibrate``, :mod:`controller.offline.calibrate`) is a JSON object::
 
     {"format": "thinkbrake-calibration", "version": 1,
      "delta": 0.05, "label": "model", "method": "...", "default_risk": 0.02,

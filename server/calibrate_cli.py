@@ -10,9 +10,9 @@ from collections import defaultdict
 from pathlib import Path
 from typing import Any
 
-from controller.calibrate import MODEL_LABEL, REFERENCE_LABEL, calibrate, evaluate, family
-from controller.replay import default_tokenizer_root, has_probe_data, load_traces, split_of
-from controller.simulate import data_hash, load_or_build
+from controller.offline.calibrate import MODEL_LABEL, REFERENCE_LABEL, calibrate, evaluate, family
+from controller.offline.replay import default_tokenizer_root, has_probe_data, load_traces, split_of
+from controller.offline.simulate import data_hash, load_or_build
 
 DESCRIPTION = """\
 For each model in the traces, choose the answer-probe stop rule (a probe_fcs setting) that saves the most

@@ -12,8 +12,7 @@ from pathlib import Path
 from typing import Any
 
 from controller.calibration import CalibrationError, load_calibration, policy_for
-from controller.policies import DEFAULT_POLICY, POLICIES, PolicyConfig, PolicyError, parse_policy
-from controller.replay import (
+from controller.offline.replay import (
     TraceResult,
     default_tokenizer_root,
     has_probe_data,
@@ -22,7 +21,8 @@ from controller.replay import (
     replay_in_worker,
     split_of,
 )
-from controller.report import TOTAL, build_report, markdown_table, plot
+from controller.offline.report import TOTAL, build_report, markdown_table, plot
+from controller.policies import DEFAULT_POLICY, POLICIES, PolicyConfig, PolicyError, parse_policy
 
 ALL_POLICIES_ARGS = {"budget": {"max_thinking_tokens": 4096}}
 

@@ -14,15 +14,6 @@ import pytest
 from scipy.stats import binom
 
 from controller.answers import AnswerComparer
-from controller.calibrate import (
-    Candidate,
-    Evaluation,
-    calibrate,
-    deer,
-    family,
-    learn_then_test,
-    upper_bound,
-)
 from controller.calibration import (
     CalibrationError,
     default_calibration,
@@ -31,10 +22,16 @@ from controller.calibration import (
     risk_levels,
     validate,
 )
-from controller.policies import OffConfig, ProbeFcsConfig
-from controller.probe_policy import ProbeRuntime
-from controller.probes import WAIT, ProbeResult
-from controller.replay import (
+from controller.offline.calibrate import (
+    Candidate,
+    Evaluation,
+    calibrate,
+    deer,
+    family,
+    learn_then_test,
+    upper_bound,
+)
+from controller.offline.replay import (
     PolicyOutcome,
     Tokenizers,
     TraceResult,
@@ -45,8 +42,11 @@ from controller.replay import (
     trace_delimiters,
     trace_stream,
 )
-from controller.report import build_report, markdown_table
-from controller.simulate import Case, Equality, record_case, simulate
+from controller.offline.report import build_report, markdown_table
+from controller.offline.simulate import Case, Equality, record_case, simulate
+from controller.policies import OffConfig, ProbeFcsConfig
+from controller.probe_policy import ProbeRuntime
+from controller.probes import WAIT, ProbeResult
 from server.cli import main
 
 PROBE_TRACES = Path(__file__).resolve().parents[2] / "shared" / "data" / "traces" / "dev-probes.jsonl.gz"

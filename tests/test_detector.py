@@ -52,7 +52,7 @@ def load_dev(count: int, seed: int) -> list[dict[str, str]]:
 
 
 def token_split(text: str) -> list[str]:
-    from controller.replay import Tokenizers, token_deltas
+    from controller.offline.replay import Tokenizers, token_deltas
 
     return token_deltas(Tokenizers(SHARED / "tokenizers").get("qwen2.5"), text)
 

@@ -79,13 +79,13 @@ def answer_keys(deltas: list[str], question: str | None = None) -> list[str | No
 
 @functools.cache
 def qwen_tokenizer() -> Any:
-    from controller.replay import Tokenizers
+    from controller.offline.replay import Tokenizers
 
     return Tokenizers(SHARED / "tokenizers").get("qwen2.5")
 
 
 def token_split(text: str) -> list[str]:
-    from controller.replay import token_deltas
+    from controller.offline.replay import token_deltas
 
     if not (SHARED / "tokenizers").exists():
         pytest.skip(f"tokenizers not found at {SHARED / 'tokenizers'}")

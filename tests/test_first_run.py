@@ -332,7 +332,7 @@ def test_an_idle_connection_outlives_the_clients_keep_alive() -> None:
 
 
 def _report() -> dict[str, Any]:
-    from controller.report import COLUMNS
+    from controller.offline.report import COLUMNS
 
     row: dict[str, Any] = {key: 1.0 for key, _ in COLUMNS}
     row["reasons"] = {}
@@ -342,7 +342,7 @@ def _report() -> dict[str, Any]:
 
 
 def test_replay_table_signs_the_difference() -> None:
-    from controller.report import COLUMNS, markdown_table
+    from controller.offline.report import COLUMNS, markdown_table
 
     column = [key for key, _ in COLUMNS].index("acc_delta")
     rows = markdown_table(_report()).splitlines()[2:]
@@ -353,7 +353,7 @@ def test_replay_plot_names_each_policy_in_a_legend(tmp_path: Path, monkeypatch: 
     """Policies close together on the plot used to get overlapping text labels; a legend cannot overlap."""
     import matplotlib.figure
 
-    from controller.report import plot
+    from controller.offline.report import plot
 
     figures: list[Any] = []
     save = matplotlib.figure.Figure.savefig

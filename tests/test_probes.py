@@ -6,10 +6,10 @@ import pytest
 
 from controller.answers import AnswerComparer
 from controller.delimiters import Delimiters
+from controller.offline.replay import HOLDOUT, TUNE, RecordedProbes, run_controller, split_of
 from controller.policies import PolicyError, ProbeFcsConfig, parse_policy
 from controller.probe_policy import plain_answer
 from controller.probes import SOLUTION, WAIT, ProbeRequest, ProbeResult, WaitScanner
-from controller.replay import HOLDOUT, TUNE, RecordedProbes, run_controller, split_of
 from controller.session import ThinkingController
 from tests.splits import every_single_split, random_splits
 

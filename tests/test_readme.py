@@ -150,7 +150,7 @@ def readme_policy_table() -> tuple[list[list[str]], str]:
 
 def test_readme_policy_table_names_replay_columns() -> None:
     """Cheap half of the check: the table's columns are the replay report's, so the replay test can compare them."""
-    from controller.report import COLUMNS
+    from controller.offline.report import COLUMNS
 
     rows, command = readme_policy_table()
     titles = {title for _key, title in COLUMNS}

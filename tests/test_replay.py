@@ -7,7 +7,7 @@ from pathlib import Path
 
 import pytest
 
-from controller.efficiency import SolutionSpan, new_approach_flags, outcome_efficiency, process_efficiency
+from controller.offline.efficiency import SolutionSpan, new_approach_flags, outcome_efficiency, process_efficiency
 from server.cli import main
 from tests.test_detector import DEV_TRACES
 

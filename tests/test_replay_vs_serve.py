@@ -1,6 +1,6 @@
 """Replay and serve make the same decision on the same stream: real dev traces through both, side by side.
 
-Each trace's stream (``controller.replay.trace_stream``: its thinking, then the model's end of thinking) and the
+Each trace's stream (``controller.offline.replay.trace_stream``: its thinking, then the model's end of thinking) and the
 start of its final answer are tokenized with the tiny test model's tokenizer and forced through the real vLLM
 engine by the scripted logits processor: embedded (``thinkbrake serve --model``) and as a proxy in front of
 vLLM's OpenAI server with the ``deepseek_r1`` reasoning parser. ``thinkbrake replay``'s code path replays the
@@ -19,8 +19,8 @@ from typing import Any
 import pytest
 
 from controller.answers import AnswerComparer
+from controller.offline.replay import REPLAY_DELIMITERS, replay_trace, token_deltas, trace_stream
 from controller.policies import FcsReflectionConfig
-from controller.replay import REPLAY_DELIMITERS, replay_trace, token_deltas, trace_stream
 from controller.session import ThinkingController
 from tests.support.fixtures import KV_CACHE_BYTES, MAX_MODEL_LEN, SCRIPTED_PROCESSOR_FQCN, openai_server
 from tests.support.serving import FEW_TOKENS, http_json, thinkbrake_server

@@ -12,7 +12,7 @@ Figures per policy and group:
   ran the text-only fallback; ``vs_oracle``: tokens at stop / tokens up to the first correct solution, over the traces
   where a correct solution was found.
 - ``solutions``: mean solutions per trace; ``outcome_eff`` / ``process_eff``: mean efficiencies (see
-  :mod:`controller.efficiency`); ``reasons``: stops by reason.
+  :mod:`controller.offline.efficiency`); ``reasons``: stops by reason.
 """
 
 from __future__ import annotations
@@ -21,7 +21,7 @@ from collections import Counter, defaultdict
 from collections.abc import Iterable, Sequence
 from typing import Any
 
-from controller.replay import TraceResult
+from controller.offline.replay import TraceResult
 
 TOTAL = "ALL"
 

@@ -37,8 +37,8 @@ import numpy as np
 from scipy.stats import beta, binom
 
 from controller.calibration import FORMAT, VERSION
+from controller.offline.simulate import Case, Equality, simulate
 from controller.policies import ProbeFcsConfig
-from controller.simulate import Case, Equality, simulate
 
 MODEL_LABEL = "model"
 REFERENCE_LABEL = "reference"

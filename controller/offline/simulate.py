@@ -1,6 +1,6 @@
 """Fast offline simulation of ``probe_fcs`` configurations on traces with recorded answer probes.
 
-Recording a case (slow, once per trace: :func:`record_case`): the trace's stream (:func:`controller.replay.
+Recording a case (slow, once per trace: :func:`record_case`): the trace's stream (:func:`controller.offline.replay.
 trace_stream`) is tokenized with its tokenizer and fed one token at a time to a pass-through controller (the
 text detector exactly as replay runs it) and a :class:`controller.probes.WaitScanner` fed as
 :class:`controller.session.ThinkingController` feeds it. A case keeps, by stream position (1-based, one token
@@ -10,9 +10,9 @@ pending stop resolves, the position where the model closed its thinking, the rec
 graded against the reference and against the full trace's own answer.
 
 Simulating a config (fast, :func:`simulate`): the real :class:`controller.probe_policy.ProbeRuntime` is driven
-by the case with :func:`controller.replay.run_controller`'s timing: at each position the events and triggers
+by the case with :func:`controller.offline.replay.run_controller`'s timing: at each position the events and triggers
 of that token first, then the probe results due there; a probe asked at position ``p`` answers at
-``p + out_tokens + 1`` from the recording (:class:`controller.replay.RecordedProbes`' rules); every probe
+``p + out_tokens + 1`` from the recording (:class:`controller.offline.replay.RecordedProbes`' rules); every probe
 asked up to the stop is charged.
 
 Invariant: for a :class:`ProbeFcsConfig` without ``min_thinking_tokens``/``max_thinking_tokens``,
@@ -38,10 +38,10 @@ from typing import Any
 
 from controller.answers import AnswerComparer, last_boxed
 from controller.detector import ANSWER, LOOP, SOLUTION, Event
+from controller.offline.replay import EventRecorder, Tokenizers, token_deltas, trace_delimiters, trace_stream
 from controller.policies import ProbeFcsConfig
 from controller.probe_policy import ProbeRuntime
 from controller.probes import WAIT, WAIT_PROBE, ProbeResult, WaitScanner
-from controller.replay import EventRecorder, Tokenizers, token_deltas, trace_delimiters, trace_stream
 
 CASE_VERSION = 1  # raise when what a case records changes: cached cases of another version are rebuilt
 DENSE_MAX_TOKENS = 32  # what a missing dense probe is charged (replay's RecordedProbes)
@@ -207,7 +207,7 @@ class Equality:
 
 
 def probe_answer(case: Case, trigger: str, tokens: int, offset: int, request_id: int, confidence: bool) -> ProbeResult:
-    """The recorded answer to a probe, as :class:`controller.replay.RecordedProbes` gives it (``confidence``
+    """The recorded answer to a probe, as :class:`controller.offline.replay.RecordedProbes` gives it (``confidence``
     False: every wait probe's confidence is taken away, as from a backend without log-probabilities)."""
     if trigger == WAIT:
         found = case.waits.get(offset)
