@@ -94,19 +94,25 @@ def risk_levels(calibration: dict[str, Any], model: str) -> list[float]:
     return sorted(float(level["risk"]) for level in entry["levels"]) if entry else []
 
 
-def policy_for(calibration: dict[str, Any], model: str, risk: float | None = None) -> PolicyConfig | None:
-    """The policy config to run for ``model`` at ``risk`` (None: the file's ``default_risk``).
-
-    The level used is the largest one the file holds at or below ``risk``; below every level, ``off`` (no level
-    that safe was certified, so no early stop). None when the file has no entry for the model (the caller keeps
-    its own default). Pure: no I/O, the same answer for the same arguments.
-    """
+def level_for(calibration: dict[str, Any], model: str, risk: float | None = None) -> dict[str, Any] | None:
+    """The level of ``model``'s entry to run at ``risk`` (None: the file's ``default_risk``): the largest level the
+    file holds at or below ``risk``; below every level, an uncertified ``off`` level at ``risk`` (no level that safe
+    was certified, so no early stop). None when the file has no entry for the model. Pure: no I/O."""
     entry = model_entry(calibration, model)
     if entry is None:
         return None
     wanted = float(calibration.get("default_risk", 0.0) if risk is None else risk)
     held = [level for level in entry["levels"] if float(level["risk"]) <= wanted + 1e-12]
     if not held:
-        return OffConfig()
-    level = max(held, key=lambda item: float(item["risk"]))
-    return parse_policy(dict(level["policy"]))
+        return {"risk": wanted, "policy": {"policy": "off"}, "candidate": "off (below every level)", "certified": False}
+    return dict(max(held, key=lambda item: float(item["risk"])))
+
+
+def policy_for(calibration: dict[str, Any], model: str, risk: float | None = None) -> PolicyConfig | None:
+    """The policy config to run for ``model`` at ``risk`` (see :func:`level_for`; None when the file has no entry
+    for the model: the caller keeps its own default). Pure: the same answer for the same arguments."""
+    level = level_for(calibration, model, risk)
+    if level is None:
+        return None
+    policy = dict(level["policy"])
+    return OffConfig() if policy.get("policy") == "off" else parse_policy(policy)

@@ -124,7 +124,7 @@ class ChoiceRunner:
 
     async def run(self) -> AsyncGenerator[ChoiceEvent, None]:
         """Yield the choice's events; the last one carries the result."""
-        result = ChoiceResult("stop", self.control.policy.name, self.control.shadow)
+        result = ChoiceResult("stop", self.control.policy.name, self.control.shadow, risk=self.control.risk)
         try:
             async with aclosing(self._generate(result)) as events:
                 async for event in events:

@@ -32,6 +32,7 @@ class ChoiceResult:
     continuation_cached_tokens: int | None = None
     controller_error: str | None = None
     probes: dict[str, Any] | None = None
+    risk: float | None = None  # the calibrated level the policy came from (``serve --calibration``)
 
     def info(self) -> dict[str, Any]:
         """The ``thinkbrake`` object of the response for this choice."""
@@ -45,6 +46,8 @@ class ChoiceResult:
             "answer_tokens": self.answer_tokens,
             "policy": self.policy,
         }
+        if self.risk is not None:
+            data["risk"] = self.risk
         if decision is not None:
             data["stop_position_tokens"] = decision.tokens
         if self.continuation_cached_tokens is not None:

@@ -12,9 +12,10 @@ from dataclasses import dataclass
 from http import HTTPStatus
 from typing import Any, Literal
 
-from pydantic import MISSING, BaseModel, ConfigDict, Field, model_validator
+from pydantic import MISSING, BaseModel, ConfigDict, Field, PrivateAttr, model_validator
 
 from controller.policies import PolicyConfig, PolicyError, parse_policy
+from server.calibrated import Level
 from server.settings import Settings
 from server.vocabulary import FINALIZE_MODES, Finalize
 
@@ -72,13 +73,21 @@ class GenerationRequest(BaseModel):
     thinkbrake: dict[str, Any] | None = None
     reasoning_effort: Literal["low", "medium", "high"] | None = None
 
+    _explicit: dict[str, Any] = PrivateAttr(default_factory=dict)
+
     @model_validator(mode="after")
     def _effort_preset(self) -> GenerationRequest:
+        self._explicit = dict(self.thinkbrake or {})
         if self.reasoning_effort is not None:
             explicit = self.thinkbrake or {}
             preset = REASONING_EFFORT_PRESETS[self.reasoning_effort]
             self.thinkbrake = dict(explicit) if "policy" in explicit else {**preset, **explicit}
         return self
+
+    @property
+    def explicit_thinkbrake(self) -> dict[str, Any]:
+        """The ``thinkbrake`` object as the client sent it (before a ``reasoning_effort`` preset was laid under)."""
+        return dict(self._explicit)
 
     def sampling_options(self) -> dict[str, Any]:
         """Pass-through sampling options (known and unknown fields the server does not consume)."""
@@ -112,10 +121,14 @@ class RequestControl:
     finalize: Finalize
     max_answer_tokens: int
     shadow: bool
+    risk: float | None = None  # the calibrated level the policy comes from (``--calibration``), else None
 
 
-def parse_control(raw: dict[str, Any] | None, settings: Settings, shadow_draw: float) -> RequestControl:
-    """The request's ``thinkbrake`` object merged over the server defaults.
+def parse_control(
+    raw: dict[str, Any] | None, settings: Settings, shadow_draw: float, level: Level | None = None
+) -> RequestControl:
+    """The request's ``thinkbrake`` object merged over the server defaults, or over the calibrated ``level``
+    (``--calibration``: its policy, under the request's own policy arguments; ``raw`` then has no ``policy``).
 
     Raises :class:`PolicyError` whose field is the full request path (``thinkbrake.k``).
     ``shadow_draw`` is a uniform random number in [0, 1) deciding ``--shadow-rate`` sampling.
@@ -130,14 +143,35 @@ def parse_control(raw: dict[str, Any] | None, settings: Settings, shadow_draw: f
     shadow = raw.pop("shadow", None)
     if shadow is not None and not isinstance(shadow, bool):
         raise PolicyError("thinkbrake.shadow", f"must be true or false, got {shadow!r}")
-    name = raw.get("policy", settings.policy)
+    if "risk" in raw and level is None:
+        raise PolicyError("thinkbrake.risk", "this server serves no calibration for the model (--calibration FILE)")
+    raw.pop("risk", None)
+    if level is not None:
+        base = dict(level.policy)
+    else:
+        name = raw.get("policy", settings.policy)
+        base = {"policy": name, **settings.policy_defaults(str(name))}
     try:
-        policy = parse_policy({"policy": name, **settings.policy_defaults(str(name)), **raw})
+        policy = parse_policy({**base, **raw})
     except PolicyError as error:
         raise PolicyError(f"thinkbrake.{error.field}", error.message) from None
     if shadow is None:
         shadow = shadow_draw < settings.shadow_rate
-    return RequestControl(policy, finalize, max_answer, shadow and policy.name != "off")
+    risk = None if level is None else level.risk
+    return RequestControl(policy, finalize, max_answer, shadow and policy.name != "off", risk)
+
+
+def requested_risk(explicit: dict[str, Any]) -> float | None:
+    """``thinkbrake.risk`` of a request (None when absent); PolicyError unless a number in (0, 1), or when the
+    request also names a ``policy`` (a risk level chooses the policy)."""
+    if "risk" not in explicit:
+        return None
+    risk = explicit["risk"]
+    if isinstance(risk, bool) or not isinstance(risk, int | float) or not 0.0 < float(risk) < 1.0:
+        raise PolicyError("thinkbrake.risk", f"must be a number in (0, 1), e.g. 0.02; got {risk!r}")
+    if "policy" in explicit:
+        raise PolicyError("thinkbrake.risk", "give either a policy or a risk level (which chooses the policy)")
+    return float(risk)
 
 
 def new_id(prefix: str) -> str:

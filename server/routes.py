@@ -20,6 +20,7 @@ from controller.answers import AnswerComparer
 from controller.delimiters import Delimiters
 from controller.policies import OffConfig
 from server.backend import Backend, BackendError, ChatPrompt, Prompt, Sampling, TextPrompt
+from server.calibrated import Level
 from server.choice import ChoiceRunner, RunContext
 from server.errors import ModelNotFound, not_serving
 from server.fan_in import first_event, merge
@@ -31,6 +32,7 @@ from server.protocol import (
     RequestControl,
     new_id,
     parse_control,
+    requested_risk,
 )
 from server.settings import Settings
 from server.shapes import CHAT, COMPLETION, ResponseShape
@@ -52,6 +54,7 @@ class Service:
         # its worker processes start once the backend is up (:meth:`warm_up`): a server whose model fails to load
         # never spawns them, so it exits with its one-line error and nothing else
         self.comparer = AnswerComparer(timeout_seconds=COMPARE_TIMEOUT_SECONDS, clock="wall")
+        self.calibration = settings.served_calibration()
         self.random = random.Random()
         self.cleanups: set[asyncio.Future[Any]] = set()  # aborts still running after a disconnect
         self.end_ids: dict[str, list[int]] = {}  # end-of-thinking delimiter -> its token ids (RunContext)
@@ -85,7 +88,25 @@ class Service:
     def _control(self, request: GenerationRequest) -> RequestControl:
         self.check_model(request.model)
         self.check_token_limit(request)
-        return parse_control(request.thinkbrake, self.settings, self.random.random())
+        level = self._level(request)
+        raw = request.thinkbrake if level is None else request.explicit_thinkbrake  # no effort preset under a level
+        return parse_control(raw, self.settings, self.random.random(), level)
+
+    def _level(self, request: GenerationRequest) -> Level | None:
+        """The calibrated level the request runs (:mod:`server.calibrated`), None when no calibration applies: none
+        served, a request naming its own policy, ``reasoning_effort`` high, or a model the file does not hold."""
+        explicit = request.explicit_thinkbrake
+        risk = requested_risk(explicit)
+        if self.calibration is None or "policy" in explicit:
+            return None  # parse_control rejects a risk here: nothing to choose it from
+        effort = request.reasoning_effort
+        if risk is None and effort == "high":
+            return None
+        for model in (self.backend.model_name, self.settings.model):
+            level = self.calibration.choose(model, risk, effort) if model else None
+            if level is not None:
+                return level
+        return None
 
     async def chat(self, request: ChatCompletionRequest) -> Any:
         control = self._control(request)

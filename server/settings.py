@@ -2,7 +2,8 @@
 
 Precedence: a flag given on the command line > the environment variable > the default below.
 Invariants (checked here, so the rest of the server can rely on them): exactly one backend (``model`` for the
-embedded engine, or ``upstream``); the default policy and its arguments parse; ``0 <= shadow_rate <= 1``.
+embedded engine, or ``upstream``); the default policy and its arguments parse; ``0 <= shadow_rate <= 1``; a
+``calibration`` file loads and validates (``risk`` only with one).
 """
 
 from __future__ import annotations
@@ -14,7 +15,9 @@ from typing import Annotated, Any, Literal
 from pydantic import Field, field_validator, model_validator
 from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
 
+from controller.calibration import CalibrationError
 from controller.policies import DEFAULT_POLICY, POLICIES, PolicyConfig, PolicyError, parse_policy
+from server.calibrated import ServedCalibration
 from server.vocabulary import Finalize
 
 DEFAULT_MODEL = "deepseek-ai/DeepSeek-R1-Distill-Qwen-1.5B"
@@ -98,6 +101,17 @@ class Settings(BaseSettings):
             STOPPING, "fraction of requests run in shadow mode: the stop is recorded in metrics but not acted on", "R"
         ),
     ] = Field(0.0, ge=0.0, le=1.0)
+    calibration: Annotated[
+        str | None,
+        Flag(STOPPING, "calibration file from 'thinkbrake calibrate' ('default': the one shipped): the served model's "
+             "entry replaces the default policy with the rule certified at a risk level; a request picks a level with "
+             "thinkbrake.risk or reasoning_effort low/medium", "FILE"),
+    ] = None  # fmt: skip
+    risk: Annotated[
+        float | None,
+        Flag(STOPPING, "with --calibration: the level a request gets when it names none (default: the file's "
+             "default_risk)", "A"),
+    ] = Field(None, gt=0.0, lt=1.0)  # fmt: skip
     host: Annotated[str, Flag(SERVER, "address to listen on (default 127.0.0.1)")] = "127.0.0.1"
     port: Annotated[int, Flag(SERVER, "port (default 8000)")] = Field(8000, ge=0, le=65535)
     keep_alive_timeout: Annotated[
@@ -187,6 +201,10 @@ class Settings(BaseSettings):
             self.default_policy()
         except PolicyError as error:
             raise ValueError(f"default policy: {error}") from None
+        if self.risk is not None and self.calibration is None:
+            raise ValueError("--risk needs --calibration (the file whose levels it chooses among)")
+        if self.calibration is not None:
+            self.served_calibration()  # a file that cannot be served fails at start, with its reason
         return self
 
     @property
@@ -195,6 +213,15 @@ class Settings(BaseSettings):
 
     def default_policy(self) -> PolicyConfig:
         return parse_policy({"policy": self.policy, **self.policy_args})
+
+    def served_calibration(self) -> ServedCalibration | None:
+        """The calibration to serve (None without ``--calibration``); ValueError naming the file if unusable."""
+        if self.calibration is None:
+            return None
+        try:
+            return ServedCalibration.load(self.calibration, self.risk)
+        except CalibrationError as error:
+            raise ValueError(f"--calibration {self.calibration}: {error}") from None
 
     def policy_defaults(self, name: str) -> dict[str, Any]:
         """The server's policy arguments that apply to policy ``name`` (all of them if it is the default)."""
