@@ -249,7 +249,8 @@ def resplits(evaluation: Evaluation, count: int, seed: int, one_seed: bool = Fal
             pairs += 1
             for name, sub in families.items():
                 losses, net = sub.losses("model"), sub.net_saved()
-                choices = learn_then_test(losses[:, fit], net[:, fit], sub.totals[fit], RISKS, DELTA)
+                groups = [sub.problems[i] for i in fit]
+                choices = learn_then_test(losses[:, fit], net[:, fit], sub.totals[fit], RISKS, DELTA, groups)
                 for choice in choices:
                     if choice.chosen is None:
                         rate, gain = 0.0, 0.0

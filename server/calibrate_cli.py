@@ -26,11 +26,12 @@ and with the probe schedule (back-off after 3 unconfident probes in a row, 256-t
 512 tokens), and probe_fcs's confirmations (the previous probe, the thinking's own answer, two of its
 solutions, a dense probe; a lone ten-times-surer probe) with every threshold at tau; tau from 0.99999 down to
 0.9. Per model, they are tested in a fixed order, threshold by threshold from the safest down (the confirmed
-rules before the lone probe at each threshold), for H0 "risk > A" with the binomial tail p-value
-scipy.stats.binom.cdf(k, n, A) (k changed answers among the model's n traces), accepting while p <= D and
-stopping at the first failure (Learn-then-Test with fixed-sequence testing). The accepted candidate that saves
-the most is chosen; with none accepted the level holds 'off' (no early stop). Traces of one problem (several
-seeds) are not independent: on such data the guarantee is looser than stated.
+rules before the lone probe at each threshold), for H0 "risk > A", accepting while p <= D and stopping at the
+first failure (Learn-then-Test with fixed-sequence testing). The unit is the problem: with one trace per
+problem (recorded traffic) the p-value is the binomial tail scipy.stats.binom.cdf(k, n, A) (k changed answers
+among n traces); traces of one problem (several seeds; the id's first two parts name it) fail together, so there
+each problem's loss is its traces' mean and the p-value is Hoeffding-Bentkus's over the problems. The accepted
+candidate that saves the most is chosen; with none accepted the level holds 'off' (no early stop).
 
 Traces need recorded probes (the dev-probes format). Prints the candidates tested (change rate, its upper
 bound, net saved, p-value) and the choice per level; writes the calibration (JSON) to --out, which

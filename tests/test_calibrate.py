@@ -13,7 +13,6 @@ import numpy as np
 import pytest
 from scipy.stats import binom
 
-from controller.answers import AnswerComparer
 from controller.calibration import (
     CalibrationError,
     default_calibration,
@@ -28,6 +27,8 @@ from controller.offline.calibrate import (
     calibrate,
     deer,
     family,
+    hb_p_value,
+    hb_upper_bound,
     learn_then_test,
     upper_bound,
 )
@@ -47,6 +48,7 @@ from controller.offline.simulate import Case, Equality, record_case, simulate
 from controller.policies import OffConfig, ProbeFcsConfig
 from controller.probe_policy import ProbeRuntime
 from controller.probes import WAIT, ProbeResult
+from controller.verify import AnswerComparer
 from server.cli import main
 
 PROBE_TRACES = Path(__file__).resolve().parents[2] / "shared" / "data" / "traces" / "dev-probes.jsonl.gz"
@@ -154,6 +156,43 @@ def test_the_guarantee_holds_over_many_calibration_draws() -> None:
         (choice,) = learn_then_test(losses, net, np.full(count, 1000), [0.02], 0.05)
         risky += choice.chosen is not None and rates[choice.chosen] > 0.02
     assert risky / draws <= 0.05
+
+
+def test_hoeffding_bentkus_p_value_and_bound() -> None:
+    assert hb_p_value(0.0, 228, 0.02) == pytest.approx(0.98**228)  # no loss: Hoeffding's term, (1 - A)^n
+    assert hb_p_value(0.03, 228, 0.02) == 1.0  # a mean above the risk never rejects
+    mean, n = 0.004, 600
+    bound = hb_upper_bound(mean, n, 0.05)
+    assert hb_p_value(mean, n, bound) <= 0.05 < hb_p_value(mean, n, bound * 0.999)
+    assert bound > upper_bound(round(mean * n), n, 0.05)  # bounded losses cost more than Bernoulli ones
+
+
+def correlated_seeds(rng: np.random.Generator, rates: np.ndarray, problems: int, seeds: int) -> np.ndarray:
+    """Losses of ``seeds`` traces per problem that go together: a problem is hard (every seed changed) with
+    probability ``rate``; columns ordered problem by problem."""
+    hard = rng.random((len(rates), problems)) < rates[:, None]
+    return np.repeat(hard, seeds, axis=1).astype(np.int64)
+
+
+def test_several_seeds_of_a_problem_count_as_one_unit() -> None:
+    """Seeds of one problem fail together: counted as independent traces, the test certifies rules whose risk
+    exceeds A far more often than delta; with the problem as the unit it keeps the guarantee."""
+    rng = np.random.default_rng(2)
+    rates = np.array([0.0, 0.01, 0.021])  # A = 0.02: the last one is too risky, though not by much
+    savings = np.linspace(100, 500, len(rates))
+    problems, seeds, draws = 230, 3, 300
+    groups = [f"p{index // seeds}" for index in range(problems * seeds)]
+    risky = {"traces": 0, "problems": 0}
+    for _ in range(draws):
+        losses = correlated_seeds(rng, rates, problems, seeds)
+        net = np.repeat(savings[:, None], problems * seeds, axis=1)
+        totals = np.full(problems * seeds, 1000)
+        (by_trace,) = learn_then_test(losses, net, totals, [0.02], 0.05)
+        (by_problem,) = learn_then_test(losses, net, totals, [0.02], 0.05, groups)
+        risky["traces"] += by_trace.chosen is not None and rates[by_trace.chosen] > 0.02
+        risky["problems"] += by_problem.chosen is not None and rates[by_problem.chosen] > 0.02
+        assert all(step.problems == problems and step.n == problems * seeds for step in by_problem.steps)
+    assert risky["problems"] / draws <= 0.05 < risky["traces"] / draws, risky
 
 
 def test_calibrate_writes_levels_that_policy_for_serves() -> None:

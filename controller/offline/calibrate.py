@@ -12,20 +12,25 @@ and at each threshold the structures in ``STRUCTURES`` order (the confirmed ones
 probe of the same threshold, first; plain DEER last).
 
 Procedure (Learn-then-Test, Angelopoulos et al., arXiv 2110.01052, with fixed-sequence testing), per model and
-risk level A: walk the candidates in that order, testing H0: risk > A with the binomial tail p-value
-``scipy.stats.binom.cdf(k, n, A)`` (k changed answers among the model's n calibration traces); accept while
-p <= delta and stop at the first candidate that fails. Of the accepted candidates the one that saves the most
-thinking tokens net of probe tokens is chosen; with none accepted (or none saving anything), the level holds
-``off``.
+risk level A: walk the candidates in that order, testing H0: risk > A; accept while p <= delta and stop at the
+first candidate that fails. Of the accepted candidates the one that saves the most thinking tokens net of probe
+tokens is chosen; with none accepted (or none saving anything), the level holds ``off``.
 
-Invariant: with calibration traces exchangeable with future requests, every accepted candidate has risk <= A with
-probability >= 1 - delta (the walk does not depend on the data); ``bound`` is the Clopper-Pearson upper
-``1 - delta`` bound of the chosen candidate's change rate (<= A exactly when p <= delta). Traces of the same
-problem (several seeds) are not independent: there the guarantee is looser than stated.
+The test's unit is the problem. When every trace answers its own problem (recorded traffic), the p-value is the
+binomial tail ``scipy.stats.binom.cdf(k, n, A)`` (k changed answers among n traces). When a problem has several
+traces (seeds), they are not independent (a problem one seed's stop gets wrong, others often do too): each
+problem's loss is then the mean of its traces' losses, in [0, 1], and the p-value is Hoeffding-Bentkus's over the
+n problems (the bound Learn-then-Test gives for bounded losses; binomial tails from scipy).
+
+Invariant: with calibration problems exchangeable with future requests, every accepted candidate has risk <= A
+with probability >= 1 - delta (the walk does not depend on the data); ``bound`` is the matching upper ``1 - delta``
+bound of the chosen candidate's change rate (Clopper-Pearson, or the inverted Hoeffding-Bentkus test), <= A exactly
+when p <= delta.
 """
 
 from __future__ import annotations
 
+import math
 import os
 import sys
 from collections.abc import Callable, Sequence
@@ -42,7 +47,10 @@ from controller.policies import ProbeFcsConfig
 
 MODEL_LABEL = "model"
 REFERENCE_LABEL = "reference"
-METHOD = "learn-then-test: fixed-sequence binomial tests (scipy) along a fixed walk, safest first"
+METHOD = (
+    "learn-then-test: fixed-sequence tests along a fixed walk, safest first; per problem (binomial tail, or "
+    "Hoeffding-Bentkus over problems with several traces; scipy)"
+)
 
 
 @dataclass(frozen=True)
@@ -213,9 +221,36 @@ def upper_bound(losses: int, n: int, delta: float) -> float:
     return float(beta.ppf(1.0 - delta, losses + 1, n - losses))
 
 
+def hb_p_value(mean: float, n: int, risk: float) -> float:
+    """Hoeffding-Bentkus p-value of H0 "risk > ``risk``" for ``n`` independent losses in [0, 1] of mean ``mean``
+    (Bates et al., arXiv 2101.02703, the p-value Learn-then-Test uses for bounded losses): the smaller of
+    Hoeffding's ``exp(-n h(mean, risk))`` and Bentkus's ``e * P(Binomial(n, risk) <= ceil(n * mean))``."""
+    if n == 0 or mean >= risk:
+        return 1.0
+    kl = (mean * math.log(mean / risk) if mean > 0 else 0.0) + (1 - mean) * math.log((1 - mean) / (1 - risk))
+    bentkus = math.e * float(binom.cdf(math.ceil(n * mean - 1e-9), n, risk))
+    return min(1.0, math.exp(-n * kl), bentkus)
+
+
+def hb_upper_bound(mean: float, n: int, delta: float) -> float:
+    """The smallest risk the Hoeffding-Bentkus test rejects at ``delta`` (bisection; the p-value falls as the risk
+    grows): an upper ``1 - delta`` confidence bound of the mean loss."""
+    if n == 0:
+        return 1.0
+    low, high = mean, 1.0
+    for _ in range(60):
+        middle = (low + high) / 2
+        if hb_p_value(mean, n, middle) <= delta:
+            high = middle
+        else:
+            low = middle
+    return high
+
+
 @dataclass(frozen=True)
 class Step:
-    """One tested candidate on the path: its losses on the testing part, p-value, bound, net saved (all data)."""
+    """One tested candidate on the path: its losses (changed traces) among ``n`` traces of ``problems`` problems,
+    p-value, bound, net saved."""
 
     candidate: int
     losses: int
@@ -224,6 +259,7 @@ class Step:
     bound: float
     net_saved: float
     accepted: bool
+    problems: int = 0
 
 
 @dataclass(frozen=True)
@@ -236,22 +272,42 @@ class Choice:
 
 
 def learn_then_test(
-    losses: np.ndarray, net: np.ndarray, totals: np.ndarray, risks: Sequence[float], delta: float
+    losses: np.ndarray,
+    net: np.ndarray,
+    totals: np.ndarray,
+    risks: Sequence[float],
+    delta: float,
+    groups: Sequence[str] | None = None,
 ) -> list[Choice]:
     """Learn-then-Test on one model's traces (columns): ``losses`` and ``net`` are (candidates, traces), the
-    candidates in the order of the walk. See the module docstring."""
-    n = losses.shape[1]
-    if n == 0:
+    candidates in the order of the walk. ``groups`` names each trace's problem: traces of one problem (several
+    seeds) are not independent, so the test's unit is then the problem (see the module docstring)."""
+    n_traces = losses.shape[1]
+    if n_traces == 0:
         return [Choice(risk, [], None) for risk in risks]
-    counts = losses.sum(axis=1)
     saved = net.sum(axis=1) / max(1, int(totals.sum()))
+    labels = np.asarray(list(groups) if groups is not None else range(n_traces))
+    names, index = np.unique(labels, return_inverse=True)
+    grouped = len(names) < n_traces
+    if grouped:  # per problem, the mean loss of its traces: independent losses in [0, 1]
+        sums = np.zeros((losses.shape[0], len(names)))
+        np.add.at(sums.T, index, losses.T)
+        means = (sums / np.bincount(index, minlength=len(names))).mean(axis=1)
+    counts = losses.sum(axis=1)
+    n = len(names) if grouped else n_traces
     choices = []
     for risk in risks:
         steps = []
-        for index in range(losses.shape[0]):
-            k = int(counts[index])
-            p = p_value(k, n, risk)
-            steps.append(Step(index, k, n, p, upper_bound(k, n, delta), float(saved[index]), p <= delta))
+        for candidate in range(losses.shape[0]):
+            k = int(counts[candidate])
+            if grouped:
+                p, bound = (
+                    hb_p_value(float(means[candidate]), n, risk),
+                    hb_upper_bound(float(means[candidate]), n, delta),
+                )
+            else:
+                p, bound = p_value(k, n, risk), upper_bound(k, n, delta)
+            steps.append(Step(candidate, k, n_traces, p, bound, float(saved[candidate]), p <= delta, n))
             if p > delta:
                 break
         accepted = [step for step in steps if step.accepted and step.net_saved > 0]
@@ -279,7 +335,8 @@ def calibrate(
     models: dict[str, Any] = {}
     for model in sorted({evaluation.models[i] for i in columns}):
         mine = np.array([i for i in columns if evaluation.models[i] == model], dtype=np.int64)
-        choices = learn_then_test(losses_all[:, mine], net_all[:, mine], evaluation.totals[mine], risks, delta)
+        groups = [evaluation.problems[i] for i in mine]
+        choices = learn_then_test(losses_all[:, mine], net_all[:, mine], evaluation.totals[mine], risks, delta, groups)
         say(f"\n{model}: {len(mine)} traces")
         levels = []
         for choice in choices:
@@ -330,5 +387,6 @@ def _level(evaluation: Evaluation, choice: Choice, label: str) -> dict[str, Any]
         "changed": round(step.losses / step.n, 6),
         "bound": round(step.bound, 6),
         "n": step.n,
+        "problems": step.problems,
         "net_saved": round(step.net_saved, 6),
     }
