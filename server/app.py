@@ -3,7 +3,9 @@
 The backend starts in the lifespan context, in the background so ``GET /health`` can answer 503 while the
 model loads, and is always shut down when the app stops. Every error leaves in the OpenAI shape
 ``{"error": {"message", "type", "param", "code"}}`` (``type`` ``invalid_request_error`` or ``server_error``,
-``code`` a string); all handlers are registered in :func:`_add_error_handlers`.
+``code`` a string); all handlers are registered in :func:`_add_error_handlers`. With ``--record`` each generation
+request is drawn for recording as it comes in (:func:`server.recording.sampled`); the recorder's writer runs from
+start to shutdown.
 """
 
 from __future__ import annotations
@@ -25,6 +27,7 @@ from server.disconnect import unless_disconnected
 from server.errors import ModelNotFound, error_response, not_serving
 from server.metrics import Metrics
 from server.protocol import ChatCompletionRequest, CompletionRequest, now
+from server.recording import Recorder, sampled
 from server.routes import Service
 from server.security import install as install_security
 from server.settings import Settings
@@ -44,6 +47,7 @@ def build_app(
     """The server app. ``on_startup_failure`` is called if the backend cannot start (the CLI exits then);
     ``on_ready`` once it has started (``/health`` answers 200 from then on)."""
     service = Service(settings, backend, metrics or Metrics(registry=None))
+    recorder = Recorder(settings, backend, service.metrics) if settings.record else None
 
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
@@ -64,27 +68,34 @@ def build_app(
                     on_ready()
 
         app.state.startup_error = None
+        if recorder is not None:
+            recorder.start()
         task = asyncio.create_task(start())
         try:
             yield
         finally:
             task.cancel()
             await asyncio.gather(task, return_exceptions=True)
+            if recorder is not None:
+                await recorder.close()
             await backend.shutdown()
             service.close()
 
     app = FastAPI(title="thinkbrake", lifespan=lifespan)
     app.state.service = service
+    app.state.recorder = recorder
     _add_error_handlers(app)
     install_security(app, settings)
 
     @app.post("/v1/chat/completions", dependencies=[Depends(json_content_type)])
     async def chat_completions(body: ChatCompletionRequest, request: Request) -> Any:
-        return await unless_disconnected(request, service.chat(body))
+        with sampled(recorder):
+            return await unless_disconnected(request, service.chat(body))
 
     @app.post("/v1/completions", dependencies=[Depends(json_content_type)])
     async def completions(body: CompletionRequest, request: Request) -> Any:
-        return await unless_disconnected(request, service.completions(body))
+        with sampled(recorder):
+            return await unless_disconnected(request, service.completions(body))
 
     @app.get("/v1/models")
     async def models() -> dict[str, Any]:

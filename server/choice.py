@@ -13,8 +13,11 @@ the fallback is reported in ``thinkbrake.probes.fallback`` and in ``thinkbrake_p
 
 The runner talks to the backend and drives the controller through its methods; it never sets controller state.
 
+A choice of a request drawn for recording (``serve --record``, :mod:`server.recording`) runs in shadow mode and
+tells its :class:`server.recording.ChoiceRecording` what it streamed and what the policy's probes answered.
+
 Invariants: the backend generation is aborted on every exit that is not its natural end (stop, error,
-client disconnect = cancellation); no probe outlives its choice; exactly one metrics record is written per
+client disconnect = cancellation); no policy probe outlives its choice; exactly one metrics record is written per
 choice.
 """
 
@@ -24,7 +27,7 @@ import asyncio
 import time
 from collections.abc import AsyncGenerator
 from contextlib import aclosing
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 
 from controller.answers import AnswerComparer
 from controller.delimiters import Delimiters
@@ -39,6 +42,7 @@ from server.finalize import Stopped, finalize
 from server.metrics import Metrics
 from server.probing import ChoiceProbes, Interleave
 from server.protocol import RequestControl
+from server.recording import ChoiceRecording, drawn_recorder
 from server.records import record_choice
 from server.vocabulary import NO_PROBE_METHOD, NO_TOKEN_IDS
 
@@ -93,9 +97,17 @@ class ChoiceRunner:
     started: float = field(default_factory=time.perf_counter)
     _probes: ChoiceProbes | None = None
     _controller: ThinkingController | None = None
+    _recording: ChoiceRecording | None = None
 
     def __post_init__(self) -> None:
         context = self.context
+        recorder = drawn_recorder()
+        if recorder is not None:  # a recorded choice runs in shadow mode, to its natural end
+            self.control = replace(self.control, shadow=True)
+            self._recording = recorder.choice(
+                self.request_id, context.model_name, self.control.policy, self.question, self.sampling.extra_args,
+                self.sampling.options.get("seed"),
+            )  # fmt: skip
         self.emit = Emitter(self.index, self.raw_text, context.metrics, context.model_name, self.control.policy.name)
         self.end = EndOfThinking(context.backend, self.delimiters.end, context.end_ids)
 
@@ -183,6 +195,9 @@ class ChoiceRunner:
                     if isinstance(item, Chunk) and item.finish_reason is not None:
                         result.finish_reason = item.finish_reason
                         finished = True
+                    if self._recording is not None:
+                        thinking_done = self.controller.thinking_done
+                        self._recording.step(item, update, generated, generation.prompt_token_ids, thinking_done)
         finally:
             await merged.stop()
             await probes.cancel()
@@ -193,7 +208,10 @@ class ChoiceRunner:
         result.generated_tokens = len(generated)
         controller = self.controller
         if decision is None:
-            yield emit.event(controller.finish(), "")
+            update = controller.finish()
+            if self._recording is not None:
+                self._recording.step(None, update, generated, None, controller.thinking_done)
+            yield emit.event(update, "")
             return
         result.stopped, result.decision = True, decision
         stopped = Stopped(generation, generated, decision)
@@ -229,6 +247,8 @@ class ChoiceRunner:
             return
         for request in requests:
             probes.launch(request, generation.prompt_token_ids, generated)
+        if self._recording is not None:
+            self._recording.asked(requests)
 
     def _finish_result(self, result: ChoiceResult) -> None:
         controller = self.controller
@@ -248,6 +268,8 @@ class ChoiceRunner:
         timing = (self.started, self.emit.first_token_at)
         context = self.context
         record_choice(context.metrics, context.model_name, self.controller, result, outcome, timing, self.probes.stats)
+        if self._recording is not None:
+            self._recording.end(result, outcome)
 
 
 def _merge(update: Update, late: Update) -> None:

@@ -45,6 +45,10 @@ Agreement: a shadow request that would have stopped is *compared* when both the 
 the final answer could be extracted (``shadow_agree`` is not None); ``thinkbrake_shadow_agree_total`` over
 ``thinkbrake_shadow_compared_total`` is the agreement ratio.
 
+Recording (``serve --record``): ``thinkbrake_recorded_traces_total`` counts traces written,
+``thinkbrake_recording_dropped_traces_total{reason}`` traces dropped (``queue_full``: the writer lagged;
+``write_error``: the file could not be written). The recording's own probes count in the probe metrics above.
+
 Series of a ``(model, policy)`` pair are created at 0 when its first request ends, or earlier with
 :meth:`Metrics.prepare` (call it at startup for the served model and default policy): ``rate()`` only sees an
 increment if Prometheus scraped the series before it.
@@ -71,7 +75,7 @@ from prometheus_client import CONTENT_TYPE_LATEST, REGISTRY, CollectorRegistry, 
 from prometheus_client.multiprocess import MultiProcessCollector
 
 from controller.stop_reasons import STOP_REASONS
-from server.vocabulary import PROBE_FALLBACK_REASONS
+from server.vocabulary import PROBE_FALLBACK_REASONS, RECORDING_DROP_REASONS
 
 OUTCOMES: Final = frozenset({"stopped", "natural", "length", "client_error", "server_error"})
 #: the outcomes of a choice that ended in an error (see :func:`server.choice.error_outcome`)
@@ -196,6 +200,10 @@ class Collectors:
             "Choices of a probing policy that ran text-only because the backend cannot probe.",
             "reason",
         )
+        self.recorded = counter("thinkbrake_recorded_traces", "Choices recorded: traces written to the --record files.")
+        self.recording_dropped = counter(
+            "thinkbrake_recording_dropped_traces", "Recorded choices dropped instead of written.", "reason"
+        )
         self.probe_latency = histogram(
             "thinkbrake_probe_latency_seconds", "Time from sending an answer probe to its answer.", PROBE_BUCKETS
         )
@@ -233,6 +241,7 @@ class Collectors:
             self.shadow_compared, self.shadow_agree, self.controller_errors, self.solutions, self.thinking_per_request,
             self.stop_position, self.shadow_stop_ratio, self.controller_seconds, self.ttft, self.latency,
             self.probes, self.probe_tokens, self.probe_cached_tokens, self.probe_errors, self.probe_latency,
+            self.recorded,
         )  # fmt: skip
 
 
@@ -272,6 +281,8 @@ class Metrics:
             self._c.early_stops.labels(*labels, reason)
         for reason in PROBE_FALLBACK_REASONS:
             self._c.probe_fallbacks.labels(*labels, reason)
+        for reason in RECORDING_DROP_REASONS:
+            self._c.recording_dropped.labels(*labels, reason)
         for collector in self._c.per_pair():
             collector.labels(*labels)
 
@@ -358,6 +369,16 @@ class Metrics:
     def count_controller_error(self, model: str, policy: str) -> None:
         self.prepare(model, policy)
         self._c.controller_errors.labels(model, policy).inc()
+
+    def count_recorded(self, model: str, policy: str) -> None:
+        """One recorded trace written (any thread)."""
+        self.prepare(model, policy)
+        self._c.recorded.labels(model, policy).inc()
+
+    def count_recording_dropped(self, model: str, policy: str, reason: str) -> None:
+        """One recorded trace dropped for ``reason`` (one of ``RECORDING_DROP_REASONS``; any thread)."""
+        self.prepare(model, policy)
+        self._c.recording_dropped.labels(model, policy, reason).inc()
 
     def render(self) -> tuple[bytes, str]:
         """Body and content type for ``GET /metrics``; merges all workers' files in multiprocess mode."""

@@ -3,11 +3,12 @@
 Precedence: a flag given on the command line > the environment variable > the default below.
 Invariants (checked here, so the rest of the server can rely on them): exactly one backend (``model`` for the
 embedded engine, or ``upstream``); the default policy and its arguments parse; ``0 <= shadow_rate <= 1``; a
-``calibration`` file loads and validates (``risk`` only with one).
+``calibration`` file loads and validates (``risk`` only with one); a ``record`` folder exists and is writable.
 """
 
 from __future__ import annotations
 
+import os
 import pathlib
 from dataclasses import dataclass
 from typing import Annotated, Any, Literal
@@ -44,8 +45,9 @@ class Flag:
 BACKEND, STOPPING, SERVER, ACCESS, ENGINE = (
     "backend (choose one)", "stopping", "server", "access and limits", "embedded engine"
 )  # fmt: skip
+RECORDING = "recording traffic"
 #: the flag groups of ``serve --help``, in order
-FLAG_GROUPS = (BACKEND, STOPPING, SERVER, ACCESS, ENGINE)
+FLAG_GROUPS = (BACKEND, STOPPING, SERVER, ACCESS, RECORDING, ENGINE)
 
 
 class Settings(BaseSettings):
@@ -140,6 +142,24 @@ class Settings(BaseSettings):
     max_body_bytes: Annotated[int, Flag(ACCESS, "larger request bodies get 413 (default 4194304 = 4 MiB)", "N")] = (
         Field(4 << 20, ge=1)
     )
+    record: Annotated[
+        str | None,
+        Flag(RECORDING, "write sampled requests to this folder as reasoning traces (JSON lines, the dev-probes format "
+             "that replay and calibrate read); they hold the prompt's last user message and the model's output. Each "
+             "recorded request runs in shadow mode, to its natural end", "DIR"),
+    ] = None  # fmt: skip
+    record_rate: Annotated[
+        float, Flag(RECORDING, "with --record: fraction of requests recorded (default 1.0: all)", "R")
+    ] = Field(1.0, ge=0.0, le=1.0)
+    record_probe_every: Annotated[
+        int,
+        Flag(RECORDING, "with --record: an answer probe every N thinking tokens besides one at each of the first 30 "
+             "\"Wait\"s, recorded and never acted on (default 64, as the dev-probes traces; 0: none)", "N"),
+    ] = Field(64, ge=0)  # fmt: skip
+    record_max_bytes: Annotated[
+        int,
+        Flag(RECORDING, "with --record: a new file before one would exceed N bytes (default 67108864 = 64 MiB)", "N"),
+    ] = Field(64 << 20, ge=1)
     max_model_len: Annotated[int | None, Flag(ENGINE, "context length (default: the model's)", own_engine=True)] = (
         Field(None, ge=1)
     )
@@ -181,6 +201,21 @@ class Settings(BaseSettings):
                 pairs[key.strip()] = raw.strip()
             return pairs
         return value
+
+    @field_validator("record")
+    @classmethod
+    def _record_folder(cls, value: str | None) -> str | None:
+        """``--record DIR`` is made if missing and must be writable: a bad folder fails at start, not per trace."""
+        if not value:
+            return None
+        folder = pathlib.Path(value).expanduser()
+        try:
+            folder.mkdir(parents=True, exist_ok=True)
+        except OSError as error:
+            raise ValueError(f"--record {value}: cannot make the folder: {error.strerror or error}") from None
+        if not os.access(folder, os.W_OK | os.X_OK):
+            raise ValueError(f"--record {value}: the folder is not writable")
+        return str(folder)
 
     @field_validator("logits_processors", "api_keys", mode="before")
     @classmethod

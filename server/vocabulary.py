@@ -1,4 +1,5 @@
-"""The server's vocabularies, each defined once: how a stop is finalized, and why a probing choice ran text-only.
+"""The server's vocabularies, each defined once: how a stop is finalized, why a probing choice ran text-only, and
+why a recorded trace was dropped.
 
 Stop reasons are the controller's (:mod:`controller.stop_reasons`); metric outcomes are in :mod:`server.metrics`.
 """
@@ -23,3 +24,8 @@ FALLBACK_TEXT: Final = {
     NO_TOKEN_IDS: "the backend returns no token ids (a probe needs a token-id prompt)",
     REJECTED: "the backend rejected a token-id probe request",
 }
+
+#: why a recorded trace was not written (the ``reason`` label of ``thinkbrake_recording_dropped_traces_total``)
+RECORDING_QUEUE_FULL: Final = "queue_full"  # the writer's queue was full
+RECORDING_WRITE_ERROR: Final = "write_error"  # the file could not be opened or written
+RECORDING_DROP_REASONS: Final = (RECORDING_QUEUE_FULL, RECORDING_WRITE_ERROR)
