@@ -5,7 +5,9 @@ replaying the dev reasoning traces as SSE, one event per token) and ``thinkbrake
 its own, so its CPU and memory can be read with psutil). Then, for each concurrency C, C streaming clients loop
 for ``--duration`` seconds (after ``--warmup``) in three phases: straight to the upstream ("direct"), through
 thinkbrake with ``{"thinkbrake": {"policy": "off"}}`` ("off"), and through thinkbrake with its default policy
-("default"). It prints one markdown table per C:
+("default"). With ``--record DIR`` a second ``thinkbrake serve --upstream ... --record DIR`` runs too, and a fourth
+phase streams through it with the default policy ("recorded": every request recorded, with its dense probes), so
+recording's cost is the ratio of "recorded" to "default". It prints one markdown table per C:
 
 - tokens/s received by all clients, and the ratio to direct. Direct, every SSE event is one token; thinkbrake
   may forward tokens that arrive together in one event, so its tokens/s is its streamed characters/s divided
@@ -21,6 +23,7 @@ cores and the ratio says how much CPU thinkbrake needs per token relative to ups
 
     python benchmarks/proxy_overhead.py                      # C = 1, 16, 64, 256; a few minutes
     python benchmarks/proxy_overhead.py --token-rate 50 --duration 5 --concurrency 64
+    python benchmarks/proxy_overhead.py --token-rate 50 --concurrency 64 --max-tokens 256 --duration 20 --record /tmp/tb-traces
 """
 
 from __future__ import annotations
@@ -45,6 +48,7 @@ ROOT = pathlib.Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 DEFAULT_TRACES = ROOT.parent / "shared" / "data" / "traces" / "dev-skyt1.jsonl.gz"
 MODES = ("direct", "off", "default")
+RECORDED = "recorded"
 
 
 def free_port() -> int:
@@ -324,6 +328,29 @@ def table(concurrency: int, rows: list[Row], cpu_label: str = "thinkbrake CPU %"
     return "\n".join(lines)
 
 
+def recording_summary(rows: list[Row], port: int, folder: str | None) -> str:
+    """The "recorded" phase against "default" (same policy, same traffic), and what the recorder wrote so far."""
+    by_mode = {row.mode: row for row in rows}
+    if folder is None or RECORDED not in by_mode or "default" not in by_mode:
+        return ""
+    import urllib.request
+
+    from tests.support.engine_metrics import metrics_text_value
+
+    with urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=10) as response:
+        text = response.read().decode()
+    written = metrics_text_value(text, "thinkbrake_recorded_traces_total")
+    dropped = metrics_text_value(text, "thinkbrake_recording_dropped_traces_total")
+    probes = metrics_text_value(text, "thinkbrake_probes_total")
+    files = sorted(pathlib.Path(folder).glob("*.jsonl"))
+    size = sum(path.stat().st_size for path in files) / 2**20
+    ratio = by_mode[RECORDED].tokens_per_second / by_mode["default"].tokens_per_second
+    return (
+        f"Recording: tokens/s recorded / default = {ratio:.3f}; so far {written:.0f} traces written, {dropped:.0f} "
+        f"dropped, {probes:.0f} probes sent by the recording server; {size:.1f} MiB in {len(files)} file(s).\n"
+    )
+
+
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--concurrency", default="1,16,64,256", help="comma-separated C values (default 1,16,64,256)")
@@ -335,6 +362,11 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--modes", default=",".join(MODES), help="phases to run (default direct,off,default)")
     parser.add_argument("--logs", default="/tmp/thinkbrake-bench", help="folder for the servers' logs")
     parser.add_argument("--thinkbrake-arg", action="append", default=[], help="extra flag for thinkbrake serve")
+    parser.add_argument(
+        "--record",
+        metavar="DIR",
+        help="also run a thinkbrake that records every request into DIR and a 'recorded' phase through it",
+    )
     return parser.parse_args(argv)
 
 
@@ -350,14 +382,24 @@ def main(argv: list[str] | None = None) -> int:
     if args.traces and pathlib.Path(args.traces).exists():
         upstream_command += ["--traces", args.traces, "--limit", "64"]
     upstream_url = f"http://127.0.0.1:{upstream_port}"
-    thinkbrake_command = [
-        sys.executable, "-m", "server.cli", "serve", "--upstream", upstream_url, "--port", str(thinkbrake_port),
-        "--log-level", "warning", *args.thinkbrake_arg,
-    ]  # fmt: skip
+
+    def serve_command(port: int, *extra: str) -> list[str]:
+        return [
+            sys.executable, "-m", "server.cli", "serve", "--upstream", upstream_url, "--port", str(port),
+            "--log-level", "warning", *args.thinkbrake_arg, *extra,
+        ]  # fmt: skip
+
+    thinkbrake_command = serve_command(thinkbrake_port)
     concurrencies = [int(value) for value in args.concurrency.split(",")]
     modes = [mode for mode in args.modes.split(",") if mode]
     if modes[0] != "direct":
         modes.insert(0, "direct")
+    if args.record and RECORDED not in modes:
+        modes.append(RECORDED)
+    if not args.record and RECORDED in modes:
+        modes.remove(RECORDED)
+    record_port = free_port()
+    record_command = serve_command(record_port, "--record", str(args.record))
     rate = f"{args.token_rate:g} tokens/s per stream" if args.token_rate else "unpaced"
     progress(f"upstream: {rate}; {len(concurrencies)} x {len(modes)} phases of {args.warmup + args.duration:g} s")
     tables: list[str] = []
@@ -368,13 +410,21 @@ def main(argv: list[str] | None = None) -> int:
         )
         tb_process = psutil.Process(thinkbrake.pid)
         progress(f"thinkbrake pid {thinkbrake.pid}, RSS at start {tb_process.memory_info().rss / 2**20:.0f} MiB")
+        ports, watch = {"direct": upstream_port}, {"direct": None}
+        if RECORDED in modes:
+            recorder = stack.enter_context(
+                process(
+                    record_command, f"http://127.0.0.1:{record_port}/health", "recording thinkbrake", logs / "rec.log"
+                )
+            )
+            ports[RECORDED], watch[RECORDED] = record_port, psutil.Process(recorder.pid)
         for concurrency in concurrencies:
             rows = []
             for mode in modes:
-                target = ("127.0.0.1", upstream_port if mode == "direct" else thinkbrake_port)
+                target = ("127.0.0.1", ports.get(mode, thinkbrake_port))
                 progress(f"C={concurrency} {mode} ...")
                 body = request_body(mode, "fake-reasoner", args.max_tokens)
-                watched = None if mode == "direct" else tb_process
+                watched = watch.get(mode, tb_process)
                 row = measure(mode, target, concurrency, body, args, watched, rows[0].chars_per_token if rows else None)
                 progress(
                     f"C={concurrency} {mode}: {row.tokens_per_second:,.0f} tokens/s, {row.requests} requests, "
@@ -384,6 +434,8 @@ def main(argv: list[str] | None = None) -> int:
                 time.sleep(0.5)
             tables.append(table(concurrency, rows))
             print(tables[-1] + "\n", flush=True)
+            if args.record:
+                print(recording_summary(rows, record_port, args.record), flush=True)
     cpu = psutil.cpu_count()
     print(f"Machine: {cpu} logical CPUs, load average {os.getloadavg()[0]:.2f}; upstream {rate}; "
           f"max_tokens {args.max_tokens}; {args.duration:g} s measured per phase.")  # fmt: skip
