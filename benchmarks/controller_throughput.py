@@ -20,10 +20,10 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from controller.answers import AnswerComparer  # noqa: E402
 from controller.offline.replay import REPLAY_DELIMITERS, Tokenizers, default_tokenizer_root, load_traces, token_deltas  # noqa: E402
 from controller.policies import parse_policy  # noqa: E402
 from controller.session import ThinkingController  # noqa: E402
+from controller.verify import AnswerComparer  # noqa: E402
 
 DEFAULT_TRACES = ROOT.parent / "shared" / "data" / "traces" / "dev-skyt1.jsonl.gz"
 

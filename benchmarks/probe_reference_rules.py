@@ -30,8 +30,9 @@ from typing import Any
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from controller.answers import AnswerComparer, last_boxed  # noqa: E402
+from controller.answers import last_boxed  # noqa: E402
 from controller.offline.replay import Tokenizers, default_tokenizer_root, load_traces, split_of  # noqa: E402
+from controller.verify import AnswerComparer  # noqa: E402
 
 CACHE_VERSION = 2  # raise when a rule changes: ``--cache`` files of another version are not used
 Stop = tuple[int | None, str | None, int, int]  # (stop position or None, answer, probe tokens, probes)

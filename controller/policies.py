@@ -19,14 +19,13 @@ reaches an answer is never stopped by them (only a token budget can stop it).
 from __future__ import annotations
 
 import dataclasses
-from collections.abc import Callable, Mapping
+from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any, ClassVar
 
 from controller import stop_reasons
 from controller.detector import ANSWER, LOOP, SOLUTION, Event
-
-Equal = Callable[[str, str], bool]
+from controller.equality import Equal
 
 
 class PolicyError(ValueError):
@@ -279,7 +278,9 @@ class StopDecision:
 class PolicyRuntime:
     """Per-request state of a policy. Feed it every detector event and every token count.
 
-    Invariant: once :meth:`decision` is not None it never changes.
+    Invariants: once :meth:`decision` is not None it never changes; :meth:`observe` makes its comparisons before
+    it changes anything, so an equality that raises :class:`controller.equality.ComparisonPending` leaves the
+    runtime as it was (the event is observed again once the verdict is known).
     """
 
     def __init__(self, config: PolicyConfig, equal: Equal) -> None:
@@ -303,19 +304,22 @@ class PolicyRuntime:
             return
         if event.key is None or event.answer is None:
             return
+        due = self._due
         if event.kind == ANSWER:
-            self._last = (event.answer, event.key)
             if isinstance(self.config, FirstAnswerConfig):
-                self._due = self._decide(stop_reasons.FIRST_ANSWER, event, event.solution + 1)
+                due = self._decide(stop_reasons.FIRST_ANSWER, event, event.solution + 1)
             elif event.explicit and isinstance(self.config, ConsistencyConfig):
                 # an explicit answer is a conclusion already: it may confirm without waiting for the close
                 keys, explicit = self._solution_keys + [event.key], self._solution_explicit + [True]
-                self._due = self._due or self._consistent(keys, explicit, event)
+                due = due or self._consistent(keys, explicit, event)
+            self._last = (event.answer, event.key)
         elif event.kind == SOLUTION:
+            if isinstance(self.config, ConsistencyConfig) and due is None:
+                keys, explicit = self._solution_keys + [event.key], self._solution_explicit + [event.explicit]
+                due = self._consistent(keys, explicit, event)
             self._solution_keys.append(event.key)
             self._solution_explicit.append(event.explicit)
-            if isinstance(self.config, ConsistencyConfig):
-                self._due = self._due or self._consistent(self._solution_keys, self._solution_explicit, event)
+        self._due = due
 
     def _consistent(self, keys: list[str], explicit: list[bool], event: Event) -> StopDecision | None:
         """A decision if the last ``k`` solution answers in ``keys`` agree (for ``fcs_reflection``: one of them

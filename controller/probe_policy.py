@@ -41,7 +41,8 @@ Invariants:
   the next delta after the probe it checks answered;
 - a decision is taken only when a probe result arrives (it applies there) or at ``max_thinking_tokens``;
   ``min_thinking_tokens`` delays a due stop; once made, a decision never changes;
-- results with an unknown or repeated id are ignored.
+- results with an unknown or repeated id are ignored;
+- a result's comparisons come before any change of state (see :mod:`controller.equality`).
 """
 
 from __future__ import annotations
@@ -51,7 +52,8 @@ import re
 
 from controller.detector import ANSWER, Event
 from controller.detector import SOLUTION as SOLUTION_CLOSED
-from controller.policies import Equal, ProbeFcsConfig, StopDecision
+from controller.equality import Equal
+from controller.policies import ProbeFcsConfig, StopDecision
 from controller.probes import SOLUTION, WAIT, ProbeRequest, ProbeResult
 from controller.stop_reasons import (
     MAX_THINKING_TOKENS,
@@ -164,58 +166,74 @@ class ProbeRuntime:
         return requests
 
     def result(self, result: ProbeResult, tokens: int, offset: int) -> bool:
-        """Take one probe result (arriving at ``tokens``); True if it was expected."""
-        request = self._pending.pop(result.id, None)
+        """Take one probe result (arriving at ``tokens``); True if it was expected. Its comparisons come before any
+        change of state: an equality that raises :class:`controller.equality.ComparisonPending` leaves the runtime
+        as it was, and the same result is taken again once the verdict is known."""
+        request = self._pending.get(result.id)
         if request is None:
             return False
-        if self.decision is not None or self._due is not None:
-            return True
-        if request.id in self._settle:
-            self._settle.discard(request.id)
-            self._settled(request, result, tokens, offset)
-            return True
-        if request.trigger == SOLUTION:
-            checked = self._checks.pop(request.id, None)
-            if checked is not None and result.answer is not None and result.confidence >= 1.0:
-                if self._equal(checked, result.answer):
-                    self._due = StopDecision(PROBE_AGREED, checked, checked, tokens, offset, self.solutions)
-            return True
-        if request.id < self._last_asked:
-            return True  # an older probe answered after a newer one: the newer one speaks for the model
-        self._last_asked = request.id
-        previous, self._previous = self._previous, result
+        if self.decision is None and self._due is None:
+            if request.id in self._settle:
+                self._settled(request, result, tokens, offset)
+            elif request.trigger == SOLUTION:
+                self._checked(request, result, tokens, offset)
+            elif request.id >= self._last_asked:  # else an older probe answered after a newer one, which speaks
+                self._answered(request, result, tokens, offset)
+        del self._pending[request.id]
+        return True
+
+    def _checked(self, request: ProbeRequest, result: ProbeResult, tokens: int, offset: int) -> None:
+        """A second (dense) probe answered: it stops when it gives the answer of the wait probe it checks, sure."""
+        checked = self._checks.get(request.id)
+        if checked is not None and result.answer is not None and result.confidence >= 1.0:
+            if self._equal(checked, result.answer):
+                self._due = StopDecision(PROBE_AGREED, checked, checked, tokens, offset, self.solutions)
+        self._checks.pop(request.id, None)
+
+    def _answered(self, request: ProbeRequest, result: ProbeResult, tokens: int, offset: int) -> None:
+        """The newest wait probe answered."""
         config = self.config
-        if not plain_answer(result.answer) or result.confidence < config.confidence:
+        missed = not plain_answer(result.answer) or result.confidence < config.confidence
+        reason = None if missed else self._reason(request, result)
+        self._last_asked = request.id
+        self._previous = result
+        if missed:
             self._misses += 1
-            return True
+            return
         self._misses = 0
         assert result.answer is not None
-        reason = None
-        if config.alone_confidence < 1.0 and result.confidence >= config.alone_confidence:
-            reason = PROBE_CONFIDENT
-        elif (
-            previous is not None
-            and previous.answer is not None
-            and plain_answer(previous.answer)
-            and previous.confidence >= config.confidence
-            and max(previous.confidence, result.confidence) >= config.confirm_confidence
-            and self._equal(previous.answer, result.answer)
-        ):
-            reason = PROBE_CONFIRMED
-        elif config.sure_confidence < 1.0 and result.confidence >= config.sure_confidence:
-            if self._wrote(result.answer, request.tokens, config.text_window):
-                reason = PROBE_SURE
-        if reason is None and config.solution_agree:
-            reached = [text for at, text in self._solution_answers if at <= request.tokens]
-            if sum(1 for text in reached if self._equal(text, result.answer)) >= config.solution_agree:
-                reason = PROBE_SOLUTIONS
         if reason is None and config.agree_confidence < 1.0 and result.confidence >= config.agree_confidence:
             check = self._ask(request.tokens, request.offset, SOLUTION)  # the dense probe on the same prefix
             if check is not None:
                 self._checks[check.id] = result.answer
         if reason is not None:
             self._due = StopDecision(reason, result.answer, result.answer, tokens, offset, self.solutions)
-        return True
+
+    def _reason(self, request: ProbeRequest, result: ProbeResult) -> str | None:
+        """Why a counted wait probe's answer stops, if it does (reads the state, changes nothing)."""
+        config = self.config
+        answer = result.answer
+        assert answer is not None
+        previous = self._previous
+        if config.alone_confidence < 1.0 and result.confidence >= config.alone_confidence:
+            return PROBE_CONFIDENT
+        if (
+            previous is not None
+            and previous.answer is not None
+            and plain_answer(previous.answer)
+            and previous.confidence >= config.confidence
+            and max(previous.confidence, result.confidence) >= config.confirm_confidence
+            and self._equal(previous.answer, answer)
+        ):
+            return PROBE_CONFIRMED
+        if config.sure_confidence < 1.0 and result.confidence >= config.sure_confidence:
+            if self._wrote(answer, request.tokens, config.text_window):
+                return PROBE_SURE
+        if config.solution_agree:
+            reached = [text for at, text in self._solution_answers if at <= request.tokens]
+            if sum(1 for text in reached if self._equal(text, answer)) >= config.solution_agree:
+                return PROBE_SOLUTIONS
+        return None
 
     def _wrote(self, answer: str, tokens: int, window: int) -> bool:
         """Whether the thinking wrote ``answer`` among the text detector's last ``window`` answers reached by
@@ -231,11 +249,14 @@ class ProbeRuntime:
             answer = None
         elif config.settle_text_window and not self._wrote(answer, request.tokens, config.settle_text_window):
             answer = None
-        self._settle_answers.append(answer)
-        recent = self._settle_answers[-config.settle_agree :]
+        recent = [*self._settle_answers, answer][-config.settle_agree :]
+        due = None
         if answer is not None and len(recent) == config.settle_agree:
             if all(other is not None and self._equal(other, answer) for other in recent):
-                self._due = StopDecision(PROBE_SETTLED, answer, answer, tokens, offset, self.solutions)
+                due = StopDecision(PROBE_SETTLED, answer, answer, tokens, offset, self.solutions)
+        self._settle.discard(request.id)
+        self._settle_answers.append(answer)
+        self._due = due
 
     def advance(self, tokens: int, offset: int) -> StopDecision | None:
         if self.decision is not None:

@@ -2,7 +2,9 @@
 :class:`controller.probe_policy.ProbeRuntime` for ``probe_fcs``): the session drives either the same way.
 
 Invariants: events arrive in stream order; once :meth:`Runtime.advance` returns a decision it returns that same
-decision ever after (``decision`` holds it).
+decision ever after (``decision`` holds it); a step whose equality raises
+:class:`controller.equality.ComparisonPending` (``observe``, a probe result) has changed nothing, so it can be
+taken again once the verdict is known.
 """
 
 from __future__ import annotations
@@ -10,7 +12,8 @@ from __future__ import annotations
 from typing import Protocol
 
 from controller.detector import Event
-from controller.policies import Equal, PolicyConfig, PolicyRuntime, ProbeFcsConfig, StopDecision
+from controller.equality import Equal
+from controller.policies import PolicyConfig, PolicyRuntime, ProbeFcsConfig, StopDecision
 from controller.probe_policy import ProbeRuntime
 
 

@@ -27,6 +27,18 @@ text was forwarded already, so nothing of it counts twice), ``keep_probing`` (a 
 it), ``keep_detecting`` (shadow mode, after a would-be stop); ``final_answer`` gives the answer a response ended
 with (the last ``\\boxed{}`` of its content, else the last answer read in the thinking).
 
+Comparisons: the controller compares answers through the equality it is given (``equal``; see
+:mod:`controller.equality`). A synchronous one (offline evaluation) answers every pair at once. One that cannot
+tell a pair now (the server's, which never blocks) raises :class:`controller.equality.ComparisonPending`; the
+controller then stops where it is, before the policy step that asked, and the :class:`Update` names the pair
+(``compare``). The caller compares it (off its event loop), records the verdict where the equality reads it and
+calls :meth:`ThinkingController.resume`, which carries the step out and gives the rest of the update (probes to
+send, a decision; ``compare`` again if the step waits for another pair). Until then the caller calls nothing
+else. So the decision applies when the comparison returns, at the very point where a synchronous equality would
+have made it: the decisions do not depend on how long a comparison takes. ``go_text_only`` may wait the same way
+(on a delta it feeds again). ``finish`` never waits: no decision can follow the end of the stream, so where the
+equality cannot tell a pair at once the policy observes no further event.
+
 Shadow mode: a controller stops detecting at a decision, and the delta that commits a held decision
 (``past_stop``) is not detected at all, since it lies past the stop. ``keep_detecting`` clears the decision,
 sends that delta's thinking to the detector and makes the policy ``off``, so ``solutions`` and every count are
@@ -38,18 +50,20 @@ from __future__ import annotations
 
 import logging
 from dataclasses import dataclass, field
+from functools import partial
 
-from controller.answers import AnswerComparer
 from controller.delimiters import Delimiters
 from controller.detector import Event, SolutionDetector
+from controller.equality import ComparisonPending, Equal
 from controller.held_stop import HeldStop
 from controller.policies import OffConfig, PolicyConfig, PolicyRuntime, StopDecision
 from controller.prober import Prober
 from controller.probes import ProbeRequest, ProbeResult
 from controller.question import read_question
 from controller.runtime import runtime_for
-from controller.splitter import ANSWER, THINKING, ThinkingSplitter
+from controller.splitter import ANSWER, THINKING, Piece, ThinkingSplitter
 from controller.transcript import Transcript
+from controller.waiting import Waiting
 
 log = logging.getLogger(__name__)
 
@@ -66,6 +80,8 @@ class Update:
     #: this delta confirmed a pending decision: its text lies past the stop point (a server acting on the stop
     #: does not forward it and continues from the tokens fed before it, ``ThinkingController.kept_tokens``)
     past_stop: bool = False
+    #: the comparison the controller waits for (see the module docstring): compare the pair, then ``resume()``
+    compare: ComparisonPending | None = None
 
 
 class ThinkingController:
@@ -76,15 +92,16 @@ class ThinkingController:
     end tag (``through_end``) counts only those; ``decision`` is set at most once and, once set, the controller only routes text; ``decision`` is
     never set on or after the delta in which the model closes its thinking; ``kept_tokens`` (set with
     ``decision``) is the number of tokens fed up to the stop point. While a probing controller has had no
-    probe answered, it keeps what it was fed (for :meth:`go_text_only`).
+    probe answered, it keeps what it was fed (for :meth:`go_text_only`). While a step waits for a comparison,
+    only :meth:`resume` may be called.
     """
 
     def __init__(
-        self, config: PolicyConfig, delimiters: Delimiters, comparer: AnswerComparer, probes: bool = True,
+        self, config: PolicyConfig, delimiters: Delimiters, equal: Equal, probes: bool = True,
         question: str | None = None,
     ) -> None:  # fmt: skip
         self.config = config
-        self._delimiters, self._equal, self._question = delimiters, comparer.equal, question
+        self._delimiters, self._equal, self._question = delimiters, equal, question
         self.transcript = Transcript()
         self._content = self.transcript.content
         self._start(probes)
@@ -110,6 +127,7 @@ class ThinkingController:
         self._thinking_chars = 0  # thinking characters fed to the detector
         self._visible_end = 0  # ... up to and including the last non-whitespace one
         self.fed_tokens = 0
+        self._waiting: Waiting[Update] = Waiting()  # the rest of a step that waits for a comparison
 
     @property
     def solutions(self) -> int:
@@ -130,20 +148,15 @@ class ThinkingController:
         and including the end of thinking. It is used only if this delta closes the thinking: the tokens after the
         end tag are then answer tokens, so the counts do not depend on how the backend grouped tokens into deltas.
         """
+        if self._waiting.work is not None:
+            raise RuntimeError("a delta was fed while a comparison is awaited: resume() first")
         if self._seen is not None:
             self._seen.append((delta, tokens, through_end))
         fed_before = self.fed_tokens
         self.fed_tokens += tokens
         in_thinking = self.splitter.state != ANSWER
         update = Update()
-        thinking = ""
-        for piece in self.splitter.feed(delta):
-            if piece.kind == THINKING:
-                update.reasoning += piece.text
-                thinking += piece.text
-            else:
-                update.content += piece.text
-                self._content.append(piece.text)
+        thinking = _route(self.splitter.feed(delta), update, self._content)
         if not in_thinking:
             self.answer_tokens += tokens
         elif self.splitter.state == ANSWER and through_end is not None and 0 < through_end < tokens:
@@ -164,36 +177,45 @@ class ThinkingController:
     def probe_result(self, result: ProbeResult) -> Update:
         """Take the answer of one probe; a stop it decides applies at the current position. Never raises."""
         update = Update()
+        self._take_probe(result, update)
+        return update
+
+    def _take_probe(self, result: ProbeResult, update: Update) -> None:
         prober = self._prober
         if prober is None or self.error is not None:
-            return update
+            return
         try:
             if not prober.take(result, self.detector.tokens, self.detector.offset):
-                return update  # unknown or repeated id
+                return  # unknown or repeated id
             self.probe_tokens += max(0, int(result.out_tokens))
             if self.decision is None and self._held.pending is None and not self.splitter.saw_end:
                 decision = prober.runtime.advance(self.detector.tokens, self.detector.offset)
                 if decision is not None:
                     self._decide(decision, update)
+        except ComparisonPending as pending:  # nothing was taken: the result is taken again on resume()
+            self._waiting.wait(pending, update, partial(self._take_probe, result))
         except Exception as error:  # noqa: BLE001 - a bad probe result must never break the stream
             self._fail(error)
+
+    def resume(self) -> Update:
+        """The comparison an update asked for is known now: what the step that waited for it adds."""
+        update = Update()
+        self._waiting.resume(update)
         return update
 
     def finish(self) -> Update:
-        """End of stream: release held-back text and close detection (a pending decision is dropped)."""
+        """End of stream: release held-back text and close detection (a pending decision is dropped). It never
+        waits for a comparison (see the module docstring)."""
         self._held.pending = None
         update = Update()
-        for piece in self.splitter.flush():
-            if piece.kind == THINKING:
-                update.reasoning += piece.text
-            else:
-                update.content += piece.text
-                self._content.append(piece.text)
+        _route(self.splitter.flush(), update, self._content)
         if self.decision is None and self.error is None:
             try:
                 update.events = self.detector.flush()
                 for event in update.events:
                     self.policy.observe(event)
+            except ComparisonPending:
+                pass  # nothing could come of the events left (see above)
             except Exception as error:  # noqa: BLE001 - detection must never break the stream
                 self._fail(error)
         return update
@@ -207,14 +229,28 @@ class ThinkingController:
             events = update.events = self.detector.feed(thinking, tokens)
             if events:
                 self.transcript.note_answers(events)
-            for event in events:
-                self.policy.observe(event)
+        except Exception as error:  # noqa: BLE001 - detection must never break the stream
+            self._fail(error)
+            return
+        self._observe(events, 0, thinking, before, update)
+
+    def _observe(self, events: list[Event], start: int, thinking: str, before: int, update: Update) -> None:
+        """The policy's part of a delta (``thinking``, fed from thinking token ``before`` on): it observes
+        ``events[start:]``, then the probes it asks go out and a due decision is made. An event whose comparison
+        must wait is observed again on :meth:`resume` (the policy changed nothing for it)."""
+        index = start
+        try:
+            for index in range(start, len(events)):
+                self.policy.observe(events[index])
             if self._prober is not None and not self.splitter.saw_end:
                 update.probes = self._prober.requests(thinking, before)
                 self.probes_sent += len(update.probes)
             if self.splitter.saw_end:
                 return  # the model closed thinking on its own: nothing to stop
             decision = self.policy.advance(self.detector.tokens, self.detector.offset)
+        except ComparisonPending as pending:  # from observe(): probe requests and advance() compare nothing
+            self._waiting.wait(pending, update, partial(self._observe, events, index, thinking, before))
+            return
         except Exception as error:  # noqa: BLE001 - detection must never break the stream
             self._fail(error)
             return
@@ -234,18 +270,29 @@ class ThinkingController:
         log.exception("thinking detection failed; this request continues without early stopping")
         self.error = f"{type(error).__name__}: {error}"
 
-    def go_text_only(self) -> StopDecision | None:
-        """Probing failed: run text-only from the start (see the module docstring); the stop that decides on what
-        was fed so far, if any. Does nothing (None) without probes or after :meth:`keep_probing`."""
+    def go_text_only(self) -> Update:
+        """Probing failed: run text-only from the start (see the module docstring); the update carries the stop that
+        decides on what was fed so far, if any (no text). Does nothing without probes or after :meth:`keep_probing`."""
         seen, mark = self._seen, self.transcript.mark()
+        update = Update()
         if seen is None:
-            return None
+            return update
         self._start(probes=False)
-        decision = None
-        for delta, tokens, through_end in seen:
-            decision = decision or self.feed(delta, tokens, through_end).decision
+        self._feed_again(seen, 0, mark, update)
+        return update
+
+    def _feed_again(
+        self, seen: list[tuple[str, int, int | None]], start: int, mark: tuple[int, str | None], update: Update
+    ) -> None:
+        """Feed ``seen[start:]`` again; the first decision goes to ``update``."""
+        for index in range(start, len(seen)):
+            fed = self.feed(*seen[index])
+            update.decision = update.decision or fed.decision
+            if fed.compare is not None:  # this delta waits: the deltas after it wait too
+                self._waiting.then(partial(self._feed_again, seen, index + 1, mark))
+                update.compare = fed.compare
+                return
         self.transcript.rewind(mark)
-        return decision
 
     def keep_probing(self) -> None:
         """A probe answered: what was kept for :meth:`go_text_only` is dropped."""
@@ -260,7 +307,7 @@ class ThinkingController:
         to the natural end as with policy ``off`` (see the module docstring)."""
         self.decision = None
         self.kept_tokens = None
-        self.policy = PolicyRuntime(OffConfig(), self._equal)
+        self.policy = PolicyRuntime(OffConfig(), self._equal)  # off compares nothing
         if update.past_stop and update.reasoning:
             for event in self.detector.feed(update.reasoning, tokens):
                 self.policy.observe(event)
@@ -268,3 +315,16 @@ class ThinkingController:
     def final_answer(self) -> str | None:
         """The answer the response ended with (None if none was read)."""
         return self.transcript.final_answer()
+
+
+def _route(pieces: list[Piece], update: Update, content: list[str]) -> str:
+    """Add the splitter's pieces to ``update`` (answer text also to ``content``); the thinking text among them."""
+    thinking = ""
+    for piece in pieces:
+        if piece.kind == THINKING:
+            update.reasoning += piece.text
+            thinking += piece.text
+        else:
+            update.content += piece.text
+            content.append(piece.text)
+    return thinking

@@ -29,12 +29,12 @@ from collections.abc import AsyncGenerator
 from contextlib import aclosing
 from dataclasses import dataclass, field, replace
 
-from controller.answers import AnswerComparer
 from controller.delimiters import Delimiters
 from controller.policies import StopDecision
 from controller.probes import ProbeRequest, ProbeResult
 from controller.session import ThinkingController, Update
 from server.backend import Backend, BackendError, Chunk, Generation, ProbingBackend, Prompt, Sampling
+from server.comparisons import Comparisons
 from server.emitter import Emitter
 from server.end_ids import EndOfThinking
 from server.events import ChoiceEvent, ChoiceResult
@@ -75,7 +75,7 @@ class RunContext:
 
     backend: Backend
     metrics: Metrics
-    comparer: AnswerComparer
+    comparer: Comparisons
     model_name: str
     #: token ids of each end-of-thinking delimiter, as the backend encodes it (shared by the server's requests)
     end_ids: dict[str, list[int]] = field(default_factory=dict)
@@ -130,7 +130,7 @@ class ChoiceRunner:
             if policy.uses_probes and not probing:
                 self.probes.stats.fallback = NO_PROBE_METHOD
             self._controller = ThinkingController(
-                policy, self.delimiters, self.context.comparer, probes=probing, question=self.question
+                policy, self.delimiters, self.context.comparer.equal, probes=probing, question=self.question
             )
         return self._controller
 
@@ -141,10 +141,10 @@ class ChoiceRunner:
             async with aclosing(self._generate(result)) as events:
                 async for event in events:
                     yield event
+            await self._finish_result(result)  # (it may wait for a comparison: a cancellation there is recorded)
         except BaseException as error:
             self._record(result, error_outcome(error))
             raise
-        self._finish_result(result)
         self._record(result, outcome_of(result))
         yield ChoiceEvent(self.index, result=result)
 
@@ -161,16 +161,21 @@ class ChoiceRunner:
                 async for item in items:
                     if isinstance(item, ProbeResult):
                         text, update = "", self.controller.probe_result(item)
+                        if update.compare is not None:  # the controller waits for a comparison (off the loop)
+                            await self._compared(update)
                     else:
                         self._check_token_ids(generation, item, not generated)
                         through_end = await self._through_end(item, generated)
                         update = emit.feed(self.controller, item.text, len(item.token_ids), through_end)
+                        if update.compare is not None:
+                            await self._compared(update)
                         text = item.text
                         generated += item.token_ids
                         if probes.stats.answered:
                             self.controller.keep_probing()
                     if probes.stats.fallback is not None:
-                        update.decision = update.decision or self.controller.go_text_only()
+                        refed = await self._compared(self.controller.go_text_only())
+                        update.decision = update.decision or refed.decision
                     if update.decision is not None and self.control.shadow:
                         result.shadow_decision = result.shadow_decision or update.decision
                         self.controller.keep_detecting(update, len(item.token_ids) if isinstance(item, Chunk) else 0)
@@ -250,7 +255,19 @@ class ChoiceRunner:
         if self._recording is not None:
             self._recording.asked(requests)
 
-    def _finish_result(self, result: ChoiceResult) -> None:
+    async def _compared(self, update: Update) -> Update:
+        """``update`` once each comparison the controller waits for was made off the event loop (this choice waits,
+        the loop serves the others) and the controller resumed: what it adds (probes, a decision) joins ``update``.
+        A controller with a decision only routes text, so the late chunk fed at a stop never waits."""
+        controller, comparer = self.controller, self.context.comparer
+        while update.compare is not None:
+            await comparer.compare(update.compare.first, update.compare.second)
+            more = controller.resume()
+            update.compare, update.decision = more.compare, update.decision or more.decision
+            update.probes += more.probes
+        return update
+
+    async def _finish_result(self, result: ChoiceResult) -> None:
         controller = self.controller
         result.thinking_tokens = controller.thinking_tokens
         result.answer_tokens = controller.answer_tokens
@@ -262,7 +279,7 @@ class ChoiceRunner:
         would = result.shadow_decision
         if would is not None and would.answer is not None:
             final = controller.final_answer()
-            result.shadow_agree = None if final is None else self.context.comparer.equal(would.answer, final)
+            result.shadow_agree = None if final is None else await self.context.comparer.compare(would.answer, final)
 
     def _record(self, result: ChoiceResult, outcome: str) -> None:
         timing = (self.started, self.emit.first_token_at)

@@ -16,12 +16,12 @@ from typing import Any
 
 from fastapi.responses import StreamingResponse
 
-from controller.answers import AnswerComparer
 from controller.delimiters import Delimiters
 from controller.policies import OffConfig
 from server.backend import Backend, BackendError, ChatPrompt, Prompt, Sampling, TextPrompt
 from server.calibrated import Level
 from server.choice import ChoiceRunner, RunContext
+from server.comparisons import Comparisons
 from server.errors import ModelNotFound, not_serving
 from server.fan_in import first_event, merge
 from server.metrics import Metrics
@@ -38,11 +38,6 @@ from server.settings import Settings
 from server.shapes import CHAT, COMPLETION, ResponseShape
 from server.writers import write_response, write_stream
 
-# Answer comparisons beyond canonical keys (Math-Verify) run inside the controller's feed, on the event loop;
-# a short wall-clock bound keeps one slow comparison from stalling every stream (a timed-out pair counts as
-# different): latency is what the server bounds, so its clock is the wall's, not the worker's CPU time.
-COMPARE_TIMEOUT_SECONDS = 0.25
-
 
 class Service:
     """Request handling for one server: validation, choice runners, the response in the endpoint's shape."""
@@ -53,7 +48,7 @@ class Service:
         self.metrics = metrics
         # its worker processes start once the backend is up (:meth:`warm_up`): a server whose model fails to load
         # never spawns them, so it exits with its one-line error and nothing else
-        self.comparer = AnswerComparer(timeout_seconds=COMPARE_TIMEOUT_SECONDS, clock="wall")
+        self.comparer = Comparisons()
         self.calibration = settings.served_calibration()
         self.random = random.Random()
         self.cleanups: set[asyncio.Future[Any]] = set()  # aborts still running after a disconnect

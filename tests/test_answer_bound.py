@@ -25,7 +25,7 @@ import time
 import psutil
 import pytest
 
-from controller.answers import CPU_BOUND_WALL_FACTOR, WORKER_START_SECONDS, AnswerComparer
+from controller.verify import CPU_BOUND_WALL_FACTOR, WORKER_START_SECONDS, AnswerComparer
 from tests.support.fixtures import REPO_ROOT
 from tests.support.slow_compare import NAP, SPIN, spin_or_compare
 
@@ -208,7 +208,7 @@ SCRIPT = textwrap.dedent(
     """
     import json, sys, time
     import psutil
-    from controller.answers import AnswerComparer
+    from controller.verify import AnswerComparer
     from tests.support.slow_compare import spin_or_compare
 
     pairs = json.loads(sys.argv[1])

@@ -4,8 +4,9 @@ from __future__ import annotations
 
 import pytest
 
-from controller.answers import AnswerComparer, canonical, find_boxed, last_boxed
+from controller.answers import canonical, find_boxed, last_boxed
 from controller.sentences import find_answer, is_cut, is_reflection, is_rejection
+from controller.verify import AnswerComparer
 
 # (snippet, expected key or None, explicit?)
 EXTRACTION = [

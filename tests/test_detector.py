@@ -9,11 +9,11 @@ from pathlib import Path
 
 import pytest
 
-from controller.answers import AnswerComparer
 from controller.delimiters import Delimiters
 from controller.detector import ANSWER, LOOP, REFLECTION, SOLUTION, SolutionDetector
 from controller.policies import POLICIES, parse_policy
 from controller.session import ThinkingController
+from controller.verify import AnswerComparer
 from tests.data.written_traces import MATH_TRACES, NON_MATH
 from tests.splits import every_single_split, per_character, random_splits
 

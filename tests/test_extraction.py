@@ -12,10 +12,11 @@ from typing import Any
 
 import pytest
 
-from controller.answers import AnswerComparer, canonical, math_text
+from controller.answers import canonical, math_text
 from controller.detector import ANSWER, SolutionDetector
 from controller.question import read_question
 from controller.sentences import find_answer
+from controller.verify import AnswerComparer
 from tests.splits import per_character
 
 SHARED = Path(__file__).resolve().parents[2] / "shared"

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import pytest
 
-from controller.answers import AnswerComparer
 from controller.delimiters import Delimiters
 from controller.policies import (
     BudgetConfig,
@@ -15,6 +14,7 @@ from controller.policies import (
     parse_policy,
 )
 from controller.session import ThinkingController
+from controller.verify import AnswerComparer
 
 IMPLICIT = Delimiters(implicit_start=True)
 FCS = {"policy": "fcs_reflection"}

@@ -4,13 +4,13 @@ from __future__ import annotations
 
 import pytest
 
-from controller.answers import AnswerComparer
 from controller.delimiters import Delimiters
 from controller.offline.replay import HOLDOUT, TUNE, RecordedProbes, run_controller, split_of
 from controller.policies import PolicyError, ProbeFcsConfig, parse_policy
 from controller.probe_policy import plain_answer
 from controller.probes import SOLUTION, WAIT, ProbeRequest, ProbeResult, WaitScanner
 from controller.session import ThinkingController
+from controller.verify import AnswerComparer
 from tests.splits import every_single_split, random_splits
 
 IMPLICIT = Delimiters(implicit_start=True)

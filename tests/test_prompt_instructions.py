@@ -7,12 +7,12 @@ import dataclasses
 
 import pytest
 
-from controller.answers import AnswerComparer
 from controller.delimiters import Delimiters
 from controller.detector import ANSWER, SOLUTION, SolutionDetector
 from controller.policies import parse_policy
 from controller.question import derives, quotes_instructions, read_question, split_instructions
 from controller.session import ThinkingController
+from controller.verify import AnswerComparer
 from tests.splits import every_single_split, per_character
 from tests.test_question import AIME_M_PLUS_N, DIVISORS, FRACTION, benchmark_questions
 

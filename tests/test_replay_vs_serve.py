@@ -18,10 +18,10 @@ from typing import Any
 
 import pytest
 
-from controller.answers import AnswerComparer
 from controller.offline.replay import REPLAY_DELIMITERS, replay_trace, token_deltas, trace_stream
 from controller.policies import FcsReflectionConfig
 from controller.session import ThinkingController
+from controller.verify import AnswerComparer
 from tests.support.fixtures import KV_CACHE_BYTES, MAX_MODEL_LEN, SCRIPTED_PROCESSOR_FQCN, openai_server
 from tests.support.serving import FEW_TOKENS, http_json, thinkbrake_server
 

@@ -279,9 +279,9 @@ def test_upstream_closes_thinking_with_the_event_that_carries_the_end_tag() -> N
     the rebuilt text closes the thinking there, so the next event's token is an answer token."""
     from types import SimpleNamespace
 
-    from controller.answers import AnswerComparer
     from controller.policies import parse_policy
     from controller.session import ThinkingController
+    from controller.verify import AnswerComparer
     from server.upstream import UpstreamGeneration
 
     backend = SimpleNamespace(delimiters=delimiters_for("think-implicit"))

@@ -10,10 +10,10 @@ from __future__ import annotations
 
 import pytest
 
-from controller.answers import AnswerComparer
 from controller.delimiters import Delimiters
 from controller.policies import parse_policy
 from controller.session import ThinkingController
+from controller.verify import AnswerComparer
 from tests.splits import every_single_split, per_character, random_splits
 
 IMPLICIT = Delimiters(implicit_start=True)

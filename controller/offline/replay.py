@@ -31,13 +31,14 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from controller.answers import AnswerComparer, last_boxed
+from controller.answers import last_boxed
 from controller.delimiters import FAMILIES, Delimiters
 from controller.detector import ANSWER, SOLUTION, Event
 from controller.offline.efficiency import SolutionSpan, outcome_efficiency, process_efficiency
 from controller.policies import OffConfig, PolicyConfig
 from controller.probes import WAIT, WAIT_PROBE, ProbeRequest, ProbeResult
 from controller.session import ThinkingController
+from controller.verify import AnswerComparer
 
 TUNE = "tune"
 HOLDOUT = "holdout"

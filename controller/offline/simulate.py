@@ -36,12 +36,13 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from controller.answers import AnswerComparer, last_boxed
+from controller.answers import last_boxed
 from controller.detector import ANSWER, LOOP, SOLUTION, Event
 from controller.offline.replay import EventRecorder, Tokenizers, token_deltas, trace_delimiters, trace_stream
 from controller.policies import ProbeFcsConfig
 from controller.probe_policy import ProbeRuntime
 from controller.probes import WAIT, WAIT_PROBE, ProbeResult, WaitScanner
+from controller.verify import AnswerComparer
 
 CASE_VERSION = 1  # raise when what a case records changes: cached cases of another version are rebuilt
 DENSE_MAX_TOKENS = 32  # what a missing dense probe is charged (replay's RecordedProbes)
