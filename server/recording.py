@@ -36,7 +36,7 @@ Invariants:
 - the recording's probes never reach the controller; they may outlive their choice (the trace is written once
   they answered, or after :data:`PROBE_GRACE_SECONDS`, when the rest are cancelled and left out), never its server;
 - work per streamed delta is O(len(delta)), plus the copy of the prefix for each probe launched (as for the
-  policy's probes); a choice that ends in an error or a disconnect is not recorded.
+  policy's probes); a choice that ends in an error or a disconnect, or that wrote no thinking, is not recorded.
 """
 
 from __future__ import annotations
@@ -52,7 +52,7 @@ import queue
 import random
 import threading
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextvars import ContextVar
 from pathlib import Path
 from typing import Any
@@ -91,6 +91,8 @@ DENSE = "dense"
 #: the dense probe read with a confidence (the mean probability of its answer tokens) besides ``certain``
 DENSE_CONFIDENCE = dataclasses.replace(DENSE_PROBE, confidence="mean")
 
+#: the recorder of the request being handled if it was drawn: set by its endpoint (:mod:`server.app`) around the
+#: request, read where the request's choice runners are made (:class:`server.choice.ChoiceRunner`)
 _drawn: ContextVar[Recorder | None] = ContextVar("thinkbrake_recorder", default=None)
 
 
@@ -117,7 +119,10 @@ class TraceFiles:
     from any thread for every trace dropped (a reason of :mod:`server.vocabulary`).
     """
 
-    def __init__(self, folder: Path, max_bytes: int, counted: Any, queue_size: int = QUEUE_TRACES) -> None:
+    def __init__(
+        self, folder: Path, max_bytes: int, counted: Callable[[str | None, tuple[str, str]], None],
+        queue_size: int = QUEUE_TRACES,
+    ) -> None:  # fmt: skip
         self.folder = folder
         self.max_bytes = max_bytes
         self._counted = counted
@@ -125,15 +130,9 @@ class TraceFiles:
         self._thread = threading.Thread(target=self._run, name="thinkbrake-recorder", daemon=True)
         self._stamp = time.strftime("%Y%m%dT%H%M%SZ", time.gmtime())
         self._sequence = 0
-        self._file: Any = None
-        self._path: Path | None = None
+        self._file: Any = None  # the file being written (None before the first trace and after a failed write)
         self._size = 0
         self._failing = False
-
-    @property
-    def path(self) -> Path | None:
-        """The file being written (None before the first trace and after a failed write)."""
-        return self._path
 
     def start(self) -> None:
         self._thread.start()
@@ -197,10 +196,10 @@ class TraceFiles:
         self._sequence += 1
         path = self.folder / f"thinkbrake-{self._stamp}-{os.getpid()}-{self._sequence:04d}.jsonl"
         self._file = open(path, "ab", buffering=0)  # noqa: SIM115 - kept open across traces, closed in _close_file
-        self._path, self._size = path, self._file.tell()
+        self._size = self._file.tell()
 
     def _close_file(self) -> None:
-        handle, self._file, self._path = self._file, None, None
+        handle, self._file = self._file, None
         if handle is not None:
             with contextlib.suppress(OSError):
                 handle.close()
@@ -215,15 +214,17 @@ class Recorder:
         self.probe_every = settings.record_probe_every
         self.backend = backend
         self.metrics = metrics
-        self._settings = settings
-        self._random = random.Random(seed)
+        self._model = settings.model
+        if settings.model and Path(settings.model).expanduser().is_dir():  # a local folder: where its tokenizer is
+            self._model = str(Path(settings.model).expanduser().resolve())
+        self.random = random.Random(seed)  # the draws (a test may seed it)
         self.files = TraceFiles(Path(settings.record), settings.record_max_bytes, self._count)
         self._settling: set[asyncio.Task[None]] = set()
         self._open: set[ChoiceRecording] = set()
 
     def draw(self) -> bool:
         """Whether the next request is recorded (probability ``--record-rate``)."""
-        return self._random.random() < self.rate
+        return self.random.random() < self.rate
 
     def start(self) -> None:
         self.files.start()
@@ -238,13 +239,21 @@ class Recorder:
     def tokenizer(self) -> str:
         """The ``tokenizer`` field: the embedded model's folder or hub id; for a proxy, the upstream's model."""
         upstream = getattr(self.backend, "upstream_model", "")
-        return str(upstream or self._settings.model or self.backend.model_name)
+        return str(upstream or self._model or self.backend.model_name)
 
     def choice(
         self, request_id: str, model: str, policy: PolicyConfig, question: str | None, extra_args: dict[str, Any] | None,
         seed: Any = None,
     ) -> ChoiceRecording:  # fmt: skip
-        return ChoiceRecording(self, request_id, model, policy, question, extra_args, seed)
+        """The recording of one choice (it is open until :meth:`settle` wrote it or :meth:`forget` dropped it)."""
+        recording = ChoiceRecording(self, request_id, model, policy, question, extra_args, seed)
+        self._open.add(recording)
+        return recording
+
+    def forget(self, recording: ChoiceRecording) -> None:
+        """A recording that will not be written (its probes are cancelled)."""
+        recording.cancel_probes()
+        self._open.discard(recording)
 
     def settle(self, recording: ChoiceRecording) -> None:
         """A recorded choice ended: write its trace once its probes answered (in the background)."""
@@ -306,7 +315,6 @@ class ChoiceRecording:
         self.wait_rows: list[list[Any]] = []
         self.dense_rows: list[list[Any]] = []
         self._result: ChoiceResult | None = None
-        recorder._open.add(self)
 
     # -- fed by the runner ----------------------------------------------------------------------------------------
     def asked(self, requests: list[ProbeRequest]) -> None:
@@ -353,8 +361,7 @@ class ChoiceRecording:
     def end(self, result: ChoiceResult, outcome: str) -> None:
         """The choice ended with ``outcome``: an error or a disconnect drops the recording, else it is written."""
         if outcome in ERROR_OUTCOMES or not self._thinking:
-            self.cancel_probes()
-            self.recorder._open.discard(self)
+            self.recorder.forget(self)
             return
         self._result = result
         self.recorder.settle(self)

@@ -13,6 +13,7 @@ import contextlib
 import json
 import pathlib
 import queue
+import random
 import shutil
 import subprocess
 import sys
@@ -152,23 +153,25 @@ def test_recording_probes_are_never_acted_on(tmp_path: pathlib.Path) -> None:
 
 
 def test_a_request_is_recorded_with_all_its_choices_or_not_at_all(tmp_path: pathlib.Path) -> None:
-    requests = 24
-    with serving(tmp_path, record_rate=0.5, record_probe_every=0) as (_, url):
+    requests, seed = 24, 7
+    draws = random.Random(seed)
+    drawn = [index for index in range(requests) if draws.random() < 0.5]
+    assert 0 < len(drawn) < requests  # the seed draws some requests and not others
+
+    def seeded(app: Any) -> None:
+        app.state.recorder.random.seed(seed)  # one draw per request, in the order the requests come
+
+    with serving(tmp_path, record_rate=0.5, record_probe_every=0, on_app=seeded) as (_, url):
         for index in range(requests):
             ask(url, question=f"{QUESTION} ({index})", n=2, policy="off")
-        time.sleep(0.5)  # the last recordings are written after their responses
-        count = wait_metric(url, RECORDED, 2, timeout=120)
-        traces = wait_written(url, tmp_path, int(count))
-        deadline = time.monotonic() + 60
-        while len(traces) % 2 and time.monotonic() < deadline:
-            time.sleep(0.1)
-            traces = recordings(tmp_path)
+        traces = wait_written(url, tmp_path, 2 * len(drawn))
+        time.sleep(0.5)
+        assert metric(url, RECORDED) == 2 * len(drawn)
     by_question: dict[str, int] = {}
     for trace in traces:
         check_trace(trace)
         by_question[trace["question"]] = by_question.get(trace["question"], 0) + 1
-    assert set(by_question.values()) == {2}  # both choices of a drawn request
-    assert 2 <= len(by_question) <= requests - 2  # about half of them (p of failing < 1e-6)
+    assert by_question == {f"{QUESTION} ({index})": 2 for index in drawn}  # both choices of each drawn request
 
 
 def test_the_rate_is_a_probability_per_request() -> None:

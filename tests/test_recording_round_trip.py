@@ -60,7 +60,7 @@ def traces() -> dict[str, dict[str, Any]]:
 
 @pytest.fixture(scope="module", params=["embedded", "proxy"])
 def recording_server(request, tiny_model_dir, tmp_path_factory):
-    """(base URL, recording folder) of a thinkbrake that records every request."""
+    """(base URL, recording folder, the recordings' ``tokenizer``) of a thinkbrake that records every request."""
     logs = tmp_path_factory.mktemp(request.param)
     folder = logs / "traces"
     record = ("--record", str(folder), "--record-probe-every", str(PROBE_EVERY))
@@ -71,14 +71,14 @@ def recording_server(request, tiny_model_dir, tmp_path_factory):
             "--enforce-eager", "--logits-processors", SCRIPTED_PROCESSOR_FQCN, *record,
         )  # fmt: skip
         with thinkbrake_server(*args, log_path=logs / "serve.log") as url:
-            yield url, folder
+            yield url, folder, str(tiny_model_dir.resolve())  # the model's folder: replay finds its tokenizer there
         return
     extra = ("--reasoning-parser", "deepseek_r1", "--served-model-name", "tiny-up")
     with openai_server(tiny_model_dir, *extra, log_path=logs / "vllm.log") as upstream:
         with thinkbrake_server(
             "--upstream", upstream, "--served-model-name", "tiny-r1", *record, log_path=logs / "proxy.log"
         ) as url:
-            yield url, folder
+            yield url, folder, "tiny-up"  # the upstream's model name
 
 
 def ids(tokenizer: Any, text: str) -> list[int]:
@@ -105,18 +105,21 @@ def served(url: str, trace: dict[str, Any], tokenizer: Any, thinkbrake: dict[str
     return data
 
 
-def replay(path: pathlib.Path, tokenizer_dir: pathlib.Path, *args: str) -> list[dict[str, Any]]:
-    """``thinkbrake replay`` (the real CLI) of one recording file: per trace, its one policy's outcome."""
+def replay(path: pathlib.Path, tokenizer: str | None, *args: str) -> list[dict[str, Any]]:
+    """``thinkbrake replay`` (the real CLI) of one recording file (``--tokenizer`` when given): per trace, its one
+    policy's outcome."""
     report = path.with_suffix(".report.json")
-    command = [sys.executable, "-m", "server.cli", "replay", str(path), "--tokenizer", str(tokenizer_dir),
-               "--jobs", "1", "--json", str(report), *args]  # fmt: skip
+    chosen = ["--tokenizer", tokenizer] if tokenizer else []
+    command = [sys.executable, "-m", "server.cli", "replay", str(path), *chosen, "--jobs", "1", "--json",
+               str(report), *args]  # fmt: skip
     done = subprocess.run(command, cwd=REPO_ROOT, capture_output=True, text=True, timeout=600)
     assert done.returncode == 0, done.stderr[-3000:]
     return [{**trace, "outcome": trace["outcomes"][0]} for trace in json.loads(report.read_text())["traces"]]
 
 
 def test_recordings_replay_to_the_live_decisions(recording_server, traces, tiny_tokenizer, tiny_model_dir, tmp_path):
-    url, folder = recording_server
+    url, folder, tokenizer = recording_server
+    embedded = tokenizer != "tiny-up"
     before = wait_metric(url, "thinkbrake_recorded_traces_total", 0)
     requests = [(TEXT_STOPPED, {"policy": "fcs_reflection"}), (TEXT_NATURAL, {"policy": "fcs_reflection"}),
                 (PROBED, FIRST_PROBE)]  # fmt: skip
@@ -138,7 +141,8 @@ def test_recordings_replay_to_the_live_decisions(recording_server, traces, tiny_
         # the thinking as the model streamed it (the dev traces end theirs with the newline before </think>)
         assert trace["thinking"] == original["thinking"] and trace["closed"]
         assert trace["final"] == original["final"][:FINAL_CHARS].lstrip()
-        assert trace["model"] == "tiny-r1" and trace["recording"]["thinking_tokens"] == info["thinking_tokens"]
+        assert (trace["model"], trace["tokenizer"]) == ("tiny-r1", tokenizer)
+        assert trace["recording"]["thinking_tokens"] == info["thinking_tokens"]
         assert not info["stopped"] and info["shadow"]["would_stop"] == (trace_id != TEXT_NATURAL)
         # a dense probe in every stretch of 64 thinking tokens (at the end of the delta that reached it; a lagging
         # reader may get a few tokens in one delta), a wait probe at every whole-word "Wait" but the last
@@ -151,7 +155,9 @@ def test_recordings_replay_to_the_live_decisions(recording_server, traces, tiny_
 
     text = tmp_path / "text.jsonl"
     text.write_text("".join(json.dumps(recorded[trace_id]) + "\n" for trace_id in (TEXT_STOPPED, TEXT_NATURAL)))
-    stopped, natural = replay(text, tiny_model_dir, "--policy", "fcs_reflection")
+    # embedded: the recorded tokenizer (the model's folder) is found as it is; proxy: the upstream's model name is
+    # no folder here, so replay is told where the tokenizer is
+    stopped, natural = replay(text, None if embedded else str(tiny_model_dir), "--policy", "fcs_reflection")
     shadow = live[TEXT_STOPPED]["thinkbrake"]["shadow"]
     outcome = stopped["outcome"]
     print(f"{TEXT_STOPPED}: live {shadow['reason']} {shadow['answer']} @{shadow['stop_tokens']}; replay "
@@ -164,7 +170,7 @@ def test_recordings_replay_to_the_live_decisions(recording_server, traces, tiny_
     probed = tmp_path / "probed.jsonl"
     probed.write_text(json.dumps(recorded[PROBED]) + "\n")
     args = [f"--policy-arg={key}={value}" for key, value in FIRST_PROBE.items() if key != "policy"]
-    (replayed,) = replay(probed, tiny_model_dir, "--policy", "probe_fcs", *args)
+    (replayed,) = replay(probed, None if embedded else str(tiny_model_dir), "--policy", "probe_fcs", *args)
     shadow, outcome = live[PROBED]["thinkbrake"]["shadow"], replayed["outcome"]
     first = recorded[PROBED]["wait_probes"][0]
     print(f"{PROBED}: first wait probe at {first[0]} ({first[2]!r}, {first[3]:.3g}); live {shadow['reason']} "
