@@ -52,9 +52,14 @@ pytestmark = [pytest.mark.prometheus, pytest.mark.engine]
 
 ROOT = Path(__file__).resolve().parent.parent
 SERVED_MODEL = "fake-reasoner"
-#: Grafana variables and their values for the evaluation: Grafana's usual windows, every policy.
-SUBSTITUTIONS = {"$__rate_interval": "1m", "$__range": "5m", "$policy": ".*"}
-TIMEOUT = 60.0
+#: Grafana variables and their values for the evaluation: every policy; the windows (``$__rate_interval``,
+#: ``$__range``) are not fixed but run from just before the second traffic to the query (``Prometheus.window``):
+#: a fixed 1m window would lose the second traffic's increase on a machine slow enough that sending it (the
+#: embedded engine's request included) and the queries take more than a minute.
+SUBSTITUTIONS = {"$policy": ".*"}
+WINDOWS = ("$__rate_interval", "$__range")
+#: a guard against a hang, not a speed requirement: each wait ends as soon as its condition holds
+TIMEOUT = 600.0
 
 #: Chat requests to the real server, one of each kind (the fake upstream's traces 0-2 are math, 3+ are not).
 REAL_TRAFFIC: list[dict[str, Any]] = [
@@ -258,7 +263,14 @@ class Prometheus:
         ]
         with self.log.open("w") as log:
             self.process = subprocess.Popen(command, stdout=log, stderr=subprocess.STDOUT)
-        self.client = httpx.Client(timeout=10)
+        self.client = httpx.Client(timeout=60)
+        self.since: float | None = None  # wall-clock start of the evaluation windows (set before the second traffic)
+
+    def window(self) -> str:
+        """The evaluation window: from :attr:`since` (2 s earlier, for the time between building a query and
+        evaluating it) to now, in whole seconds; at least 2 flat scrapes come before the second traffic."""
+        assert self.since is not None, "the evaluation window starts before the second traffic"
+        return f"{math.ceil(time.time() - self.since) + 2}s"
 
     def ready(self) -> bool:
         if self.process.poll() is not None:
@@ -321,6 +333,9 @@ def scraped(
         wait_for(lambda: requests_seen(prometheus) == (len(REAL_TRAFFIC), len(FIRST_BATCH)), "the first scrape")
         samples = 'min(count_over_time(thinkbrake_requests_total{outcome="natural"}[1m]))'
         wait_for(lambda: (prometheus.scalar(samples) or 0) >= 5, "five scrapes")
+        prometheus.since = time.time()  # the windows start here: flat scrapes, then the second traffic
+        flat = 'min(count_over_time(thinkbrake_requests_total{{outcome="natural"}}[{}]))'
+        wait_for(lambda: (prometheus.scalar(flat.format(prometheus.window())) or 0) >= 2, "two scrapes in the window")
         real_server.send(REAL_TRAFFIC)
         send_records(metrics, SECOND_BATCH)
         engine_server.send()
@@ -337,8 +352,8 @@ def requests_seen(prometheus: Prometheus) -> tuple[float | None, float | None]:
     )
 
 
-def substitute(expr: str, model: str) -> str:
-    for variable, value in {**SUBSTITUTIONS, "$model": model}.items():
+def substitute(expr: str, model: str, window: str) -> str:
+    for variable, value in {**SUBSTITUTIONS, **dict.fromkeys(WINDOWS, window), "$model": model}.items():
         expr = expr.replace(variable, value)
     return expr
 
@@ -359,7 +374,7 @@ def test_every_dashboard_query_returns_data(scraped: Prometheus) -> None:
     print(f"\n{len(panel_queries())} dashboard queries, {SUBSTITUTIONS}:")
     for title, expr in panel_queries():
         model = engine_models[0] if "vllm:" in expr else SERVED_MODEL
-        result = scraped.query(substitute(expr, model))
+        result = scraped.query(substitute(expr, model, scraped.window()))
         values = [float(series["value"][1]) for series in result]
         print(f"  {len(result)} series  {', '.join(f'{v:.6g}' for v in values):<28} {title} [$model={model}]: {expr}")
         assert result, f"no data: {title}: {expr}"
@@ -370,7 +385,7 @@ def test_every_dashboard_query_returns_data(scraped: Prometheus) -> None:
     for variable in dashboard()["templating"]["list"]:
         if variable["type"] == "query":  # label_values(METRIC{SELECTOR}, LABEL)
             series, label = variable["query"].removeprefix("label_values(").removesuffix(")").rsplit(", ", 1)
-            label_values = scraped.label_values(label, substitute(series, SERVED_MODEL))
+            label_values = scraped.label_values(label, substitute(series, SERVED_MODEL, scraped.window()))
             print(f"  variable ${variable['name']}: {label_values}  ({variable['query']})")
             assert SERVED_MODEL in label_values if label == "model" else label_values, variable["query"]
     assert evaluated == len(panel_queries())
@@ -414,7 +429,7 @@ def test_dashboard_numbers_on_known_records(scraped: Prometheus) -> None:
 
     queries: dict[str, list[str]] = {}
     for title, expr in panel_queries():
-        queries.setdefault(title, []).append(substitute(expr, MODEL))
+        queries.setdefault(title, []).append(substitute(expr, MODEL, scraped.window()))
     assert scraped.scalar(queries["Shadow agreement (%)"][0]) == pytest.approx(75.0)
     assert scraped.scalar(queries["Error rate (%)"][0]) == pytest.approx(100 / len(SECOND_BATCH))
     measured_per_stop, estimated_per_stop = map(scraped.scalar, queries["Measured vs estimated savings per stop"])
