@@ -139,17 +139,19 @@ def test_a_recorded_request_runs_in_shadow_and_is_written_as_a_trace(tmp_path: p
 
 def test_recording_probes_are_never_acted_on(tmp_path: pathlib.Path) -> None:
     """Dense probes answer 42 with certainty from the first 4 tokens on; the would-be stop still comes where the
-    policy's own probes put it, and the same request unrecorded (shadow: true) is decided alike."""
+    policy's own probes put it (two confident wait probes in a row: the second "Wait"), as on the same request
+    unrecorded (shadow: true)."""
     with serving(tmp_path, token_rate=200, record_probe_every=4) as (_, url):
-        recorded = ask(url, policy="probe_fcs").model_extra["thinkbrake"]
+        recorded = ask(url, policy="probe_fcs", agree_confidence=1).model_extra["thinkbrake"]
         (trace,) = wait_written(url, tmp_path, 1)
     with serving(None, token_rate=200) as (_, url):
-        plain = ask(url, policy="probe_fcs", shadow=True).model_extra["thinkbrake"]
+        plain = ask(url, policy="probe_fcs", agree_confidence=1, shadow=True).model_extra["thinkbrake"]
     assert len([row for row in trace["probes"] if row[6] == "dense"]) > 10
     assert recorded["probes"]["sent"] == plain["probes"]["sent"]
     for key in ("would_stop", "reason", "answer"):
         assert recorded["shadow"][key] == plain["shadow"][key], key
-    assert recorded["shadow"]["stop_tokens"] > len(SOLVE.split())  # after the first "Wait", not at a dense probe
+    assert recorded["shadow"]["reason"] == "probe_confirmed"
+    assert recorded["shadow"]["stop_tokens"] > len(SOLVE.split() + CONFIRM.split())  # after the second "Wait"
 
 
 def test_a_request_is_recorded_with_all_its_choices_or_not_at_all(tmp_path: pathlib.Path) -> None:
