@@ -156,7 +156,14 @@ class ThinkingController:
         self.fed_tokens += tokens
         in_thinking = self.splitter.state != ANSWER
         update = Update()
-        thinking = _route(self.splitter.feed(delta), update, self._content)
+        thinking = ""
+        for piece in self.splitter.feed(delta):
+            if piece.kind == THINKING:
+                update.reasoning += piece.text
+                thinking += piece.text
+            else:
+                update.content += piece.text
+                self._content.append(piece.text)
         if not in_thinking:
             self.answer_tokens += tokens
         elif self.splitter.state == ANSWER and through_end is not None and 0 < through_end < tokens:
@@ -220,28 +227,28 @@ class ThinkingController:
                 self._fail(error)
         return update
 
-    def _detect(self, thinking: str, tokens: int, update: Update) -> None:
-        if thinking.strip():
-            self._visible_end = self._thinking_chars + len(thinking.rstrip())
-        self._thinking_chars += len(thinking)
-        try:
-            before = self.detector.tokens
-            events = update.events = self.detector.feed(thinking, tokens)
-            if events:
-                self.transcript.note_answers(events)
-        except Exception as error:  # noqa: BLE001 - detection must never break the stream
-            self._fail(error)
-            return
-        self._observe(events, 0, thinking, before, update)
-
-    def _observe(self, events: list[Event], start: int, thinking: str, before: int, update: Update) -> None:
-        """The policy's part of a delta (``thinking``, fed from thinking token ``before`` on): it observes
-        ``events[start:]``, then the probes it asks go out and a due decision is made. An event whose comparison
-        must wait is observed again on :meth:`resume` (the policy changed nothing for it)."""
+    def _detect(
+        self, thinking: str, tokens: int, update: Update, events: list[Event] | None = None, start: int = 0,
+        before: int = 0,
+    ) -> None:  # fmt: skip
+        """Detection on a delta's thinking, then the policy's part: it observes the events from ``start`` on, the
+        probes it asks go out and a due decision is made. An event whose comparison must wait is observed again on
+        :meth:`resume`, which comes back here with the delta's ``events`` (detected from thinking token ``before``
+        on): the policy changed nothing for it."""
+        if events is None:
+            if thinking.strip():
+                self._visible_end = self._thinking_chars + len(thinking.rstrip())
+            self._thinking_chars += len(thinking)
         index = start
         try:
-            for index in range(start, len(events)):
-                self.policy.observe(events[index])
+            if events is None:
+                before = self.detector.tokens
+                events = update.events = self.detector.feed(thinking, tokens)
+                if events:
+                    self.transcript.note_answers(events)
+            if events:
+                for index in range(start, len(events)):
+                    self.policy.observe(events[index])
             if self._prober is not None and not self.splitter.saw_end:
                 update.probes = self._prober.requests(thinking, before)
                 self.probes_sent += len(update.probes)
@@ -249,7 +256,8 @@ class ThinkingController:
                 return  # the model closed thinking on its own: nothing to stop
             decision = self.policy.advance(self.detector.tokens, self.detector.offset)
         except ComparisonPending as pending:  # from observe(): probe requests and advance() compare nothing
-            self._waiting.wait(pending, update, partial(self._observe, events, index, thinking, before))
+            rest = partial(self._detect, thinking, tokens, events=events, start=index, before=before)
+            self._waiting.wait(pending, update, rest)
             return
         except Exception as error:  # noqa: BLE001 - detection must never break the stream
             self._fail(error)
