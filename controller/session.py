@@ -49,7 +49,6 @@ caller ignores that decision and calls ``keep_detecting`` again.
 from __future__ import annotations
 
 import logging
-from dataclasses import dataclass, field
 from functools import partial
 
 from controller.delimiters import Delimiters
@@ -58,33 +57,19 @@ from controller.equality import ComparisonPending, Equal
 from controller.held_stop import HeldStop
 from controller.policies import OffConfig, PolicyConfig, PolicyRuntime, StopDecision
 from controller.prober import Prober
-from controller.probes import ProbeRequest, ProbeResult
+from controller.probes import ProbeResult
 from controller.question import read_question
 from controller.runtime import runtime_for
 from controller.splitter import ANSWER, THINKING, Piece, ThinkingSplitter
+from controller.text_only import TextOnlyFallback
 from controller.transcript import Transcript
+from controller.update import Update
 from controller.waiting import Waiting
 
 log = logging.getLogger(__name__)
 
 
-@dataclass
-class Update:
-    """What one delta produced: text to forward per section, and a stop decision if one was just made."""
-
-    reasoning: str = ""
-    content: str = ""
-    decision: StopDecision | None = None
-    events: list[Event] = field(default_factory=list)
-    probes: list[ProbeRequest] = field(default_factory=list)
-    #: this delta confirmed a pending decision: its text lies past the stop point (a server acting on the stop
-    #: does not forward it and continues from the tokens fed before it, ``ThinkingController.kept_tokens``)
-    past_stop: bool = False
-    #: the comparison the controller waits for (see the module docstring): compare the pair, then ``resume()``
-    compare: ComparisonPending | None = None
-
-
-class ThinkingController:
+class ThinkingController(TextOnlyFallback):
     """Routes deltas to reasoning/content and decides when thinking should stop.
 
     Invariants: thinking tokens are the tokens of every delta that starts inside thinking (the end tag's token
@@ -277,34 +262,6 @@ class ThinkingController:
     def _fail(self, error: Exception) -> None:
         log.exception("thinking detection failed; this request continues without early stopping")
         self.error = f"{type(error).__name__}: {error}"
-
-    def go_text_only(self) -> Update:
-        """Probing failed: run text-only from the start (see the module docstring); the update carries the stop that
-        decides on what was fed so far, if any (no text). Does nothing without probes or after :meth:`keep_probing`."""
-        seen, mark = self._seen, self.transcript.mark()
-        update = Update()
-        if seen is None:
-            return update
-        self._start(probes=False)
-        self._feed_again(seen, 0, mark, update)
-        return update
-
-    def _feed_again(
-        self, seen: list[tuple[str, int, int | None]], start: int, mark: tuple[int, str | None], update: Update
-    ) -> None:
-        """Feed ``seen[start:]`` again; the first decision goes to ``update``."""
-        for index in range(start, len(seen)):
-            fed = self.feed(*seen[index])
-            update.decision = update.decision or fed.decision
-            if fed.compare is not None:  # this delta waits: the deltas after it wait too
-                self._waiting.then(partial(self._feed_again, seen, index + 1, mark))
-                update.compare = fed.compare
-                return
-        self.transcript.rewind(mark)
-
-    def keep_probing(self) -> None:
-        """A probe answered: what was kept for :meth:`go_text_only` is dropped."""
-        self._seen = None
 
     def keep_fed_tokens(self) -> None:
         """Every token fed so far was shown to the client (a stop that lands after them keeps them all)."""
