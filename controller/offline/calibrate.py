@@ -32,9 +32,7 @@ from __future__ import annotations
 
 import math
 import os
-import sys
 from collections.abc import Callable, Sequence
-from concurrent.futures import ProcessPoolExecutor
 from dataclasses import dataclass
 from typing import Any
 
@@ -42,6 +40,7 @@ import numpy as np
 from scipy.stats import beta, binom
 
 from controller.calibration import FORMAT, VERSION
+from controller.offline.parallel import map_with_progress
 from controller.offline.simulate import Case, Equality, simulate
 from controller.policies import ProbeFcsConfig
 
@@ -173,21 +172,9 @@ def evaluate(
 ) -> Evaluation:
     """Simulate every candidate on every case (``jobs`` processes, a progress bar on stderr).
     ``confidence`` False: every wait probe's confidence is taken away (a backend without log-probabilities)."""
-    from tqdm import tqdm
-
-    bar = tqdm(total=len(cases), desc="simulating candidates", unit="trace", file=sys.stderr, disable=not progress)
-    per_case: list[list[tuple[int, int, bool, bool]]] = []
-    if jobs <= 1:
-        _init_sim(candidates, confidence)
-        for raw in cases:
-            per_case.append(_run_case(raw))
-            bar.update()
-    else:
-        with ProcessPoolExecutor(jobs, initializer=_init_sim, initargs=(candidates, confidence)) as pool:
-            for rows in pool.map(_run_case, cases, chunksize=8):
-                per_case.append(rows)
-                bar.update()
-    bar.close()
+    per_case = map_with_progress(
+        _run_case, cases, jobs, _init_sim, (candidates, confidence), "simulating candidates", progress, chunksize=8
+    )
     table = np.array(per_case, dtype=np.int64).transpose(1, 0, 2) if per_case else np.zeros((len(candidates), 0, 4))
     return Evaluation(
         candidates=candidates,

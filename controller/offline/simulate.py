@@ -29,15 +29,14 @@ import hashlib
 import heapq
 import json
 import os
-import sys
 from collections.abc import Callable, Iterable, Sequence
-from concurrent.futures import ProcessPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 from controller.answers import last_boxed
 from controller.detector import ANSWER, LOOP, SOLUTION, Event
+from controller.offline.parallel import map_with_progress
 from controller.offline.replay import EventRecorder, Tokenizers, token_deltas, trace_delimiters, trace_stream
 from controller.policies import ProbeFcsConfig
 from controller.probe_policy import ProbeRuntime
@@ -306,22 +305,7 @@ def build_cases(
     traces: Sequence[dict[str, Any]], root: str, override: str | None = None, jobs: int = 1, progress: bool = True
 ) -> list[dict[str, Any]]:
     """Record every trace (in ``jobs`` processes, a progress bar on stderr); the order is kept."""
-    from tqdm import tqdm
-
-    bar = tqdm(total=len(traces), desc="recording traces", unit="trace", file=sys.stderr, disable=not progress)
-    cases: list[dict[str, Any]] = []
-    if jobs <= 1:
-        _init_builder(root, override)
-        for trace in traces:
-            cases.append(_record(trace))
-            bar.update()
-    else:
-        with ProcessPoolExecutor(jobs, initializer=_init_builder, initargs=(root, override)) as pool:
-            for case in pool.map(_record, traces, chunksize=4):
-                cases.append(case)
-                bar.update()
-    bar.close()
-    return cases
+    return map_with_progress(_record, traces, jobs, _init_builder, (root, override), "recording traces", progress)
 
 
 def trace_key(trace: dict[str, Any]) -> str:
