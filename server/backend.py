@@ -15,6 +15,7 @@ the text-only fallback.
 
 from __future__ import annotations
 
+import re
 from collections.abc import AsyncGenerator
 from dataclasses import dataclass, field
 from typing import Any, Protocol, runtime_checkable
@@ -89,6 +90,24 @@ def tokens_through(end_ids: list[int], before: list[int], token_ids: list[int]) 
 
 #: key the server adds to a probe request's ``extra_args`` (HTTP: ``vllm_xargs``) next to the request's own, so
 #: logits processors can tell a probe from the main decode (value: the probe's id within its choice)
+#: the side requests of a choice (its answer probes, the continuation after a stop, recording probes) are sent
+#: with the choice's request id plus ``-`` and one of these words (and a number for probes): a backend can tell
+#: which choice a request belongs to (:func:`choice_of`) and send it where that choice's prefix is cached
+SIDE_REQUESTS = ("answer", "probe", "record")
+_SIDE = re.compile(r"-(?:answer|probe\d+|record\d+)$")
+
+
+def side_request(choice_id: str, kind: str, number: int | None = None) -> str:
+    """The id of one of a choice's side requests (``kind`` in :data:`SIDE_REQUESTS`)."""
+    assert kind in SIDE_REQUESTS
+    return f"{choice_id}-{kind}{'' if number is None else number}"
+
+
+def choice_of(request_id: str) -> str:
+    """The id of the choice a request belongs to: itself, or the choice whose side request it is."""
+    return _SIDE.sub("", request_id)
+
+
 PROBE_MARKER = "thinkbrake_probe"
 
 

@@ -17,7 +17,7 @@ from dataclasses import dataclass
 
 from controller.policies import StopDecision
 from controller.session import ThinkingController
-from server.backend import Backend, Generation, Sampling
+from server.backend import Backend, Generation, Sampling, side_request
 from server.emitter import Emitter
 from server.events import ChoiceEvent, ChoiceResult
 from server.protocol import RequestControl
@@ -63,7 +63,7 @@ async def finalize(
     if sampling.max_tokens is not None:
         limit = max(1, min(limit, sampling.max_tokens - len(generated)))
     continuation = backend.continue_tokens(
-        token_ids, Sampling(limit, sampling.options, sampling.extra_args), f"{request_id}-answer"
+        token_ids, Sampling(limit, sampling.options, sampling.extra_args), side_request(request_id, "answer")
     )
     stream = continuation.__aiter__()
     finished = False

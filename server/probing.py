@@ -22,7 +22,7 @@ from dataclasses import dataclass, field, replace
 from typing import Any
 
 from controller.probes import ProbeRequest, ProbeResult, probe_spec, read_probe
-from server.backend import BackendError, Chunk, ProbeRejected, probe_extra_args
+from server.backend import BackendError, Chunk, ProbeRejected, probe_extra_args, side_request
 from server.metrics import Metrics
 from server.vocabulary import FALLBACK_TEXT, REJECTED
 
@@ -108,7 +108,7 @@ class ChoiceProbes:
 
     async def _run(self, request: ProbeRequest, prefix: list[int]) -> ProbeResult:
         spec = probe_spec(request.trigger, self.model)
-        probe_id = f"{self.request_id}-probe{request.id}"
+        probe_id = side_request(self.request_id, "probe", request.id)
         began = time.perf_counter()
         try:
             output = await self.backend.probe(prefix, spec, probe_extra_args(self.extra_args, request.id), probe_id)

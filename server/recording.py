@@ -69,7 +69,7 @@ from controller.probes import (
     read_probe,
 )
 from controller.session import Update
-from server.backend import Backend, BackendError, Chunk, ProbeRejected, ProbingBackend, probe_extra_args
+from server.backend import Backend, BackendError, Chunk, ProbeRejected, ProbingBackend, probe_extra_args, side_request
 from server.events import ChoiceResult
 from server.metrics import ERROR_OUTCOMES, Metrics
 from server.settings import Settings
@@ -404,7 +404,7 @@ class ChoiceRecording:
         metrics.count_probe(*labels)
         began = time.perf_counter()
         try:
-            output = await backend.probe(prefix, spec, extra, f"{self.request_id}-record{number}")
+            output = await backend.probe(prefix, spec, extra, side_request(self.request_id, "record", number))
         except ProbeRejected:
             self._probing = False
             metrics.count_probe_error(*labels)

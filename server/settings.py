@@ -77,6 +77,12 @@ class Settings(BaseSettings):
     upstream_max_connections: Annotated[
         int, Flag(BACKEND, "concurrent streams to the upstream; more requests wait for a free connection (default 1024)", "N")
     ] = Field(1024, ge=1, description="concurrent connections to the upstream")  # fmt: skip
+    affinity_header: Annotated[
+        str | None,
+        Flag(BACKEND, "header sent with one value per choice on its upstream request, its answer probes and its "
+             "continuation, so a router that hashes on it (nginx hash, vLLM router --session-key) sends them to the "
+             "replica that holds the choice's prefix cache", "NAME"),
+    ] = None  # fmt: skip
     policy: Annotated[
         str, Flag(STOPPING, "default stop policy (default probe_fcs)", choices=tuple(sorted(POLICIES)))
     ] = DEFAULT_POLICY

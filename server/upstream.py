@@ -36,6 +36,7 @@ from server.backend import (
     Prompt,
     Sampling,
     TextPrompt,
+    choice_of,
     tokens_through,
 )
 from server.settings import Settings
@@ -90,11 +91,15 @@ class RawTextRebuilder:
 class UpstreamGeneration:
     """One streaming request to the upstream; ``abort`` closes the HTTP stream."""
 
-    def __init__(self, backend: UpstreamBackend, path: str, body: dict[str, Any], chat: bool) -> None:
+    def __init__(
+        self, backend: UpstreamBackend, path: str, body: dict[str, Any], chat: bool,
+        headers: dict[str, str] | None = None,
+    ) -> None:  # fmt: skip
         self._backend = backend
         self._path = path
         self._body = body
         self._chat = chat
+        self._headers = headers or {}
         self._response: httpx.Response | None = None
         self._aborted = False
         self.prompt_token_ids: list[int] | None = None
@@ -111,7 +116,7 @@ class UpstreamGeneration:
         rebuilder = RawTextRebuilder(self._backend.delimiters)
         end_ids = await self._backend.end_ids() if self._chat else None
         try:
-            request = client.build_request("POST", self._path, json=self._body)
+            request = client.build_request("POST", self._path, json=self._body, headers=self._headers)
             response = self._response = await client.send(request, stream=True)
         except CONNECT_ERRORS as error:
             message = self._backend.lost(error, f"POST {self._path}")
@@ -424,15 +429,21 @@ class UpstreamBackend:
             body["vllm_xargs"] = dict(sampling.extra_args)
         return body
 
+    def affinity(self, request_id: str) -> dict[str, str]:
+        """``--affinity-header``: the header naming the choice ``request_id`` belongs to (its id), on the choice's
+        request and every side request of it; no header without the setting."""
+        name = self.settings.affinity_header
+        return {name: choice_of(request_id)} if name else {}
+
     def generate(self, prompt: Prompt, sampling: Sampling, request_id: str) -> UpstreamGeneration:
-        body = self._body(sampling)
+        body, headers = self._body(sampling), self.affinity(request_id)
         if isinstance(prompt, ChatPrompt):
             body["messages"] = prompt.messages
             if prompt.template_kwargs:
                 body["chat_template_kwargs"] = dict(prompt.template_kwargs)
-            return UpstreamGeneration(self, "/v1/chat/completions", body, chat=True)
+            return UpstreamGeneration(self, "/v1/chat/completions", body, chat=True, headers=headers)
         body["prompt"] = prompt.token_ids if prompt.token_ids is not None else prompt.text
-        return UpstreamGeneration(self, "/v1/completions", body, chat=False)
+        return UpstreamGeneration(self, "/v1/completions", body, chat=False, headers=headers)
 
     def continue_tokens(self, token_ids: list[int], sampling: Sampling, request_id: str) -> UpstreamGeneration:
         return self.generate(TextPrompt(token_ids=list(token_ids)), sampling, request_id)
@@ -481,7 +492,7 @@ class UpstreamBackend:
             body["vllm_xargs"] = dict(extra_args)
         try:
             async with self.clients.lease() as client:
-                response = await client.post("/v1/completions", json=body)
+                response = await client.post("/v1/completions", json=body, headers=self.affinity(request_id))
         except httpx.HTTPError as error:
             raise BackendError(f"upstream probe failed: {type(error).__name__}: {error}") from error
         if response.status_code != 200:
