@@ -255,7 +255,7 @@ def test_openai_server_scripted_via_vllm_xargs(tiny_model_dir, tiny_tokenizer, t
         xargs = {"script": script, "think_end_id": end}
         body = {"model": model, "prompt": partial, "max_tokens": 100, "vllm_xargs": xargs}
         assert post_json(f"{url}/v1/completions", body)["choices"][0]["text"] == ANSWER
-        with urllib.request.urlopen(f"{url}/metrics", timeout=10) as response:
+        with urllib.request.urlopen(f"{url}/metrics", timeout=60) as response:
             metrics = response.read().decode()
     answer_len = len(script) - script.index(end) - 1
     assert metrics_text_value(metrics, GENERATION_TOKENS) == 2 * len(script) + answer_len

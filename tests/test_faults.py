@@ -181,7 +181,7 @@ def test_upstream_refusing_from_the_start_is_unready_not_hung() -> None:
                 time.sleep(0.1)
         assert health.status_code == 503
         assert assert_error_shape(health.json())["code"] == "upstream_unavailable"
-        client = openai.OpenAI(base_url=f"{url}/v1", api_key="unused", max_retries=0, timeout=5)
+        client = openai.OpenAI(base_url=f"{url}/v1", api_key="unused", max_retries=0, timeout=60)
         with pytest.raises(openai.APIStatusError) as raised:
             client.chat.completions.create(model=MODEL, messages=MESSAGES)
         assert raised.value.status_code == 503
@@ -262,7 +262,7 @@ def test_many_disconnects_leave_no_upstream_connection_behind(upstream: FakeUpst
             "thinkbrake": {"policy": "off"}}  # fmt: skip
 
     async def disconnect_many() -> None:
-        async with httpx.AsyncClient(base_url=thinkbrake, timeout=10) as session:
+        async with httpx.AsyncClient(base_url=thinkbrake, timeout=60) as session:
 
             async def one() -> None:
                 async with session.stream("POST", "/v1/chat/completions", json=body) as response:
@@ -279,7 +279,7 @@ def test_many_disconnects_leave_no_upstream_connection_behind(upstream: FakeUpst
     records = [r for r in upstream.generation_requests() if r.started >= began]
     assert len(records) == 150
     assert upstream.wait_for(lambda _: all(r.outcome == "aborted" for r in records)), {r.outcome for r in records}
-    client = openai.OpenAI(base_url=f"{thinkbrake}/v1", api_key="unused", max_retries=0, timeout=5)
+    client = openai.OpenAI(base_url=f"{thinkbrake}/v1", api_key="unused", max_retries=0, timeout=60)
     assert_still_serving(client)
 
 
@@ -320,6 +320,6 @@ def test_controller_error_degrades_to_pass_through_and_is_counted(
         assert reasoning == direct.choices[0].message.reasoning  # type: ignore[attr-defined]
         assert content == direct.choices[0].message.content  # pass-through: not stopped
         assert final is not None and final["stopped"] is False and "detector bug" in final["error"]
-        metrics = httpx.get(f"{url}/metrics").text
+        metrics = httpx.get(f"{url}/metrics", timeout=60).text
     errors = [line for line in metrics.splitlines() if line.startswith("thinkbrake_controller_errors_total{")]
     assert errors and float(errors[0].rsplit(" ", 1)[1]) == 1.0, errors

@@ -307,7 +307,7 @@ def test_not_ready_is_a_503_with_retry_after() -> None:
         deadline = time.monotonic() + 120
         while True:
             try:
-                response = httpx.post(f"{url}/v1/chat/completions", json=body, timeout=10)
+                response = httpx.post(f"{url}/v1/chat/completions", json=body, timeout=60)
                 break
             except httpx.TransportError:
                 assert time.monotonic() < deadline and process.poll() is None

@@ -61,7 +61,7 @@ def thinkbrake(upstream: FakeUpstream) -> Iterator[str]:
 
 
 def metric(base_url: str, name: str, labels: dict[str, str]) -> float:
-    text = httpx.get(f"{base_url}/metrics", timeout=10).text
+    text = httpx.get(f"{base_url}/metrics", timeout=60).text
     return sum(
         sample.value
         for family in text_string_to_metric_families(text)

@@ -58,7 +58,7 @@ def check_usage(usage: dict[str, Any]) -> None:
 
 
 def test_models(thinkbrake: str) -> None:
-    response = httpx.get(f"{thinkbrake}/v1/models", headers=AUTH, timeout=10)
+    response = httpx.get(f"{thinkbrake}/v1/models", headers=AUTH, timeout=60)
     assert response.status_code == 200
     spec.assert_valid(spec.MODELS, response.json())
 
@@ -208,9 +208,9 @@ def test_mid_stream_error_event(thinkbrake: str, path: str) -> None:
 
 @pytest.mark.parametrize("headers", [{}, {"Authorization": "Bearer wrong"}], ids=["missing", "wrong"])
 def test_missing_or_wrong_api_key_is_401(thinkbrake: str, headers: dict[str, str]) -> None:
-    response = httpx.post(f"{thinkbrake}/v1/chat/completions", json={"messages": MESSAGES}, headers=headers)
+    response = httpx.post(f"{thinkbrake}/v1/chat/completions", json={"messages": MESSAGES}, headers=headers, timeout=60)
     assert_error(response, 401, "invalid_api_key")
-    models = httpx.get(f"{thinkbrake}/v1/models", headers=headers)
+    models = httpx.get(f"{thinkbrake}/v1/models", headers=headers, timeout=60)
     assert_error(models, 401, "invalid_api_key")
 
 

@@ -109,7 +109,7 @@ def test_long_thinking_settles_on_three_agreeing_dense_probes() -> None:
             client = openai.OpenAI(base_url=f"{url}/v1", api_key="unused", max_retries=0, timeout=30)
             response = ask(client, **settle_config)
             probes = upstream.probe_requests()
-            with urllib.request.urlopen(f"{url}/metrics", timeout=10) as page:
+            with urllib.request.urlopen(f"{url}/metrics", timeout=60) as page:
                 exposition = page.read().decode()
     info = response.model_extra["thinkbrake"]
     reasoning = response.choices[0].message.model_extra["reasoning_content"]

@@ -85,21 +85,21 @@ def test_wrong_key_is_401(thinkbrake: str, key: str) -> None:
 def test_missing_key_is_401_everywhere_but_health_and_metrics(thinkbrake: str, headers: dict[str, str]) -> None:
     for method, path in [("POST", "/v1/chat/completions"), ("POST", "/v1/completions"), ("GET", "/v1/models"),
                          ("GET", "/openapi.json"), ("GET", "/docs")]:  # fmt: skip
-        response = httpx.request(method, f"{thinkbrake}{path}", headers=headers, json={}, timeout=5)
+        response = httpx.request(method, f"{thinkbrake}{path}", headers=headers, json={}, timeout=60)
         assert response.status_code == 401, path
         assert_auth_error(response.json())
-    assert httpx.get(f"{thinkbrake}/health", headers=headers).status_code == 200
-    assert httpx.get(f"{thinkbrake}/metrics", headers=headers).status_code == 200
+    assert httpx.get(f"{thinkbrake}/health", headers=headers, timeout=60).status_code == 200
+    assert httpx.get(f"{thinkbrake}/metrics", headers=headers, timeout=60).status_code == 200
 
 
 def test_protected_health_and_metrics(upstream: FakeUpstream) -> None:
     flags = ["--api-key", KEYS[0], "--protect-health", "--protect-metrics", "--upstream-api-key", UPSTREAM_KEY]
     with thinkbrake_process(upstream.url, *flags) as (url, _):
         for path in ("/health", "/metrics"):
-            response = httpx.get(f"{url}{path}")
+            response = httpx.get(f"{url}{path}", timeout=60)
             assert response.status_code == 401
             assert_auth_error(response.json())
-            authorized = httpx.get(f"{url}{path}", headers={"authorization": f"Bearer {KEYS[0]}"})
+            authorized = httpx.get(f"{url}{path}", headers={"authorization": f"Bearer {KEYS[0]}"}, timeout=60)
             assert authorized.status_code == 200
 
 
@@ -126,7 +126,7 @@ def test_upstream_key_is_never_forwarded_from_or_exposed_to_clients(thinkbrake: 
     for chunk in client.chat.completions.create(model=MODEL, messages=MESSAGES, stream=True):
         bodies.append(chunk.model_dump_json())
     bodies.append(client.completions.create(model=MODEL, prompt="2 + 2 =").model_dump_json())
-    bodies.append(httpx.get(f"{thinkbrake}/metrics").text)
+    bodies.append(httpx.get(f"{thinkbrake}/metrics", timeout=60).text)
     for fault in ("echo_auth", "status:500"):  # an upstream error message that quotes the key it was sent
         for stream in (False, True):
             with pytest.raises(openai.APIStatusError) as raised:

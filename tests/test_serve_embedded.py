@@ -359,6 +359,8 @@ def test_responses_follow_the_openai_specification(server, tiny_tokenizer):
         response = httpx.post(f"{server}{path}", json=body, timeout=120)
         assert response.status_code == status, response.text
         spec.assert_valid(spec.ERROR, response.json(), f"{path} {status}")
-    broken = httpx.post(f"{server}{chat}", content=b'{"model": ', headers={"content-type": "application/json"})
+    broken = httpx.post(
+        f"{server}{chat}", content=b'{"model": ', headers={"content-type": "application/json"}, timeout=60
+    )
     assert broken.status_code == 400 and broken.json()["error"]["param"] is None
     spec.assert_valid(spec.ERROR, broken.json(), "invalid JSON")

@@ -81,7 +81,7 @@ def http_json(url: str, body: dict[str, Any] | None = None, timeout: float = 120
 
 def metric(base_url: str, name: str) -> float:
     """A counter from a server's ``/metrics`` (summed over labels)."""
-    with urllib.request.urlopen(f"{base_url}/metrics", timeout=10) as response:
+    with urllib.request.urlopen(f"{base_url}/metrics", timeout=60) as response:
         return metrics_text_value(response.read().decode(), name)
 
 
