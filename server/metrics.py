@@ -35,7 +35,8 @@ Tokens saved: measured and estimated are separate metrics and are never added to
 
 Answer probes (see :mod:`server.probing`): ``thinkbrake_probes_total`` (sent), ``thinkbrake_probe_tokens_total``
 (tokens the probes decoded: real engine work on top of the main decode), ``thinkbrake_probe_cached_tokens_total``
-(probe prompt tokens the prefix cache served), ``thinkbrake_probe_errors_total``, the latency histogram
+(probe prompt tokens the prefix cache served) over ``thinkbrake_probe_reported_prompt_tokens_total`` (the prompt
+tokens of the probes whose backend reports cache hits: the probe cache hit ratio), ``thinkbrake_probe_errors_total``, the latency histogram
 ``thinkbrake_probe_latency_seconds``, and ``thinkbrake_probe_fallbacks_total{reason}`` (choices of a probing policy
 that ran text-only because the backend cannot probe). Both savings are **net of the choice's own probe tokens**
 (``RequestRecord.probe_tokens``, floored at 0): a stop that cost more in probes than it saved counts as 0 saved.
@@ -194,6 +195,11 @@ class Collectors:
         self.probe_cached_tokens = counter(
             "thinkbrake_probe_cached_tokens", "Prompt tokens of answer probes served from the prefix cache."
         )
+        self.probe_reported_prompt_tokens = counter(
+            "thinkbrake_probe_reported_prompt_tokens",
+            "Prompt tokens of answer probes whose backend reported its prefix-cache hits (the cache hit ratio is "
+            "thinkbrake_probe_cached_tokens_total over this).",
+        )
         self.probe_errors = counter("thinkbrake_probe_errors", "Answer probes that failed or were rejected.")
         self.probe_fallbacks = counter(
             "thinkbrake_probe_fallbacks",
@@ -240,7 +246,7 @@ class Collectors:
             self.shadow_requests, self.shadow_thinking, self.shadow_would_stop, self.shadow_would_stop_thinking,
             self.shadow_compared, self.shadow_agree, self.controller_errors, self.solutions, self.thinking_per_request,
             self.stop_position, self.shadow_stop_ratio, self.controller_seconds, self.ttft, self.latency,
-            self.probes, self.probe_tokens, self.probe_cached_tokens, self.probe_errors, self.probe_latency,
+            self.probes, self.probe_tokens, self.probe_cached_tokens, self.probe_reported_prompt_tokens, self.probe_errors, self.probe_latency,
             self.recorded,
         )  # fmt: skip
 
@@ -353,14 +359,18 @@ class Metrics:
         self.prepare(model, policy)
         self._c.probes.labels(model, policy).inc()
 
-    def observe_probe(self, model: str, policy: str, seconds: float, tokens: int, cached_tokens: int | None) -> None:
-        """One answer probe answered after ``seconds``, having decoded ``tokens`` (``cached_tokens`` of its prompt
-        served from the prefix cache, None when unknown)."""
+    def observe_probe(
+        self, model: str, policy: str, seconds: float, tokens: int, cached_tokens: int | None, prompt_tokens: int = 0
+    ) -> None:
+        """One answer probe answered after ``seconds``, having decoded ``tokens``: ``cached_tokens`` of its
+        ``prompt_tokens`` served from the prefix cache (None when the backend does not say; such a probe counts in
+        neither side of the hit ratio)."""
         self.prepare(model, policy)
         self._c.probe_latency.labels(model, policy).observe(seconds)
         self._c.probe_tokens.labels(model, policy).inc(tokens)
-        if cached_tokens:
+        if cached_tokens is not None:
             self._c.probe_cached_tokens.labels(model, policy).inc(cached_tokens)
+            self._c.probe_reported_prompt_tokens.labels(model, policy).inc(max(prompt_tokens, cached_tokens))
 
     def count_probe_error(self, model: str, policy: str) -> None:
         self.prepare(model, policy)

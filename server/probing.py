@@ -131,7 +131,9 @@ class ChoiceProbes:
         stats.tokens += output.tokens
         stats.prompt_tokens += output.prompt_tokens
         stats.cached_tokens += output.cached_tokens or 0
-        self.metrics.observe_probe(self.model, self.policy, seconds, output.tokens, output.cached_tokens)
+        self.metrics.observe_probe(
+            self.model, self.policy, seconds, output.tokens, output.cached_tokens, output.prompt_tokens
+        )
         return result
 
     def _failed(self, request: ProbeRequest) -> ProbeResult:

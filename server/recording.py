@@ -417,7 +417,9 @@ class ChoiceRecording:
             log.exception("recording probe failed")
             metrics.count_probe_error(*labels)
             return
-        metrics.observe_probe(*labels, time.perf_counter() - began, output.tokens, output.cached_tokens)
+        metrics.observe_probe(
+            *labels, time.perf_counter() - began, output.tokens, output.cached_tokens, output.prompt_tokens
+        )
         read = read_probe(spec, number, output.text, output.logprobs)
         position = self._trace_tokens(tokens)
         if kind == WAIT:

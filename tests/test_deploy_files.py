@@ -115,7 +115,7 @@ def test_promtool_check_config() -> None:
 
 def test_promtool_check_rules() -> None:
     result = run_promtool("check", "rules", "alerts.yml")
-    assert "4 rules found" in result.stdout
+    assert "5 rules found" in result.stdout
 
 
 def test_alert_rules_fire_as_specified() -> None:

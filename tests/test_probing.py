@@ -105,6 +105,17 @@ def test_probe_metrics_and_stats() -> None:
     assert sample(registry, "thinkbrake_probe_latency_seconds_count") == 2
 
 
+def test_the_probe_cache_hit_ratio_counts_only_probes_that_report_it() -> None:
+    registry = CollectorRegistry()
+    metrics = Metrics(registry=registry)
+    metrics.observe_probe("m", "probe_fcs", 0.1, 3, 300, prompt_tokens=1000)  # 30% of its prompt from the cache
+    metrics.observe_probe("m", "probe_fcs", 0.1, 3, 0, prompt_tokens=500)  # a miss
+    metrics.observe_probe("m", "probe_fcs", 0.1, 3, None, prompt_tokens=800)  # not reported: in neither side
+    cached = sample(registry, "thinkbrake_probe_cached_tokens_total")
+    reported = sample(registry, "thinkbrake_probe_reported_prompt_tokens_total")
+    assert (cached, reported) == (300, 1500)
+
+
 @pytest.mark.parametrize(
     ("error", "fallback"),
     [(BackendError("boom"), None), (ProbeRejected("no token ids here", 400), REJECTED), (RuntimeError("x"), None)],
