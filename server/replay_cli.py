@@ -7,11 +7,11 @@ import dataclasses
 import json
 import os
 import sys
-from concurrent.futures import ProcessPoolExecutor
 from pathlib import Path
 from typing import Any
 
 from controller.calibration import CalibrationError, load_calibration, policy_for
+from controller.offline.parallel import map_with_progress
 from controller.offline.replay import (
     TraceResult,
     default_tokenizer_root,
@@ -197,20 +197,4 @@ def replay_all(
     traces: list[dict[str, Any]], configs: list[PolicyConfig], root: str, tokenizer: str | None, jobs: int
 ) -> list[TraceResult]:
     """Replay traces in ``jobs`` processes with a progress bar; results keep the input order."""
-    from tqdm import tqdm
-
-    initargs = (root, tokenizer, configs)
-    progress = tqdm(total=len(traces), desc="replay", unit="trace", file=sys.stderr)
-    results: list[TraceResult] = []
-    if jobs <= 1:
-        init_worker(*initargs)
-        for trace in traces:
-            results.append(replay_in_worker(trace))
-            progress.update()
-    else:
-        with ProcessPoolExecutor(jobs, initializer=init_worker, initargs=initargs) as pool:
-            for result in pool.map(replay_in_worker, traces, chunksize=4):
-                results.append(result)
-                progress.update()
-    progress.close()
-    return results
+    return map_with_progress(replay_in_worker, traces, jobs, init_worker, (root, tokenizer, configs), "replay")
