@@ -17,7 +17,6 @@ tiny model's own tokenizer):
 
 from __future__ import annotations
 
-import gzip
 import json
 import pathlib
 import re
@@ -28,13 +27,13 @@ from typing import Any
 import pytest
 
 from controller.offline.replay import trace_stream
+from tests.support.dev_traces import traces_by_id
 from tests.support.fixtures import KV_CACHE_BYTES, MAX_MODEL_LEN, REPO_ROOT, SCRIPTED_PROCESSOR_FQCN, openai_server
 from tests.support.serving import FEW_TOKENS, http_json, thinkbrake_server, wait_metric
 from tests.support.trace_format import check_trace
 
 pytestmark = [pytest.mark.engine, pytest.mark.replay]
 
-DEV_PROBES = pathlib.Path(__file__).resolve().parents[2] / "shared" / "data" / "traces" / "dev-probes.jsonl.gz"
 TEXT_STOPPED = "math500/212/DeepSeek-R1-Distill-Qwen-7B/seed44"  # fcs_reflection stops it
 TEXT_NATURAL = "math500/98/DeepSeek-R1-Distill-Qwen-7B/seed43"  # ... and not this one
 PROBED = "math500/430/Qwen3-8B/seed43"  # a "Wait" after 217 characters
@@ -46,16 +45,7 @@ WAIT_WORD = re.compile(r"(?<![A-Za-z])wait(?![A-Za-z])", re.IGNORECASE)
 
 @pytest.fixture(scope="module")
 def traces() -> dict[str, dict[str, Any]]:
-    if not DEV_PROBES.exists():
-        pytest.skip(f"dev traces not found at {DEV_PROBES}")
-    wanted, found = {TEXT_STOPPED, TEXT_NATURAL, PROBED}, {}
-    with gzip.open(DEV_PROBES, "rt") as lines:
-        for line in lines:
-            trace = json.loads(line)
-            if trace["id"] in wanted:
-                found[trace["id"]] = trace
-    assert set(found) == wanted
-    return found
+    return traces_by_id([TEXT_STOPPED, TEXT_NATURAL, PROBED])
 
 
 @pytest.fixture(scope="module", params=["embedded", "proxy"])

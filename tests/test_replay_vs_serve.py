@@ -11,9 +11,6 @@ decode a few tokens past its decision before the abort lands).
 
 from __future__ import annotations
 
-import gzip
-import json
-from pathlib import Path
 from typing import Any
 
 import pytest
@@ -22,12 +19,12 @@ from controller.offline.replay import REPLAY_DELIMITERS, replay_trace, token_del
 from controller.policies import FcsReflectionConfig
 from controller.session import ThinkingController
 from controller.verify import AnswerComparer
+from tests.support.dev_traces import traces_by_id
 from tests.support.fixtures import KV_CACHE_BYTES, MAX_MODEL_LEN, SCRIPTED_PROCESSOR_FQCN, openai_server
 from tests.support.serving import FEW_TOKENS, http_json, thinkbrake_server
 
 pytestmark = [pytest.mark.engine, pytest.mark.replay]
 
-DEV_PROBES = Path(__file__).resolve().parents[2] / "shared" / "data" / "traces" / "dev-probes.jsonl.gz"
 #: closed dev traces short enough for the tiny model's context; picked by replaying them: the first four end on
 #: a confirmation right before the model's end of thinking, two are stopped earlier, one has no stop at all
 ENDS_ON_CONFIRMATION = [
@@ -43,17 +40,7 @@ FINAL_CHARS = 120  # the start of the final answer is enough: it is decoded only
 
 @pytest.fixture(scope="module")
 def traces() -> dict[str, dict[str, Any]]:
-    if not DEV_PROBES.exists():
-        pytest.skip(f"dev traces not found at {DEV_PROBES}")
-    wanted = set(ENDS_ON_CONFIRMATION + STOPPED + NATURAL)
-    found = {}
-    with gzip.open(DEV_PROBES, "rt") as lines:
-        for line in lines:
-            trace = json.loads(line)
-            if trace["id"] in wanted:
-                found[trace["id"]] = trace
-    assert set(found) == wanted
-    return found
+    return traces_by_id(ENDS_ON_CONFIRMATION + STOPPED + NATURAL)
 
 
 @pytest.fixture(scope="module")
