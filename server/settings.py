@@ -13,7 +13,7 @@ import pathlib
 from dataclasses import dataclass
 from typing import Annotated, Any, Literal
 
-from pydantic import Field, field_validator, model_validator
+from pydantic import Field, PrivateAttr, field_validator, model_validator
 from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
 
 from controller.calibration import CalibrationError
@@ -187,6 +187,8 @@ class Settings(BaseSettings):
         description="vllm_xargs every request gets under its own (a request's own keys win); the demo's script",
     )
 
+    _served: ServedCalibration | None = PrivateAttr(None)  # the file read by :meth:`served_calibration`
+
     @field_validator("upstream")
     @classmethod
     def _strip_slash(cls, value: str | None) -> str | None:
@@ -256,13 +258,16 @@ class Settings(BaseSettings):
         return parse_policy({"policy": self.policy, **self.policy_args})
 
     def served_calibration(self) -> ServedCalibration | None:
-        """The calibration to serve (None without ``--calibration``); ValueError naming the file if unusable."""
+        """The calibration to serve (None without ``--calibration``), read once (at validation) and kept;
+        ValueError naming the file if unusable."""
         if self.calibration is None:
             return None
-        try:
-            return ServedCalibration.load(self.calibration, self.risk)
-        except CalibrationError as error:
-            raise ValueError(f"--calibration {self.calibration}: {error}") from None
+        if self._served is None or self._served.source != self.calibration or self._served.risk != self.risk:
+            try:
+                self._served = ServedCalibration.load(self.calibration, self.risk)
+            except CalibrationError as error:
+                raise ValueError(f"--calibration {self.calibration}: {error}") from None
+        return self._served
 
     def policy_defaults(self, name: str) -> dict[str, Any]:
         """The server's policy arguments that apply to policy ``name`` (all of them if it is the default)."""
