@@ -25,6 +25,7 @@ from server.backend import (
     TextPrompt,
 )
 from server.settings import Settings
+from server.token_texts import PRIME_IDS, split_text
 
 log = logging.getLogger(__name__)
 
@@ -48,7 +49,12 @@ def _client_errors() -> tuple[type[Exception], ...]:
 
 
 class EngineGeneration:
-    """One engine request streamed in DELTA mode; ``abort`` stops decoding at once."""
+    """One engine request streamed in DELTA mode; ``abort`` stops decoding at once.
+
+    It yields one chunk per token where it can: an engine output that merges several steps (its reader lagged) is
+    split again by token (:mod:`server.token_texts`), so the controller sees the same deltas, and a stop lands on
+    the same token, however loaded the machine is.
+    """
 
     def __init__(self, backend: EmbeddedBackend, prompt: Any, params: Any, request_id: str) -> None:
         self._backend = backend
@@ -59,6 +65,7 @@ class EngineGeneration:
         self.num_cached_tokens: int | None = None
         self._stream: Any = None
         self._aborted = False
+        self._recent: list[int] | None = None  # the last ids before the next output (they prime a split)
 
     async def __aiter__(self) -> AsyncGenerator[Chunk, None]:
         engine = self._backend.engine
@@ -71,9 +78,24 @@ class EngineGeneration:
                 if output.num_cached_tokens is not None:
                     self.num_cached_tokens = output.num_cached_tokens
                 completion = output.outputs[0]
-                yield Chunk(completion.text, list(completion.token_ids), completion.finish_reason)
+                for chunk in self._chunks(completion.text, list(completion.token_ids), completion.finish_reason):
+                    yield chunk
         except client_errors as error:  # vLLM validates the request when it is added (length, params)
             raise BackendError(str(error), status_code=400) from error
+
+    def _chunks(self, text: str, token_ids: list[int], finish_reason: str | None) -> list[Chunk]:
+        """One engine output as chunks: one per token when its text splits exactly, else the output whole."""
+        before = self._recent if self._recent is not None else (self.prompt_token_ids or [])[-PRIME_IDS:]
+        pieces = None
+        if len(token_ids) > 1:
+            skip = bool(getattr(self._params, "skip_special_tokens", True))
+            pieces = split_text(self._backend.tokenizer, before, token_ids, text, skip)
+        self._recent = (before + token_ids)[-PRIME_IDS:]
+        if pieces is None:
+            return [Chunk(text, token_ids, finish_reason)]
+        last = len(token_ids) - 1
+        return [Chunk(piece, [token], finish_reason if i == last else None) for i, (piece, token) in
+                enumerate(zip(pieces, token_ids, strict=True))]  # fmt: skip
 
     async def abort(self) -> None:
         if self._aborted:

@@ -23,10 +23,10 @@ from tests.support.fixtures import (
 )
 from tests.support.serving import (
     CONFIRM,
-    FEW_TOKENS,
     NEVER_DECODED,
     QUESTION,
     SOLVE,
+    THINKING,
     metric,
     scripted_body,
     thinkbrake_server,
@@ -94,9 +94,12 @@ def test_a_probe_on_the_cached_prefix_decides_the_stop(server, client, tiny_toke
     completion = response.usage.completion_tokens
     assert completion == info["thinking_tokens"] + info["answer_tokens"]
     total = completion + probes["tokens"]
-    # (the stop lands between engine steps: a step already delivered when the abort lands is decoded, not shown)
     generated = wait_metric(server, GENERATION_TOKENS, generated_before + total) - generated_before
-    assert total <= generated <= total + FEW_TOKENS
+    # the abort freed the engine: the main decode ended long before the scripted thinking did. (Steps decoded
+    # while the probe's answer and the abort were on their way are decoded, not shown; how many depends on how
+    # fast this machine is against the engine, so only the end of the thinking bounds them.)
+    main_decoded = generated - info["answer_tokens"] - probes["tokens"]
+    assert info["thinking_tokens"] <= main_decoded < len(tiny_tokenizer.encode(THINKING, add_special_tokens=False))
     assert metric(server, "thinkbrake_probe_latency_seconds_count") >= 1
 
 

@@ -1,0 +1,47 @@
+"""The text of each token of a multi-token delta, as the engine's detokenizer gives one token at a time.
+
+vLLM merges the outputs of several engine steps into one delta when its reader lags (a loaded machine, a busy
+event loop). The controller decides at the end of a delta, so a stop that lands inside a merged delta would keep
+the delta's later tokens too, and the same request would stop a token or more later under load. The embedded
+backend splits such a delta back into one delta per token with this module, so the controller sees the deltas an
+unloaded engine gives, whatever the load.
+
+The split runs tokenizers' ``DecodeStream`` (the incremental decoder vLLM's own detokenizer uses), primed with the
+ids just before the delta. A split is used only if its pieces add up to the delta's text exactly; otherwise (stop
+strings holding text back, special-token spacing the stream does not reproduce) the delta stays whole, as before.
+
+Invariants: ``"".join(split_text(...)) == text`` whenever the result is not None; the result has one piece per id
+(a piece may be empty: a token that ends inside a multi-byte character shows nothing until the next one).
+"""
+
+from __future__ import annotations
+
+import logging
+from typing import Any
+
+from tokenizers.decoders import DecodeStream
+
+log = logging.getLogger(__name__)
+
+#: ids before the delta that prime the decoder (enough to carry a multi-byte character and the spacing of the
+#: previous word; the decoder only looks back a few ids)
+PRIME_IDS = 8
+
+
+def split_text(
+    tokenizer: Any, before: list[int], token_ids: list[int], text: str, skip_special_tokens: bool = True
+) -> list[str] | None:
+    """The text of each of ``token_ids`` (a delta whose text is ``text``, after the ids ``before``), or None when
+    it cannot be told exactly. ``tokenizer``: a ``transformers`` fast tokenizer (its ``_tokenizer`` decodes)."""
+    backend = getattr(tokenizer, "_tokenizer", None)
+    if backend is None or len(token_ids) < 2:
+        return None
+    try:
+        stream = DecodeStream(skip_special_tokens=skip_special_tokens)
+        for token in before[-PRIME_IDS:]:  # (stepped, not prefilled: a prefill ending inside a character is kept
+            stream.step(backend, token)  # back and shown again with the next id)
+        pieces = [stream.step(backend, token) or "" for token in token_ids]
+    except Exception:  # noqa: BLE001 - an id the decoder cannot take: the delta stays whole
+        log.debug("splitting a delta by token failed", exc_info=True)
+        return None
+    return pieces if "".join(pieces) == text else None
