@@ -265,6 +265,9 @@ class Prometheus:
             self.process = subprocess.Popen(command, stdout=log, stderr=subprocess.STDOUT)
         self.client = httpx.Client(timeout=60)
         self.since: float | None = None  # wall-clock start of the evaluation windows (set before the second traffic)
+        #: the records target's scrapes the exact ratios are read between: its last one before the second batch,
+        #: and its first one that holds all of it (Prometheus timestamps, in seconds)
+        self.records_scrapes: tuple[float, float] | None = None
 
     def window(self) -> str:
         """The evaluation window: from :attr:`since` (2 s earlier, for the time between building a query and
@@ -279,14 +282,29 @@ class Prometheus:
             return self.client.get(f"http://127.0.0.1:{self.port}/-/ready").status_code == 200
         return False
 
-    def query(self, expr: str) -> list[dict[str, Any]]:
-        payload = self.client.get(f"{self.api}/query", params={"query": expr}).json()
+    def exact_window(self) -> tuple[str, float]:
+        """A window and an evaluation time that put the records target's two scrapes (:attr:`records_scrapes`) at
+        the window's ends: ``rate`` then has nothing to extrapolate (one millisecond at the start, where a range
+        is open), so its ratios are the ratios of the increases, whenever the queries run."""
+        assert self.records_scrapes is not None
+        first, last = self.records_scrapes
+        return f"{round((last - first) * 1000) + 1}ms", last
+
+    def last_scrape(self, selector: str) -> float:
+        """The timestamp of the latest sample of the series ``selector`` selects."""
+        at = self.scalar(f"max(timestamp({selector}))")
+        assert at is not None, selector
+        return at
+
+    def query(self, expr: str, at: float | None = None) -> list[dict[str, Any]]:
+        params: dict[str, Any] = {"query": expr} if at is None else {"query": expr, "time": f"{at:.3f}"}
+        payload = self.client.get(f"{self.api}/query", params=params).json()
         assert payload["status"] == "success", f"{expr}: {payload}"
         result: list[dict[str, Any]] = payload["data"]["result"]
         return result
 
-    def scalar(self, expr: str) -> float | None:
-        result = self.query(expr)
+    def scalar(self, expr: str, at: float | None = None) -> float | None:
+        result = self.query(expr, at)
         return float(result[0]["value"][1]) if result else None
 
     def label_values(self, label: str, metric: str) -> list[str]:
@@ -336,11 +354,14 @@ def scraped(
         prometheus.since = time.time()  # the windows start here: flat scrapes, then the second traffic
         flat = 'min(count_over_time(thinkbrake_requests_total{{outcome="natural"}}[{}]))'
         wait_for(lambda: (prometheus.scalar(flat.format(prometheus.window())) or 0) >= 2, "two scrapes in the window")
+        records = f'thinkbrake_requests_total{{model="{MODEL}"}}'
+        flat_scrape = prometheus.last_scrape(records)
         real_server.send(REAL_TRAFFIC)
         send_records(metrics, SECOND_BATCH)
         engine_server.send()
         expected = (2 * len(REAL_TRAFFIC), len(FIRST_BATCH) + len(SECOND_BATCH))
         wait_for(lambda: requests_seen(prometheus) == expected, "a scrape of the second traffic")
+        prometheus.records_scrapes = (flat_scrape, prometheus.last_scrape(records))
         yield prometheus
     finally:
         prometheus.stop()
@@ -428,11 +449,14 @@ def test_dashboard_numbers_on_known_records(scraped: Prometheus) -> None:
     assert scraped.scalar(agreement) == 4 / 5
 
     queries: dict[str, list[str]] = {}
+    window, at = scraped.exact_window()
     for title, expr in panel_queries():
-        queries.setdefault(title, []).append(substitute(expr, MODEL, scraped.window()))
-    assert scraped.scalar(queries["Shadow agreement (%)"][0]) == pytest.approx(75.0)
-    assert scraped.scalar(queries["Error rate (%)"][0]) == pytest.approx(100 / len(SECOND_BATCH))
-    measured_per_stop, estimated_per_stop = map(scraped.scalar, queries["Measured vs estimated savings per stop"])
+        queries.setdefault(title, []).append(substitute(expr, MODEL, window))
+    print(f"\nwindow {window} ending at {at}: {queries['Shadow agreement (%)'][0]}")
+    assert scraped.scalar(queries["Shadow agreement (%)"][0], at) == pytest.approx(75.0)
+    assert scraped.scalar(queries["Error rate (%)"][0], at) == pytest.approx(100 / len(SECOND_BATCH))
+    per_stop = queries["Measured vs estimated savings per stop"]
+    measured_per_stop, estimated_per_stop = (scraped.scalar(expr, at) for expr in per_stop)
     assert measured_per_stop == pytest.approx(750.0)
     # rate() extrapolates a series that started at 0 differently from one that did not: close, not exact.
     assert estimated_per_stop == pytest.approx((400 + 700) / 2 * (1 / f_second - 1), rel=0.1)
