@@ -228,7 +228,9 @@ def resplits(evaluation: Evaluation, count: int, seed: int, one_seed: bool = Fal
     models = sorted(set(evaluation.models))
     families = {name: evaluation_of_family(evaluation, name) for name in ("all", "deer")}
     exceed = {(name, risk): 0 for name in families for risk in RISKS}
-    saved = {(name, risk): [] for name in families for risk in RISKS}  # type: dict[tuple[str, float], list[float]]
+    saved: dict[tuple[str, float, str], list[float]] = {
+        (name, risk, model): [] for name in families for risk in RISKS for model in models
+    }
     pairs = 0
     for _ in range(count):
         tune_problems = rng.permutation(len(problems))[: len(problems) // 2]
@@ -257,7 +259,7 @@ def resplits(evaluation: Evaluation, count: int, seed: int, one_seed: bool = Fal
                     else:
                         rate = float(losses[choice.chosen, held].mean())
                         gain = float(net[choice.chosen, held].sum() / sub.totals[held].sum())
-                    saved[name, choice.risk].append(100 * gain)
+                    saved[name, choice.risk, model].append(100 * gain)
                     if rate > choice.risk:
                         exceed[name, choice.risk] += 1
     what = "one random seed per problem and model" if one_seed else "every seed"
@@ -268,9 +270,17 @@ def resplits(evaluation: Evaluation, count: int, seed: int, one_seed: bool = Fal
           "calibrated family | DEER family |")  # fmt: skip
     print("|---|---|---|---|---|")
     for risk in RISKS:
+        mine, deer = (np.mean([saved[name, risk, model] for model in models]) for name in ("all", "deer"))
         print(f"| {100 * risk:g}% | {exceed['all', risk]}/{pairs} = {exceed['all', risk] / pairs:.3f} | "
-              f"{exceed['deer', risk] / pairs:.3f} | {np.mean(saved['all', risk]):.1f} | "
-              f"{np.mean(saved['deer', risk]):.1f} |")  # fmt: skip
+              f"{exceed['deer', risk] / pairs:.3f} | {mine:.1f} | {deer:.1f} |")  # fmt: skip
+    print("\nper model, mean holdout net saved % (calibrated family / DEER family):")
+    print("| model | " + " | ".join(f"A={100 * risk:g}%" for risk in RISKS) + " |")
+    print("|---|" + "---|" * len(RISKS))
+    for model in models:
+        cells = [
+            f"{np.mean(saved['all', risk, model]):.1f} / {np.mean(saved['deer', risk, model]):.1f}" for risk in RISKS
+        ]
+        print(f"| {model} | " + " | ".join(cells) + " |")
 
 
 def no_confidence(evaluation: Evaluation, plain: Evaluation) -> None:
