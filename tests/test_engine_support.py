@@ -334,3 +334,41 @@ async def test_engine_generation_token_counter(tiny_engine, tiny_tokenizer):
     after = await wait_for_counter(before + len(received))
     # counts tokens the engine decoded and delivered before the abort was seen
     assert len(received) <= after - before < len(long_script)
+
+
+@engine_test
+async def test_a_merged_engine_output_reaches_the_server_one_token_at_a_time(tiny_engine, tiny_tokenizer):
+    """A reader that lags gets several engine steps merged into one output (vLLM's output collector); the
+    embedded backend splits it back into one chunk per token with the text each token gives on its own. The lag is
+    made, not hoped for: after the first chunk the reader waits until the engine has decoded 10 more tokens."""
+    from tokenizers.decoders import DecodeStream
+
+    from server.engine import EngineGeneration
+
+    script = script_ids(tiny_tokenizer, THINKING, ANSWER)
+    params = delta_params(scripted_extra_args(tiny_tokenizer, script))
+    prompt = chat_prompt_ids(tiny_tokenizer, QUESTION)
+    tokenizer = tiny_engine.get_tokenizer()
+    raw_sizes: list[int] = []
+
+    def generate(*args):
+        async def outputs():
+            async for output in tiny_engine.generate(*args):
+                raw_sizes.append(len(output.outputs[0].token_ids))
+                yield output
+
+        return outputs()
+
+    backend = SimpleNamespace(engine=SimpleNamespace(generate=generate), tokenizer=tokenizer)
+    generation = EngineGeneration(backend, TokensPrompt(prompt_token_ids=prompt), params, "merged")
+    chunks = []
+    before = counter_value(GENERATION_TOKENS)
+    async for chunk in generation:
+        chunks.append(chunk)
+        if len(chunks) == 1:
+            assert await wait_for_counter(before + 11) >= before + 11
+    assert max(raw_sizes) >= 10  # the engine did merge the steps the reader missed
+    assert [chunk.token_ids for chunk in chunks] == [[token] for token in script]
+    stream = DecodeStream(ids=prompt, skip_special_tokens=params.skip_special_tokens)
+    assert [chunk.text for chunk in chunks] == [stream.step(tokenizer._tokenizer, token) or "" for token in script]
+    assert "".join(chunk.text for chunk in chunks) == THINKING + THINK_END + ANSWER
