@@ -332,6 +332,10 @@ def run(settings: Any, when_ready: Callable[[str, Callable[[], None]], None] | N
     level = settings.log_level.upper()
     logging.basicConfig(level=level, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     logging.getLogger("uvicorn.error").addFilter(_HideEarlyAddress())
+    if settings.workers > 1:
+        from server.workers import serve_workers
+
+        return serve_workers(settings)
     if settings.upstream:
         from server.upstream import UpstreamBackend
 

@@ -122,6 +122,11 @@ class Settings(BaseSettings):
     ] = Field(None, gt=0.0, lt=1.0)  # fmt: skip
     host: Annotated[str, Flag(SERVER, "address to listen on (default 127.0.0.1)")] = "127.0.0.1"
     port: Annotated[int, Flag(SERVER, "port (default 8000)")] = Field(8000, ge=0, le=65535)
+    workers: Annotated[
+        int,
+        Flag(SERVER, "worker processes sharing the port (default 1; upstream mode only): each serves whole requests, "
+             "probes and continuations included, and /metrics sums them all", "N"),
+    ] = Field(1, ge=1)  # fmt: skip
     keep_alive_timeout: Annotated[
         float,
         Flag(SERVER, "seconds an idle client connection stays open (default 75: longer than clients and load "
@@ -244,6 +249,11 @@ class Settings(BaseSettings):
             self.default_policy()
         except PolicyError as error:
             raise ValueError(f"default policy: {error}") from None
+        if self.workers > 1 and not self.upstream:
+            raise ValueError(
+                "--workers needs --upstream: an embedded engine belongs to one process. Scale it with replicas behind "
+                "a load balancer, or run vllm serve (--api-server-count N) and thinkbrake --upstream --workers N"
+            )
         if self.risk is not None and self.calibration is None:
             raise ValueError("--risk needs --calibration (the file whose levels it chooses among)")
         if self.calibration is not None:
