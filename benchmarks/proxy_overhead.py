@@ -14,7 +14,9 @@ recording's cost is the ratio of "recorded" to "default". It prints one markdown
   by the direct phase's characters per token (events/s is shown too);
 - TTFT and inter-token latency (ITL, the gap between consecutive text-carrying events of a stream), p50 and
   p99, and what thinkbrake adds to them (the percentile through thinkbrake minus the direct one);
-- thinkbrake's CPU (% of one core, over the measured window) and RSS at the end of the phase (MiB).
+- thinkbrake's CPU (% of one core, over the phase), the CPU it spends per forwarded token (microseconds: CPU
+  seconds over the phase / tokens over the phase, workers included) and RSS at the end of the phase (MiB).
+  ``--thinkbrake-arg=--workers=2`` runs thinkbrake with two worker processes.
 
 The clients are a lean hand-written HTTP/1.1 SSE reader (one ``json.loads`` per event, no SDK), so the client
 is cheap next to the servers. ``--token-rate R`` paces the upstream at R tokens/s per stream, like a real decoding engine;
@@ -310,8 +312,8 @@ def table(concurrency: int, rows: list[Row], cpu_label: str = "thinkbrake CPU %"
         f"### C = {concurrency}",
         "",
         "| path | tokens/s | ratio | events/s | requests | errors | TTFT p50 / p99 ms | +TTFT p50 / p99 ms "
-        f"| ITL p50 / p99 ms | +ITL p50 / p99 ms | {cpu_label} | RSS MiB |",
-        "|---|---|---|---|---|---|---|---|---|---|---|---|",
+        f"| ITL p50 / p99 ms | +ITL p50 / p99 ms | {cpu_label} | CPU us/token | RSS MiB |",
+        "|---|---|---|---|---|---|---|---|---|---|---|---|---|",
     ]
 
     def delta(row: Row, mine: tuple[float, float], base: tuple[float, float]) -> str:
@@ -323,6 +325,7 @@ def table(concurrency: int, rows: list[Row], cpu_label: str = "thinkbrake CPU %"
             f"| {row.events_per_second:,.0f} | {row.requests} | {row.errors} | {row.ttft[0]:.2f} / {row.ttft[1]:.2f} | {delta(row, row.ttft, direct.ttft)} "
             f"| {row.itl[0]:.3f} / {row.itl[1]:.3f} | {delta(row, row.itl, direct.itl)} "
             f"| {'-' if row.cpu_percent is None else f'{row.cpu_percent:.0f}'} "
+            f"| {'-' if row.cpu_percent is None else f'{row.cpu_percent / 100 / row.tokens_per_second * 1e6:.1f}'} "
             f"| {'-' if row.rss_mib is None else f'{row.rss_mib:.0f}'} |"
         )
     return "\n".join(lines)
