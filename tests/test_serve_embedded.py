@@ -37,6 +37,7 @@ from tests.support.serving import (
     settled_metric,
     stream_message,
     thinkbrake_server,
+    trace_tokens,
     wait_metric,
 )
 
@@ -59,11 +60,6 @@ def server(tiny_model_dir, tmp_path_factory) -> str:
 @pytest.fixture
 def client(server) -> openai.OpenAI:
     return openai.OpenAI(base_url=f"{server}/v1", api_key="unused", max_retries=0)
-
-
-def trace_tokens(tokenizer) -> int:
-    """Tokens of the scripted thinking: what a request that is never stopped decodes before its answer."""
-    return len(tokenizer.encode(THINKING, add_special_tokens=False))
 
 
 def create(client: openai.OpenAI, tokenizer, thinkbrake=None, **fields):

@@ -26,10 +26,10 @@ from tests.support.serving import (
     NEVER_DECODED,
     QUESTION,
     SOLVE,
-    THINKING,
     metric,
     scripted_body,
     thinkbrake_server,
+    trace_tokens,
     wait_metric,
 )
 
@@ -99,7 +99,7 @@ def test_a_probe_on_the_cached_prefix_decides_the_stop(server, client, tiny_toke
     # while the probe's answer and the abort were on their way are decoded, not shown; how many depends on how
     # fast this machine is against the engine, so only the end of the thinking bounds them.)
     main_decoded = generated - info["answer_tokens"] - probes["tokens"]
-    assert info["thinking_tokens"] <= main_decoded < len(tiny_tokenizer.encode(THINKING, add_special_tokens=False))
+    assert info["thinking_tokens"] <= main_decoded < trace_tokens(tiny_tokenizer)
     assert metric(server, "thinkbrake_probe_latency_seconds_count") >= 1
 
 

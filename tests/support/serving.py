@@ -56,6 +56,11 @@ ANSWER = "The product of 6 and 7 is **42**.\n\n\\boxed{42}"
 FEW_TOKENS = 4
 
 
+def trace_tokens(tokenizer: Any) -> int:
+    """Tokens of the scripted thinking: what a request that is never stopped decodes before its answer."""
+    return len(tokenizer.encode(THINKING, add_special_tokens=False))
+
+
 def scripted_body(tokenizer: Any, thinking: str = THINKING, answer: str = ANSWER, **fields: Any) -> dict[str, Any]:
     """Chat request body whose output the scripted logits processor forces (``vllm_xargs``)."""
     script = script_ids(tokenizer, thinking, answer)
