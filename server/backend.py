@@ -22,6 +22,7 @@ from typing import Any, Protocol, runtime_checkable
 
 from controller.delimiters import Delimiters
 from controller.probes import ProbeSpec
+from server.vocabulary import REJECTED
 
 
 class BackendError(Exception):
@@ -131,7 +132,9 @@ class ProbeOutput:
 
 class ProbeRejected(BackendError):
     """The backend refused a probe request (e.g. an upstream that takes no token-id prompts): the choice falls
-    back to text-only."""
+    back to text-only; ``reason`` is the fallback's (:data:`server.vocabulary.PROBE_FALLBACK_REASONS`)."""
+
+    reason: str = REJECTED
 
 
 class Generation(Protocol):

@@ -24,7 +24,7 @@ from typing import Any
 from controller.probes import ProbeRequest, ProbeResult, probe_spec, read_probe
 from server.backend import BackendError, Chunk, ProbeRejected, probe_extra_args, side_request
 from server.metrics import Metrics
-from server.vocabulary import FALLBACK_TEXT, REJECTED
+from server.vocabulary import FALLBACK_TEXT
 
 log = logging.getLogger(__name__)
 
@@ -44,6 +44,9 @@ class ProbeStats:
     tokens: int = 0
     prompt_tokens: int = 0
     cached_tokens: int = 0
+    #: answered probes whose backend reported its cache and served under half their prompt from it (the probe
+    #: reached a replica that did not hold the choice's prefix)
+    missed_cache: int = 0
     fallback: str | None = None
 
     def info(self) -> dict[str, Any]:
@@ -54,6 +57,7 @@ class ProbeStats:
             "tokens": self.tokens,
             "prompt_tokens": self.prompt_tokens,
             "cached_tokens": self.cached_tokens,
+            "missed_cache": self.missed_cache,
             "fallback": None if self.fallback is None else fallback_text(self.fallback),
         }
 
@@ -114,7 +118,7 @@ class ChoiceProbes:
             output = await self.backend.probe(prefix, spec, probe_extra_args(self.extra_args, request.id), probe_id)
         except ProbeRejected as error:
             log.warning("probe %s rejected; this choice continues text-only: %s", probe_id, error.message)
-            self.stats.fallback = self.stats.fallback or REJECTED
+            self.stats.fallback = self.stats.fallback or error.reason
             return self._failed(request)
         except BackendError as error:
             log.warning("probe %s failed: %s", probe_id, error.message)
@@ -131,6 +135,8 @@ class ChoiceProbes:
         stats.tokens += output.tokens
         stats.prompt_tokens += output.prompt_tokens
         stats.cached_tokens += output.cached_tokens or 0
+        if output.cached_tokens is not None and 2 * output.cached_tokens < output.prompt_tokens:
+            stats.missed_cache += 1
         self.metrics.observe_probe(
             self.model, self.policy, seconds, output.tokens, output.cached_tokens, output.prompt_tokens
         )

@@ -337,15 +337,13 @@ def run(settings: Any, when_ready: Callable[[str, Callable[[], None]], None] | N
 
         return serve_workers(settings)
     if settings.upstream:
-        from server.upstream import UpstreamBackend
+        from server.replicas import upstream_backend
 
-        backend: Any = UpstreamBackend(settings)
-        what = f"upstream {backend.health.url}"
+        backend, what = upstream_backend(settings)
     else:
         from server.engine import EmbeddedBackend
 
-        backend = EmbeddedBackend(settings)
-        what = f"model {settings.model}"
+        backend, what = EmbeddedBackend(settings), f"model {settings.model}"
     failures: list[BaseException] = []
     servers: list[uvicorn.Server] = []
 

@@ -2,8 +2,9 @@
 
 Precedence: a flag given on the command line > the environment variable > the default below.
 Invariants (checked here, so the rest of the server can rely on them): exactly one backend (``model`` for the
-embedded engine, or ``upstream``); the default policy and its arguments parse; ``0 <= shadow_rate <= 1``; a
-``calibration`` file loads and validates (``risk`` only with one); a ``record`` folder exists and is writable.
+embedded engine, or ``upstream``: one URL or several replicas, each once, without a trailing slash); the default
+policy and its arguments parse; ``0 <= shadow_rate <= 1``; a ``calibration`` file loads and validates (``risk``
+only with one); a ``record`` folder exists and is writable.
 """
 
 from __future__ import annotations
@@ -61,9 +62,14 @@ class Settings(BaseSettings):
         Flag(BACKEND, "model id or local folder for the embedded vLLM engine, same as the MODEL argument (default: "
              "deepseek-ai/DeepSeek-R1-Distill-Qwen-1.5B; offline, pass a local folder)"),
     ] = Field(None, description="model id or local path for the embedded engine")  # fmt: skip
-    upstream: Annotated[str | None, Flag(BACKEND, "base URL of an OpenAI-compatible server to proxy", "URL")] = Field(
-        None, description="base URL of an OpenAI-compatible server to proxy"
-    )
+    upstream: Annotated[
+        list[str],
+        NoDecode,
+        Flag(BACKEND, "base URL of an OpenAI-compatible server to proxy; repeat it (env: comma-separated) for replicas "
+             "of one model: each request goes to the replica with the fewest in flight, and its answer probes and "
+             "continuation to that same replica (its prefix cache); an unreachable replica is left out until it "
+             "answers again", "URL"),
+    ] = Field(default_factory=list, description="base URLs of OpenAI-compatible servers to proxy")  # fmt: skip
     upstream_api_key: Annotated[
         str | None,
         Flag(BACKEND, "bearer token thinkbrake sends to the upstream; never taken from or shown to clients "
@@ -194,10 +200,21 @@ class Settings(BaseSettings):
 
     _served: ServedCalibration | None = PrivateAttr(None)  # the file read by :meth:`served_calibration`
 
-    @field_validator("upstream")
+    @field_validator("upstream", mode="before")
     @classmethod
-    def _strip_slash(cls, value: str | None) -> str | None:
-        return value.rstrip("/") if value else value
+    def _upstream_list(cls, value: Any) -> Any:
+        """One URL, a comma-separated string (environment) or a list (repeated flag); each without a trailing
+        slash, and none twice."""
+        if value is None:
+            return []
+        if isinstance(value, str):
+            value = value.split(",")
+        if isinstance(value, list | tuple):
+            urls = [str(item).strip().rstrip("/") for item in value if str(item).strip()]
+            if len(set(urls)) != len(urls):
+                raise ValueError(f"an upstream is given twice: {', '.join(urls)}")
+            return urls
+        return value
 
     @field_validator("policy_args", mode="before")
     @classmethod

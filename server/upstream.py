@@ -327,8 +327,9 @@ class UpstreamBackend:
     state once the upstream was reached: each tries its own connection.
     """
 
-    def __init__(self, settings: Settings) -> None:
-        assert settings.upstream is not None
+    def __init__(self, settings: Settings, url: str | None = None) -> None:
+        """The backend of ``url`` (default: the one ``--upstream``)."""
+        url = url or settings.upstream[0]
         self.settings = settings
         family = settings.delimiters
         self.delimiters = delimiters_for("think-implicit" if family == "auto" else family)
@@ -337,8 +338,8 @@ class UpstreamBackend:
         self.upstream_model = ""
         headers = {"Authorization": f"Bearer {settings.upstream_api_key}"} if settings.upstream_api_key else {}
         timeout = httpx.Timeout(settings.request_timeout, connect=10.0)
-        self.clients = UpstreamClients(settings.upstream, headers, timeout, settings.upstream_max_connections)
-        self.health = UpstreamHealth(settings.upstream, settings.upstream_api_key)
+        self.clients = UpstreamClients(url, headers, timeout, settings.upstream_max_connections)
+        self.health = UpstreamHealth(url, settings.upstream_api_key)
         self._ready = False
         self._watch: asyncio.Task[None] | None = None
         self._suffix_ids: dict[str, list[int]] = {}
@@ -493,6 +494,8 @@ class UpstreamBackend:
         try:
             async with self.clients.lease() as client:
                 response = await client.post("/v1/completions", json=body, headers=self.affinity(request_id))
+        except CONNECT_ERRORS as error:
+            raise BackendError(self.lost(error, "POST /v1/completions (probe)"), 503, UNAVAILABLE_CODE) from error
         except httpx.HTTPError as error:
             raise BackendError(f"upstream probe failed: {type(error).__name__}: {error}") from error
         if response.status_code != 200:

@@ -17,12 +17,14 @@ FINALIZE_MODES: Final[tuple[str, ...]] = get_args(Finalize)
 NO_PROBE_METHOD: Final = "unsupported"  # the backend cannot run answer probes
 NO_TOKEN_IDS: Final = "no_token_ids"  # the backend returns no prompt or generated token ids
 REJECTED: Final = "rejected"  # the backend refused a token-id probe request
-PROBE_FALLBACK_REASONS: Final = (NO_PROBE_METHOD, NO_TOKEN_IDS, REJECTED)
+REPLICA_LOST: Final = "replica_lost"  # the upstream replica holding the choice's prefix cannot be reached
+PROBE_FALLBACK_REASONS: Final = (NO_PROBE_METHOD, NO_TOKEN_IDS, REJECTED, REPLICA_LOST)
 #: the human-readable form of each (the ``thinkbrake.probes.fallback`` field)
 FALLBACK_TEXT: Final = {
     NO_PROBE_METHOD: "the backend cannot run answer probes",
     NO_TOKEN_IDS: "the backend returns no token ids (a probe needs a token-id prompt)",
     REJECTED: "the backend rejected a token-id probe request",
+    REPLICA_LOST: "the upstream replica holding this choice's prefix cache cannot be reached",
 }
 
 #: why a recorded trace was not written (the ``reason`` label of ``thinkbrake_recording_dropped_traces_total``)

@@ -46,7 +46,7 @@ def serve_workers(settings: Any) -> int:
         os.environ[MULTIPROC_ENV] = str(folder)
         os.environ[SETTINGS_ENV] = settings_path
         log.info("starting %d workers for upstream %s at http://%s:%d/v1 (policy %s; Ctrl+C to stop)",
-                 settings.workers, settings.upstream, settings.host, settings.port, settings.policy)  # fmt: skip
+                 settings.workers, ", ".join(settings.upstream), settings.host, settings.port, settings.policy)  # fmt: skip
         uvicorn.run(
             "server.workers:worker_app", factory=True, host=settings.host, port=settings.port,
             workers=settings.workers, log_level=settings.log_level, timeout_keep_alive=settings.keep_alive_timeout,
@@ -61,12 +61,12 @@ def serve_workers(settings: Any) -> int:
 def worker_app() -> Any:
     """The app of one worker (uvicorn calls this in each worker process)."""
     from server.app import build_app
-    from server.upstream import UpstreamBackend
+    from server.replicas import upstream_backend
 
     with open(os.environ[SETTINGS_ENV], "rb") as file:
         settings = pickle.load(file)  # noqa: S301 - written by this server's parent process, mode 0600
     logging.basicConfig(level=settings.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-    backend = UpstreamBackend(settings)
+    backend, _ = upstream_backend(settings)
 
     def ready() -> None:
         log.info("worker %d ready: serving %s", os.getpid(), backend.model_name)

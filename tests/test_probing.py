@@ -14,8 +14,9 @@ from prometheus_client import CollectorRegistry
 from controller.probes import WAIT, ProbeRequest, ProbeResult, ProbeSpec, probe_spec
 from server.backend import PROBE_MARKER, BackendError, Chunk, ProbeOutput, ProbeRejected
 from server.metrics import Metrics
-from server.probing import REJECTED, ChoiceProbes, Interleave
+from server.probing import ChoiceProbes, Interleave
 from server.upstream import probe_output
+from server.vocabulary import REJECTED
 
 CHUNK_SECONDS = 0.02
 
