@@ -14,9 +14,24 @@ recording's cost is the ratio of "recorded" to "default". It prints one markdown
   by the direct phase's characters per token (events/s is shown too);
 - TTFT and inter-token latency (ITL, the gap between consecutive text-carrying events of a stream), p50 and
   p99, and what thinkbrake adds to them (the percentile through thinkbrake minus the direct one);
-- thinkbrake's CPU (% of one core, over the phase), the CPU it spends per forwarded token (microseconds: CPU
-  seconds over the phase / tokens over the phase, workers included) and RSS at the end of the phase (MiB).
-  ``--thinkbrake-arg=--workers=2`` runs thinkbrake with two worker processes.
+- thinkbrake's CPU (% of one core) and its CPU per 1,000 forwarded tokens (milliseconds: CPU seconds / tokens
+  received by the clients, x 1e6; the same figure as microseconds per token), both over the measured window,
+  workers included, and RSS at the end of the phase (MiB). ``--thinkbrake-arg=--workers=2`` runs thinkbrake
+  with two worker processes.
+
+A second table per C says what the answer probes did in each phase through thinkbrake, from thinkbrake's own
+``/metrics`` (counter and histogram deltas over the measured window): probes sent per second, answered, failed,
+tokens the probes decoded per second, probe latency (thinkbrake's ``thinkbrake_probe_latency_seconds``: from
+sending a probe to having its answer, as the policy sees it; the mean is exact, p50 / p99 are the upper bounds of
+the histogram buckets that hold them, 10, 25, 50, 100, 250 ms ...), early stops decided (by reason), and where the
+fake upstream took the answers from (its ``GET /fake/stats``). The default policy (``probe_fcs``) probes at each
+"Wait"; against the default traces the fake answers every probe with the trace's final answer at confidence
+~1, which is not how a model answers mid-thinking. ``--probe-traces`` replays ``dev-probes`` instead (64
+traces spread over the file: both models, every dataset): the thinking is streamed as usual and each probe is
+answered with the model's own recorded probe answer at the nearest recorded position at or before the probe's
+(``wait_probes`` with their recorded confidence for the wait suffix, ``probes`` for the dense one; see
+``FakeUpstream._recorded_answer``), so the policy sends, reads and stops on real probe traffic.
+``--probe-delay S`` makes the fake upstream take S seconds per probe, as an engine's prefill + short decode does.
 
 The clients are a lean hand-written HTTP/1.1 SSE reader (one ``json.loads`` per event, no SDK), so the client
 is cheap next to the servers. ``--token-rate R`` paces the upstream at R tokens/s per stream, like a real decoding engine;
@@ -26,6 +41,8 @@ cores and the ratio says how much CPU thinkbrake needs per token relative to ups
     python benchmarks/proxy_overhead.py                      # C = 1, 16, 64, 256; a few minutes
     python benchmarks/proxy_overhead.py --token-rate 50 --duration 5 --concurrency 64
     python benchmarks/proxy_overhead.py --token-rate 50 --concurrency 64 --max-tokens 256 --duration 20 --record /tmp/tb-traces
+    python benchmarks/proxy_overhead.py --probe-traces --token-rate 50 --concurrency 16,64 --duration 10 --warmup 2
+    python benchmarks/proxy_overhead.py --probe-traces --probe-delay 0.05 --token-rate 50 --concurrency 64 --modes default
 """
 
 from __future__ import annotations
@@ -33,6 +50,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import json
+import math
 import os
 import pathlib
 import random
@@ -40,7 +58,7 @@ import socket
 import subprocess
 import sys
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import ExitStack, contextmanager
 from dataclasses import dataclass, field
 
@@ -49,6 +67,7 @@ import psutil
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 DEFAULT_TRACES = ROOT.parent / "shared" / "data" / "traces" / "dev-skyt1.jsonl.gz"
+DEFAULT_PROBE_TRACES = ROOT.parent / "shared" / "data" / "traces" / "dev-probes.jsonl.gz"
 MODES = ("direct", "off", "default")
 RECORDED = "recorded"
 
@@ -180,9 +199,16 @@ class Client:
 
 
 async def run_phase(
-    host: str, port: int, body: bytes, concurrency: int, warmup: float, duration: float
-) -> tuple[Sample, float]:
-    """``concurrency`` clients stream back to back; returns what was measured after the warm-up and its length."""
+    host: str,
+    port: int,
+    body: bytes,
+    concurrency: int,
+    warmup: float,
+    duration: float,
+    snapshot: Callable[[], Snapshot] | None = None,
+) -> tuple[Sample, float, tuple[Snapshot, Snapshot] | None]:
+    """``concurrency`` clients stream back to back; returns what was measured after the warm-up, its length, and
+    ``snapshot()`` taken (in a thread, the clients go on) as the measured window opens and as it closes."""
     sample = Sample()
     measuring = [False]
     clients = [Client(host, port) for _ in range(concurrency)]
@@ -204,17 +230,19 @@ async def run_phase(
 
     tasks = [asyncio.create_task(worker(client)) for client in clients]
     await asyncio.sleep(warmup)
+    first = await asyncio.to_thread(snapshot) if snapshot else None
     measuring[0] = True
     started = time.perf_counter()
     await asyncio.sleep(duration)
     measuring[0] = False
     elapsed = time.perf_counter() - started
+    last = await asyncio.to_thread(snapshot) if snapshot else None
     for task in tasks:
         task.cancel()
     await asyncio.gather(*tasks, return_exceptions=True)
     for client in clients:
         client.close()
-    return sample, elapsed
+    return sample, elapsed, (first, last) if first and last else None
 
 
 def percentile(values: list[float], q: float) -> float:
@@ -222,6 +250,32 @@ def percentile(values: list[float], q: float) -> float:
         return float("nan")
     ordered = sorted(values)
     return ordered[min(len(ordered) - 1, int(q / 100 * len(ordered)))]
+
+
+@dataclass
+class Snapshot:
+    """A server's state at one instant: CPU seconds, thinkbrake's metrics, the fake upstream's probe counts."""
+
+    at: float
+    cpu: float = 0.0
+    metrics: dict[str, float] = field(default_factory=dict)
+    answers: dict[str, float] = field(default_factory=dict)
+
+
+@dataclass
+class ProbeLoad:
+    """What the answer probes did over the measured window (thinkbrake's /metrics, fake upstream's /fake/stats)."""
+
+    seconds: float
+    sent: float
+    answered: float
+    errors: float
+    tokens: float
+    latency_mean: float | None  # seconds (exact: histogram sum / count)
+    latency_p50: float | None  # seconds: upper bound of the bucket holding it (inf: above the last bucket)
+    latency_p99: float | None
+    stops: dict[str, float]  # early stops decided, by reason
+    answers: dict[str, float]  # probes the fake upstream answered, by where the answer came from
 
 
 @dataclass
@@ -236,6 +290,8 @@ class Row:
     itl: tuple[float, float]
     cpu_percent: float | None
     rss_mib: float | None
+    cpu_ms_per_1k_tokens: float | None = None
+    probes: ProbeLoad | None = None
 
 
 def tree_cpu_seconds(process: psutil.Process) -> float:
@@ -260,6 +316,66 @@ def tree_rss_mib(process: psutil.Process) -> float:
     return total / 2**20
 
 
+def get_text(url: str) -> str:
+    import urllib.request
+
+    with urllib.request.urlopen(url, timeout=10) as response:
+        return response.read().decode()
+
+
+def scrape_metrics(port: int) -> dict[str, float]:
+    """thinkbrake's ``/metrics``: each sample summed over its labels (``name``), and by ``le`` or ``reason``
+    (``name{le=0.01}``, ``name{reason=probe_agreed}``) where it has one."""
+    from prometheus_client.parser import text_string_to_metric_families
+
+    out: dict[str, float] = {}
+    for family in text_string_to_metric_families(get_text(f"http://127.0.0.1:{port}/metrics")):
+        for sample in family.samples:
+            if not sample.name.startswith("thinkbrake_"):
+                continue
+            keys = [sample.name] + [
+                f"{sample.name}{{{k}={sample.labels[k]}}}" for k in ("le", "reason") if k in sample.labels
+            ]
+            for key in keys:
+                out[key] = out.get(key, 0.0) + sample.value
+    return out
+
+
+def bucket_quantile(buckets: dict[float, float], q: float) -> float | None:
+    """The upper bound of the histogram bucket holding quantile ``q`` (cumulative counts by bound); None if empty."""
+    total = buckets.get(math.inf, 0.0)
+    if total <= 0:
+        return None
+    return next(bound for bound in sorted(buckets) if buckets[bound] >= q * total)
+
+
+def probe_load(before: Snapshot, after: Snapshot) -> ProbeLoad:
+    """The probe counters and latency histogram between two snapshots of a thinkbrake."""
+
+    def delta(key: str) -> float:
+        return after.metrics.get(key, 0.0) - before.metrics.get(key, 0.0)
+
+    latency = "thinkbrake_probe_latency_seconds"
+    prefix = f"{latency}_bucket{{le="
+    buckets = {float(key[len(prefix) : -1]): delta(key) for key in after.metrics if key.startswith(prefix)}
+    count = delta(f"{latency}_count")
+    stops_prefix = "thinkbrake_early_stops_total{reason="
+    stops = {key[len(stops_prefix) : -1]: delta(key) for key in after.metrics if key.startswith(stops_prefix)}
+    answers = {key: after.answers[key] - before.answers.get(key, 0.0) for key in after.answers}
+    return ProbeLoad(
+        seconds=after.at - before.at,
+        sent=delta("thinkbrake_probes_total"),
+        answered=count,
+        errors=delta("thinkbrake_probe_errors_total"),
+        tokens=delta("thinkbrake_probe_tokens_total"),
+        latency_mean=delta(f"{latency}_sum") / count if count else None,
+        latency_p50=bucket_quantile(buckets, 0.50),
+        latency_p99=bucket_quantile(buckets, 0.99),
+        stops={reason: value for reason, value in stops.items() if value},
+        answers={source: value for source, value in answers.items() if value},
+    )
+
+
 def measure(
     mode: str,
     target: tuple[str, int],
@@ -268,28 +384,46 @@ def measure(
     args: argparse.Namespace,
     watched: psutil.Process | None,
     chars_per_token: float | None,
+    metrics_port: int | None = None,
+    upstream_port: int | None = None,
 ) -> Row:
-    """One phase against ``target``. ``watched``: the server process whose CPU and RSS are reported.
-    ``chars_per_token`` (from the direct phase, one token per event) converts streamed characters to tokens:
-    thinkbrake may forward several tokens in one event when they arrive together."""
-    cpu_before = tree_cpu_seconds(watched) if watched else 0.0
-    wall_before = time.perf_counter()
-    sample, elapsed = asyncio.run(
-        run_phase(target[0], target[1], json.dumps(body).encode(), concurrency, args.warmup, args.duration)
+    """One phase against ``target``. ``watched``: the server process whose CPU and RSS are reported, over the
+    measured window. ``chars_per_token`` (from the direct phase, one token per event) converts streamed characters
+    to tokens: thinkbrake may forward several tokens in one event when they arrive together. ``metrics_port``: a
+    thinkbrake whose probe metrics are read over the window (and ``upstream_port``: the fake upstream's probe
+    answers)."""
+
+    def snapshot() -> Snapshot:
+        taken = Snapshot(at=0.0)
+        if metrics_port is not None:
+            taken.metrics = scrape_metrics(metrics_port)
+        if upstream_port is not None:
+            stats = json.loads(get_text(f"http://127.0.0.1:{upstream_port}/fake/stats"))
+            taken.answers = {str(key): float(value) for key, value in stats.get("probe_answers", {}).items()}
+        taken.cpu = tree_cpu_seconds(watched) if watched else 0.0  # after the scrapes: their CPU is not counted
+        taken.at = time.perf_counter()
+        return taken
+
+    sample, elapsed, window = asyncio.run(
+        run_phase(target[0], target[1], json.dumps(body).encode(), concurrency, args.warmup, args.duration, snapshot)
     )
-    wall = time.perf_counter() - wall_before
-    cpu = (tree_cpu_seconds(watched) - cpu_before) / wall * 100 if watched else None
+    assert window is not None
+    before, after = window
+    cpu_seconds = after.cpu - before.cpu
+    tokens = sample.chars / chars_per_token if chars_per_token else sample.tokens
     return Row(
         mode=mode,
-        tokens_per_second=sample.chars / elapsed / chars_per_token if chars_per_token else sample.tokens / elapsed,
+        tokens_per_second=tokens / elapsed,
         events_per_second=sample.tokens / elapsed,
         chars_per_token=sample.chars / max(1, sample.tokens),
         requests=sample.requests,
         errors=sample.errors,
         ttft=(percentile(sample.ttft, 50) * 1e3, percentile(sample.ttft, 99) * 1e3),
         itl=(percentile(sample.gaps, 50) * 1e3, percentile(sample.gaps, 99) * 1e3),
-        cpu_percent=cpu,
+        cpu_percent=cpu_seconds / (after.at - before.at) * 100 if watched else None,
         rss_mib=tree_rss_mib(watched) if watched else None,
+        cpu_ms_per_1k_tokens=cpu_seconds / tokens * 1e6 if watched and tokens else None,
+        probes=probe_load(before, after) if metrics_port is not None else None,
     )
 
 
@@ -312,7 +446,7 @@ def table(concurrency: int, rows: list[Row], cpu_label: str = "thinkbrake CPU %"
         f"### C = {concurrency}",
         "",
         "| path | tokens/s | ratio | events/s | requests | errors | TTFT p50 / p99 ms | +TTFT p50 / p99 ms "
-        f"| ITL p50 / p99 ms | +ITL p50 / p99 ms | {cpu_label} | CPU us/token | RSS MiB |",
+        f"| ITL p50 / p99 ms | +ITL p50 / p99 ms | {cpu_label} | CPU ms per 1,000 forwarded tokens | RSS MiB |",
         "|---|---|---|---|---|---|---|---|---|---|---|---|---|",
     ]
 
@@ -325,8 +459,45 @@ def table(concurrency: int, rows: list[Row], cpu_label: str = "thinkbrake CPU %"
             f"| {row.events_per_second:,.0f} | {row.requests} | {row.errors} | {row.ttft[0]:.2f} / {row.ttft[1]:.2f} | {delta(row, row.ttft, direct.ttft)} "
             f"| {row.itl[0]:.3f} / {row.itl[1]:.3f} | {delta(row, row.itl, direct.itl)} "
             f"| {'-' if row.cpu_percent is None else f'{row.cpu_percent:.0f}'} "
-            f"| {'-' if row.cpu_percent is None else f'{row.cpu_percent / 100 / row.tokens_per_second * 1e6:.1f}'} "
+            f"| {'-' if row.cpu_ms_per_1k_tokens is None else f'{row.cpu_ms_per_1k_tokens:.1f}'} "
             f"| {'-' if row.rss_mib is None else f'{row.rss_mib:.0f}'} |"
+        )
+    return "\n".join(lines)
+
+
+def probe_table(concurrency: int, rows: list[Row]) -> str:
+    """What the answer probes did in each phase through thinkbrake (see the module docstring)."""
+    probed = [row for row in rows if row.probes is not None]
+    if not probed:
+        return ""
+    lines = [
+        f"Answer probes, C = {concurrency} (thinkbrake's /metrics over the measured window; latency p50 / p99: "
+        "upper bound of the histogram bucket)",
+        "",
+        "| path | probes/s | answered | failed | probe tokens/s | probe latency mean ms | probe latency p50 / p99 ms "
+        "| stops decided | stops by reason | upstream answers from | CPU ms per 1,000 forwarded tokens |",
+        "|---|---|---|---|---|---|---|---|---|---|---|",
+    ]
+
+    def bound(seconds: float | None) -> str:
+        if seconds is None:
+            return "-"
+        return "> 30000" if math.isinf(seconds) else f"≤ {seconds * 1e3:g}"
+
+    def counts(values: dict[str, float]) -> str:
+        ordered = sorted(values.items(), key=lambda item: -item[1])
+        return ", ".join(f"{name} {value:.0f}" for name, value in ordered) or "-"
+
+    for row in probed:
+        load = row.probes
+        assert load is not None
+        seconds = max(load.seconds, 1e-9)
+        mean = "-" if load.latency_mean is None else f"{load.latency_mean * 1e3:.2f}"
+        cpu = "-" if row.cpu_ms_per_1k_tokens is None else f"{row.cpu_ms_per_1k_tokens:.1f}"
+        lines.append(
+            f"| {row.mode} | {load.sent / seconds:.2f} | {load.answered:.0f} | {load.errors:.0f} "
+            f"| {load.tokens / seconds:.1f} | {mean} | {bound(load.latency_p50)} / {bound(load.latency_p99)} "
+            f"| {sum(load.stops.values()):.0f} | {counts(load.stops)} | {counts(load.answers)} | {cpu} |"
         )
     return "\n".join(lines)
 
@@ -362,6 +533,17 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--token-rate", type=float, default=0.0, help="upstream tokens/s per stream; 0 = unpaced")
     parser.add_argument("--max-tokens", type=int, default=2048, help="max_tokens of every request (default 2048)")
     parser.add_argument("--traces", default=str(DEFAULT_TRACES), help="trace file the upstream replays")
+    parser.add_argument(
+        "--probe-traces",
+        nargs="?",
+        const=str(DEFAULT_PROBE_TRACES),
+        metavar="FILE",
+        help="replay probe traces (default dev-probes.jsonl.gz) instead of --traces, 64 spread over the file: the "
+        "upstream answers each probe with the model's recorded probe answer at that position",
+    )
+    parser.add_argument(
+        "--probe-delay", type=float, default=0.0, help="seconds the fake upstream takes per probe (default 0)"
+    )
     parser.add_argument("--modes", default=",".join(MODES), help="phases to run (default direct,off,default)")
     parser.add_argument("--logs", default="/tmp/thinkbrake-bench", help="folder for the servers' logs")
     parser.add_argument("--thinkbrake-arg", action="append", default=[], help="extra flag for thinkbrake serve")
@@ -382,8 +564,14 @@ def main(argv: list[str] | None = None) -> int:
         sys.executable, "-m", "tests.support.fake_upstream", "--port", str(upstream_port), "--no-record",
         "--token-rate", str(args.token_rate),
     ]  # fmt: skip
-    if args.traces and pathlib.Path(args.traces).exists():
+    if args.probe_traces:
+        if not pathlib.Path(args.probe_traces).exists():
+            raise SystemExit(f"no probe traces at {args.probe_traces}")
+        upstream_command += ["--traces", args.probe_traces, "--limit", "64", "--spread"]
+    elif args.traces and pathlib.Path(args.traces).exists():
         upstream_command += ["--traces", args.traces, "--limit", "64"]
+    if args.probe_delay:
+        upstream_command += ["--probe-delay", str(args.probe_delay)]
     upstream_url = f"http://127.0.0.1:{upstream_port}"
 
     def serve_command(port: int, *extra: str) -> list[str]:
@@ -428,20 +616,30 @@ def main(argv: list[str] | None = None) -> int:
                 progress(f"C={concurrency} {mode} ...")
                 body = request_body(mode, "fake-reasoner", args.max_tokens)
                 watched = watch.get(mode, tb_process)
-                row = measure(mode, target, concurrency, body, args, watched, rows[0].chars_per_token if rows else None)
+                through = mode != "direct"
+                row = measure(
+                    mode, target, concurrency, body, args, watched, rows[0].chars_per_token if rows else None,
+                    metrics_port=target[1] if through else None, upstream_port=upstream_port if through else None,
+                )  # fmt: skip
+                probes = f", {row.probes.sent / row.probes.seconds:.1f} probes/s" if row.probes else ""
                 progress(
                     f"C={concurrency} {mode}: {row.tokens_per_second:,.0f} tokens/s, {row.requests} requests, "
-                    f"{row.errors} errors, ITL p99 {row.itl[1]:.2f} ms"
+                    f"{row.errors} errors, ITL p99 {row.itl[1]:.2f} ms{probes}"
                 )
                 rows.append(row)
                 time.sleep(0.5)
             tables.append(table(concurrency, rows))
             print(tables[-1] + "\n", flush=True)
+            probes = probe_table(concurrency, rows)
+            if probes:
+                print(probes + "\n", flush=True)
             if args.record:
                 print(recording_summary(rows, record_port, args.record), flush=True)
     cpu = psutil.cpu_count()
-    print(f"Machine: {cpu} logical CPUs, load average {os.getloadavg()[0]:.2f}; upstream {rate}; "
-          f"max_tokens {args.max_tokens}; {args.duration:g} s measured per phase.")  # fmt: skip
+    traces = f"probe traces {args.probe_traces}" if args.probe_traces else f"traces {args.traces}"
+    delay = f", {args.probe_delay:g} s per probe" if args.probe_delay else ""
+    print(f"Machine: {cpu} logical CPUs, load average {os.getloadavg()[0]:.2f}; upstream {rate}{delay}; "
+          f"{traces}; max_tokens {args.max_tokens}; {args.duration:g} s measured per phase.")  # fmt: skip
     return 0
 
 

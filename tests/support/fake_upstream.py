@@ -18,6 +18,9 @@ Answer probes (a non-streamed ``/v1/completions`` with a token-id prompt and ``l
 model that knows its answer: ``{X}`` where ``\boxed{X}`` is the final answer of the trace whose thinking the
 probe's prompt holds (``probe_text`` or, per request, ``vllm_xargs.fake_probe_text``, which thinkbrake copies
 from the request into its probes, overrides it), one token per word piece, each with log-probability ``probe_logprob``, after ``probe_delay`` seconds.
+Traces with recorded probes (``dev-probes``: ``Trace.probes`` / ``Trace.wait_probes``, see :func:`load_traces`)
+are answered as the model answered there instead: see :meth:`FakeUpstream._recorded_answer`. ``GET /fake/stats``
+counts the probes answered by where their answer came from (``FakeUpstream.probe_answers``).
 ``token_ids=False`` plays an upstream that returns no token ids (no ``return_token_ids``, as non-vLLM servers),
 ``token_prompts=False`` one that rejects token-id prompts with a 400.
 
@@ -31,9 +34,13 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import bisect
+import collections
 import contextlib
 import gzip
+import itertools
 import json
+import math
 import re
 import socket
 import threading
@@ -41,19 +48,35 @@ import time
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
+from controller.probes import DENSE_PROBE, WAIT_PROBE
 from tests.data.written_traces import MATH_TRACES, NON_MATH
 
 THINK_END = "</think>"
 PIECE = re.compile(r"\s*\S+|\s+")
+SPACE = re.compile(r"\s*")
 JSON = b"application/json"
+#: the probe suffixes thinkbrake appends (stripped from a probe's prompt to find where its thinking ends)
+PROBE_SUFFIXES = (DENSE_PROBE.suffix, WAIT_PROBE.suffix)
+#: ``dev-probes`` records the wait probes of the first this many "Wait"s of a trace only
+WAIT_PROBES_RECORDED = 30
+#: the log-probability of a recorded confidence of 0 (the log of 0 is not a number JSON carries)
+MIN_LOGPROB = math.log(1e-9)
 
 
 @dataclass(frozen=True)
 class Trace:
-    """One scripted model output: thinking (without tags), then the final answer."""
+    """One scripted model output: thinking (without tags), then the final answer.
+
+    ``probes`` / ``wait_probes``: the model's own answer probes recorded on this thinking (``dev-probes``, see
+    ``../shared/data/README.md``), ``(offset, answer, certain)`` and ``(offset, answer, confidence)`` with
+    ``offset`` the character offset into ``thinking`` where the probe's prefix ended, and each probe's decode cost
+    ``out_tokens`` last; sorted by offset. Empty for traces without recorded probes.
+    """
 
     thinking: str
     answer: str
+    probes: tuple[tuple[int, str, bool, int], ...] = ()
+    wait_probes: tuple[tuple[int, str, float, int], ...] = ()
 
 
 def written_traces() -> list[Trace]:
@@ -62,17 +85,32 @@ def written_traces() -> list[Trace]:
     return math + [Trace(text, "Here is my answer.") for text in NON_MATH]
 
 
-def load_traces(path: str, limit: int | None = None, max_chars: int | None = None) -> list[Trace]:
-    """Traces from a ``.jsonl(.gz)`` file with ``thinking`` and ``final`` fields (``../shared/data/traces``)."""
+def load_traces(path: str, limit: int | None = None, max_chars: int | None = None, spread: bool = False) -> list[Trace]:
+    """Traces from a ``.jsonl(.gz)`` file with ``thinking`` and ``final`` fields (``../shared/data/traces``): the
+    first ``limit``, or with ``spread`` ``limit`` spread evenly over the file (every model and dataset of it).
+    Recorded probes (``probes``, ``wait_probes`` of ``dev-probes``) are kept, those past ``max_chars`` dropped."""
     opener = gzip.open if path.endswith(".gz") else open
-    traces: list[Trace] = []
     with opener(path, "rt", encoding="utf-8") as lines:
-        for line in lines:
-            row = json.loads(line)
-            thinking = row["thinking"][:max_chars] if max_chars else row["thinking"]
-            traces.append(Trace(thinking, row.get("final") or "Done."))
-            if limit is not None and len(traces) >= limit:
-                break
+        if spread and limit:
+            rows = lines.readlines()
+            chosen = [rows[int(index * len(rows) / limit)] for index in range(min(limit, len(rows)))]
+        else:
+            chosen = list(itertools.islice(lines, limit))
+    traces: list[Trace] = []
+    for line in chosen:
+        row = json.loads(line)
+        thinking = row["thinking"][:max_chars] if max_chars else row["thinking"]
+        probes = sorted(
+            (int(offset), str(answer), bool(certain), int(out))
+            for _, offset, answer, certain, out in row.get("probes") or ()
+            if offset <= len(thinking)
+        )
+        waits = sorted(
+            (int(offset), str(answer), float(confidence), int(out))
+            for _, offset, answer, confidence, out in row.get("wait_probes") or ()
+            if offset <= len(thinking)
+        )
+        traces.append(Trace(thinking, row.get("final") or "Done.", tuple(probes), tuple(waits)))
     return traces
 
 
@@ -201,6 +239,11 @@ class FakeUpstream:
         self.probe_text = probe_text
         self.probe_logprob = probe_logprob
         self.probe_delay = probe_delay
+        self.probe_answers: collections.Counter[str] = collections.Counter()  # probes answered, by source
+        self._recorded: dict[str, list[int]] = {}  # first 40 characters of thinking -> traces with recorded probes
+        for index, trace in enumerate(self.traces):
+            if trace.probes or trace.wait_probes:
+                self._recorded.setdefault(trace.thinking[:40], []).append(index)
         self.requests: list[RequestRecord] = []
         self.connections = 0  # TCP connections accepted so far
         self.vocabulary = Vocabulary()
@@ -239,8 +282,9 @@ class FakeUpstream:
         return self
 
     def stop(self) -> None:
+        """Close the listener and every connection (idempotent)."""
         loop, server = self._loop, self._server
-        if loop is None or server is None:
+        if loop is None or server is None or loop.is_closed():
             return
 
         async def close() -> None:
@@ -338,6 +382,8 @@ class FakeUpstream:
             return self._json(writer, record, {})
         if path == "/fake/requests":
             return self._json(writer, record, [asdict(r) for r in list(self.requests)])
+        if path == "/fake/stats":
+            return self._json(writer, record, {"probe_answers": dict(self.probe_answers)})
         if path == "/tokenize":
             ids = self.vocabulary.encode(str(body.get("prompt", "")))
             return self._json(writer, record, {"tokens": ids, "count": len(ids), "max_model_len": 32768})
@@ -377,18 +423,80 @@ class FakeUpstream:
             await asyncio.sleep(self.probe_delay)
         xargs = body.get("vllm_xargs") if isinstance(body.get("vllm_xargs"), dict) else {}
         text = xargs.get("fake_probe_text", self.probe_text)
+        logprob, decoded, source = self.probe_logprob, None, "probe_text"
         if text is None:
-            text = self._trace_answer(self.vocabulary.decode(list(body["prompt"])))
+            prompt_text = self.vocabulary.decode(list(body["prompt"]))
+            recorded = self._recorded_answer(prompt_text) if self._recorded else None
+            if recorded is not None:
+                text, logprob, decoded, source = recorded
+            else:
+                text, source = self._trace_answer(prompt_text), "final_answer"
+        self.probe_answers[source] += 1
         pieces = self.vocabulary.pieces(text)[: int(body.get("max_tokens") or 16)]
         offsets = [sum(len(p) for p in pieces[:i]) for i in range(len(pieces))]
-        logprobs = {"text_offset": offsets, "token_logprobs": [self.probe_logprob] * len(pieces), "tokens": pieces,
-                    "top_logprobs": [{piece: self.probe_logprob} for piece in pieces]}  # fmt: skip
+        logprobs = {"text_offset": offsets, "token_logprobs": [logprob] * len(pieces), "tokens": pieces,
+                    "top_logprobs": [{piece: logprob} for piece in pieces]}  # fmt: skip
         prompt = len(body["prompt"])
+        completion = len(pieces) if decoded is None else decoded
         choice = {"index": 0, "text": "".join(pieces), "logprobs": logprobs, "finish_reason": "stop"}
-        usage = {"prompt_tokens": prompt, "completion_tokens": len(pieces), "total_tokens": prompt + len(pieces)}
-        record.tokens_sent = len(pieces)
+        usage = {"prompt_tokens": prompt, "completion_tokens": completion, "total_tokens": prompt + completion}
+        record.tokens_sent = completion
         return self._json(writer, record, {"id": "cmpl-fake", "object": "text_completion", "created": 0,
                                            "model": self.model, "choices": [choice], "usage": usage})  # fmt: skip
+
+    def _recorded_answer(self, prompt: str) -> tuple[str, float, int, str] | None:
+        """What the model answered, in ``dev-probes``, to the probe whose prompt decodes to ``prompt``: ``(text,
+        log-probability of each token, tokens the model decoded, source)``, or None when no trace with recorded
+        probes holds the prompt's thinking.
+
+        The trace is the one whose thinking the prompt holds longest (several seeds of a problem open alike); the
+        probe's position is the character offset where its thinking ends (the prompt minus the suffix), moved past
+        any whitespace there (a word piece carries the whitespace before it, so a prefix that ends before
+        ``"\n\nWait"`` ends before its whitespace, while the recorded offset is that of the ``W``). A recorded
+        offset is model-independent, so the fake's word pieces replay it as well as the model's own tokens did.
+        A probe is answered with the recorded probe of its kind at the nearest offset at or before its position:
+        the dense suffix (``\boxed{``) with ``probes`` (``answer}``, and a hesitation word when the model
+        hesitated), the wait suffix with ``wait_probes`` (``{answer}``, each token's log-probability the log of
+        the recorded confidence, so the mean or geometric mean of the probabilities is that confidence). A wait
+        probe before the first recorded one, or past the last of a trace whose records stop at the 30th "Wait",
+        gets the dense answer at or before it with confidence 0 (what the model would say is known, how sure
+        it would be is not); a probe before any record gets an empty answer.
+        """
+        best: tuple[int, int] | None = None  # (characters of thinking matched, trace index)
+        end = len(prompt)
+        for suffix in PROBE_SUFFIXES:
+            if prompt.endswith(suffix):
+                end -= len(suffix)
+                break
+        for head, indices in self._recorded.items():
+            start = prompt.find(head)
+            if start < 0:
+                continue
+            segment = prompt[start:end]
+            for index in indices:
+                matched = _common_prefix(self.traces[index].thinking, segment)
+                if best is None or matched > best[0]:
+                    best = (matched, index)
+        if best is None:
+            return None
+        trace = self.traces[best[1]]
+        position = SPACE.match(trace.thinking, best[0]).end()  # type: ignore[union-attr] - \s* always matches
+        dense = _at_or_before(trace.probes, position)
+        if prompt.endswith("{"):  # the dense suffix opened the brace
+            if dense is None:
+                return "}", MIN_LOGPROB, 1, "no_record"
+            _, answer, certain, out_tokens = dense
+            return answer + ("}" if certain else "} Wait"), self.probe_logprob, out_tokens, "probes"
+        waits = trace.wait_probes
+        wait = _at_or_before(waits, position)
+        past_records = len(waits) >= WAIT_PROBES_RECORDED and wait is waits[-1] and position > waits[-1][0]
+        if wait is not None and not past_records:
+            _, answer, confidence, out_tokens = wait
+            logprob = math.log(confidence) if confidence > 0 else MIN_LOGPROB
+            return "{" + answer + "}", max(MIN_LOGPROB, logprob), out_tokens, "wait_probes"
+        if dense is not None:
+            return "{" + dense[1] + "}", MIN_LOGPROB, dense[3], "probes_for_wait"
+        return "{}", MIN_LOGPROB, 1, "no_record"
 
     def _trace_answer(self, prompt: str) -> str:
         """``{X}`` for the trace whose thinking so far ends ``prompt`` (before the suffix), ``{}`` if none does;
@@ -589,6 +697,26 @@ class FakeUpstream:
         return out + sse("[DONE]") + b"0\r\n\r\n"
 
 
+def _common_prefix(a: str, b: str) -> int:
+    """Length of the common prefix of two strings (slice comparisons: no Python loop per character)."""
+    if a.startswith(b):
+        return len(b)
+    low, high = 0, min(len(a), len(b))  # a[:low] == b[:low]; they differ within [:high]
+    while low < high:
+        middle = (low + high + 1) // 2
+        if a[:middle] == b[:middle]:
+            low = middle
+        else:
+            high = middle - 1
+    return low
+
+
+def _at_or_before(records: tuple[tuple[Any, ...], ...], position: int) -> tuple[Any, ...] | None:
+    """The record (sorted by offset, first) at the largest offset <= ``position``, or None."""
+    index = bisect.bisect_right(records, position, key=lambda record: record[0]) - 1
+    return records[index] if index >= 0 else None
+
+
 def is_probe(body: Any) -> bool:
     """Whether a request body is an answer probe: a non-streamed token-id completion with ``logprobs``."""
     return (
@@ -612,15 +740,17 @@ def main() -> None:
     parser.add_argument("--traces", help="a .jsonl(.gz) trace file (default: the tests' written traces)")
     parser.add_argument("--limit", type=int, default=64, help="traces to load from --traces")
     parser.add_argument("--max-chars", type=int, default=None, help="cut each trace's thinking to this length")
+    parser.add_argument("--spread", action="store_true", help="take --limit traces spread over the file, not the first")
+    parser.add_argument("--probe-delay", type=float, default=0.0, help="seconds before a probe is answered (0: none)")
     parser.add_argument("--token-rate", type=float, default=0.0, help="tokens/s per stream (0: as fast as possible)")
     parser.add_argument("--reasoning-field", default="reasoning")
     parser.add_argument("--fault", default=None)
     parser.add_argument("--no-record", action="store_true", help="keep no request records (long runs)")
     args = parser.parse_args()
-    traces = load_traces(args.traces, args.limit, args.max_chars) if args.traces else None
+    traces = load_traces(args.traces, args.limit, args.max_chars, args.spread) if args.traces else None
     upstream = FakeUpstream(
         traces, fault=args.fault, token_rate=args.token_rate, reasoning_field=args.reasoning_field,
-        host=args.host, port=args.port, record=not args.no_record,
+        host=args.host, port=args.port, record=not args.no_record, probe_delay=args.probe_delay,
     )  # fmt: skip
 
     async def serve() -> None:
