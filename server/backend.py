@@ -16,13 +16,16 @@ the text-only fallback.
 from __future__ import annotations
 
 import re
+from collections import OrderedDict
 from collections.abc import AsyncGenerator
 from dataclasses import dataclass, field
-from typing import Any, Protocol, runtime_checkable
+from typing import Any, Generic, Protocol, TypeVar, runtime_checkable
 
 from controller.delimiters import Delimiters
 from controller.probes import ProbeSpec
 from server.vocabulary import REJECTED
+
+T = TypeVar("T")
 
 
 class BackendError(Exception):
@@ -107,6 +110,26 @@ def side_request(choice_id: str, kind: str, number: int | None = None) -> str:
 def choice_of(request_id: str) -> str:
     """The id of the choice a request belongs to: itself, or the choice whose side request it is."""
     return _SIDE.sub("", request_id)
+
+
+class ChoiceMemory(Generic[T]):
+    """A value per choice (keyed by :func:`choice_of` of any of its request ids), kept for the choice's side
+    requests. Invariant: at most ``size`` choices are remembered, the least recently set forgotten first (a
+    choice's side requests come within its lifetime, far shorter than ``size`` newer choices take to arrive)."""
+
+    def __init__(self, size: int = 65536) -> None:
+        self._size = size
+        self._values: OrderedDict[str, T] = OrderedDict()
+
+    def get(self, request_id: str) -> T | None:
+        return self._values.get(choice_of(request_id))
+
+    def set(self, request_id: str, value: T) -> None:
+        choice = choice_of(request_id)
+        self._values[choice] = value
+        self._values.move_to_end(choice)
+        if len(self._values) > self._size:
+            self._values.popitem(last=False)
 
 
 PROBE_MARKER = "thinkbrake_probe"

@@ -23,12 +23,20 @@ import asyncio
 import contextlib
 import itertools
 import logging
-from collections import OrderedDict
 from collections.abc import AsyncGenerator
 from typing import Any
 
 from controller.probes import ProbeSpec
-from server.backend import BackendError, Chunk, ProbeOutput, ProbeRejected, Prompt, Sampling, TextPrompt, choice_of
+from server.backend import (
+    BackendError,
+    ChoiceMemory,
+    Chunk,
+    ProbeOutput,
+    ProbeRejected,
+    Prompt,
+    Sampling,
+    TextPrompt,
+)
 from server.settings import Settings
 from server.upstream import UpstreamBackend
 from server.upstream_health import UNAVAILABLE_CODE
@@ -46,9 +54,6 @@ class ReplicaLost(ProbeRejected):
 class Replicas:
     """The backend over several :class:`UpstreamBackend` replicas (see the module docstring)."""
 
-    #: choices whose replica is remembered (the oldest is forgotten first; a choice lives far shorter than this many)
-    PINS = 65536
-
     def __init__(self, settings: Settings) -> None:
         self.settings = settings
         self.replicas = [UpstreamBackend(settings, url) for url in settings.upstream]
@@ -58,7 +63,7 @@ class Replicas:
         self.model_name = settings.served_model_name or ""
         self.in_flight = [0] * len(self.replicas)
         self._turn = itertools.count()
-        self._pins: OrderedDict[str, int] = OrderedDict()
+        self._pins: ChoiceMemory[int] = ChoiceMemory()
         self._starts: list[asyncio.Task[None]] = []
         self._first_ready = asyncio.Event()
 
@@ -119,14 +124,10 @@ class Replicas:
 
     def pinned(self, request_id: str) -> int | None:
         """The replica of the choice ``request_id`` belongs to, if it has one."""
-        return self._pins.get(choice_of(request_id))
+        return self._pins.get(request_id)
 
     def pin(self, request_id: str, index: int) -> None:
-        choice = choice_of(request_id)
-        self._pins[choice] = index
-        self._pins.move_to_end(choice)
-        while len(self._pins) > self.PINS:
-            self._pins.popitem(last=False)
+        self._pins.set(request_id, index)
 
     def generate(self, prompt: Prompt, sampling: Sampling, request_id: str) -> ReplicaGeneration:
         return ReplicaGeneration(self, prompt, sampling, request_id)

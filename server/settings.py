@@ -89,6 +89,12 @@ class Settings(BaseSettings):
              "continuation, so a router that hashes on it (nginx hash, vLLM router --session-key) sends them to the "
              "replica that holds the choice's prefix cache", "NAME"),
     ] = None  # fmt: skip
+    affinity_echo_header: Annotated[
+        str | None,
+        Flag(BACKEND, "response header a router sets to name the replica (llm-d's session affinity: x-session-token); "
+             "its value on a choice's upstream response is sent back, in the same header, on the choice's answer "
+             "probes and continuation", "NAME"),
+    ] = None  # fmt: skip
     policy: Annotated[
         str, Flag(STOPPING, "default stop policy (default probe_fcs)", choices=tuple(sorted(POLICIES)))
     ] = DEFAULT_POLICY

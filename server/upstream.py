@@ -30,6 +30,7 @@ from controller.probes import ProbeSpec
 from server.backend import (
     BackendError,
     ChatPrompt,
+    ChoiceMemory,
     Chunk,
     ProbeOutput,
     ProbeRejected,
@@ -92,14 +93,13 @@ class UpstreamGeneration:
     """One streaming request to the upstream; ``abort`` closes the HTTP stream."""
 
     def __init__(
-        self, backend: UpstreamBackend, path: str, body: dict[str, Any], chat: bool,
-        headers: dict[str, str] | None = None,
+        self, backend: UpstreamBackend, path: str, body: dict[str, Any], chat: bool, request_id: str = "",
     ) -> None:  # fmt: skip
         self._backend = backend
         self._path = path
         self._body = body
         self._chat = chat
-        self._headers = headers or {}
+        self._request_id = request_id
         self._response: httpx.Response | None = None
         self._aborted = False
         self.prompt_token_ids: list[int] | None = None
@@ -116,7 +116,8 @@ class UpstreamGeneration:
         rebuilder = RawTextRebuilder(self._backend.delimiters)
         end_ids = await self._backend.end_ids() if self._chat else None
         try:
-            request = client.build_request("POST", self._path, json=self._body, headers=self._headers)
+            headers = self._backend.affinity(self._request_id)
+            request = client.build_request("POST", self._path, json=self._body, headers=headers)
             response = self._response = await client.send(request, stream=True)
         except CONNECT_ERRORS as error:
             message = self._backend.lost(error, f"POST {self._path}")
@@ -128,6 +129,7 @@ class UpstreamGeneration:
             if response.status_code != 200:
                 await response.aread()
                 raise upstream_error(response, self._backend.settings.upstream_api_key)
+            self._backend.echo(self._request_id, response.headers)
             lines = SSELineDecoder()
             done = False
             async for raw in response.aiter_bytes():
@@ -345,6 +347,7 @@ class UpstreamBackend:
         self._suffix_ids: dict[str, list[int]] = {}
         self._end_ids: list[int] | None = None
         self._end_ids_asked = False
+        self._echoed: ChoiceMemory[str] = ChoiceMemory()  # --affinity-echo-header values, per choice
 
     async def end_ids(self) -> list[int] | None:
         """The end-of-thinking delimiter's token ids (from ``/tokenize``, asked once; None when the upstream
@@ -431,20 +434,31 @@ class UpstreamBackend:
         return body
 
     def affinity(self, request_id: str) -> dict[str, str]:
-        """``--affinity-header``: the header naming the choice ``request_id`` belongs to (its id), on the choice's
-        request and every side request of it; no header without the setting."""
-        name = self.settings.affinity_header
-        return {name: choice_of(request_id)} if name else {}
+        """The headers that keep a choice on one replica behind a router, on the choice's request and every side
+        request of it: ``--affinity-header`` naming the choice (its id), and ``--affinity-echo-header`` with the
+        value the router gave the choice's first response. Empty without the settings."""
+        headers = {}
+        if self.settings.affinity_header:
+            headers[self.settings.affinity_header] = choice_of(request_id)
+        if self.settings.affinity_echo_header and (echoed := self._echoed.get(request_id)) is not None:
+            headers[self.settings.affinity_echo_header] = echoed
+        return headers
+
+    def echo(self, request_id: str, headers: httpx.Headers) -> None:
+        """Remember ``--affinity-echo-header`` from a choice's upstream response (its first value is kept)."""
+        name = self.settings.affinity_echo_header
+        if name and self._echoed.get(request_id) is None and (value := headers.get(name)):
+            self._echoed.set(request_id, value)
 
     def generate(self, prompt: Prompt, sampling: Sampling, request_id: str) -> UpstreamGeneration:
-        body, headers = self._body(sampling), self.affinity(request_id)
+        body = self._body(sampling)
         if isinstance(prompt, ChatPrompt):
             body["messages"] = prompt.messages
             if prompt.template_kwargs:
                 body["chat_template_kwargs"] = dict(prompt.template_kwargs)
-            return UpstreamGeneration(self, "/v1/chat/completions", body, chat=True, headers=headers)
+            return UpstreamGeneration(self, "/v1/chat/completions", body, chat=True, request_id=request_id)
         body["prompt"] = prompt.token_ids if prompt.token_ids is not None else prompt.text
-        return UpstreamGeneration(self, "/v1/completions", body, chat=False, headers=headers)
+        return UpstreamGeneration(self, "/v1/completions", body, chat=False, request_id=request_id)
 
     def continue_tokens(self, token_ids: list[int], sampling: Sampling, request_id: str) -> UpstreamGeneration:
         return self.generate(TextPrompt(token_ids=list(token_ids)), sampling, request_id)

@@ -64,6 +64,32 @@ def test_no_header_without_the_setting() -> None:
     assert traffic and all(HEADER.lower() not in record.headers for record in traffic)
 
 
+def test_a_routers_session_token_is_echoed_on_the_choices_side_requests() -> None:
+    """llm-d's session affinity: the router sets ``x-session-token`` on a response and routes a request that sends
+    it back to the same replica. Each choice's probes and continuation send back the token of its own response."""
+    echo = "x-session-token"
+    with (
+        FakeUpstream(session_header=echo) as upstream,
+        thinkbrake_process(upstream.url, "--affinity-echo-header", echo, "--affinity-header", HEADER) as (url, _),
+    ):
+        client = openai.OpenAI(base_url=f"{url}/v1", api_key="unused", max_retries=0, timeout=120)
+        ask(client, 2, fake_trace=2, thinkbrake={"policy": "fcs_reflection"})  # both choices stop: continuations
+        ask(client, 1, fake_trace=0, **PACED)  # answer probes
+        traffic = upstream_traffic(upstream)
+    tokens: dict[str, set[str | None]] = defaultdict(set)
+    side = 0
+    for record in traffic:
+        choice = record.headers[HEADER.lower()]
+        if kind(record) == "main":
+            assert echo not in record.headers  # the first request of a choice has no token yet
+        else:
+            side += 1
+            tokens[choice].add(record.headers.get(echo))
+    assert side >= 3 and len(tokens) == 3, tokens
+    assert all(len(values) == 1 and None not in values for values in tokens.values()), tokens  # one token each
+    assert len({value for values in tokens.values() for value in values}) == 3  # and the choices' tokens differ
+
+
 @pytest.mark.parametrize("kind_and_number", [("answer", None), ("probe", 3), ("record", 12)])
 def test_side_requests_name_their_choice(kind_and_number: tuple[str, int | None]) -> None:
     kind_name, number = kind_and_number

@@ -225,6 +225,7 @@ class FakeUpstream:
         probe_text: str | None = None,
         probe_logprob: float = -0.0001,
         probe_delay: float = 0.0,
+        session_header: str | None = None,
     ) -> None:
         self.traces = traces or written_traces()
         self.fault = Fault.parse(fault)
@@ -239,6 +240,10 @@ class FakeUpstream:
         self.probe_text = probe_text
         self.probe_logprob = probe_logprob
         self.probe_delay = probe_delay
+        #: as llm-d's session affinity: every response carries this header, with the request's own value of it or,
+        #: without one, a new value (``session-N``) that the client should send back
+        self.session_header = session_header
+        self._sessions = 0
         self.probe_answers: collections.Counter[str] = collections.Counter()  # probes answered, by source
         self._recorded: dict[str, list[int]] = {}  # first 40 characters of thinking -> traces with recorded probes
         for index, trace in enumerate(self.traces):
@@ -407,10 +412,20 @@ class FakeUpstream:
     def _json(self, writer: asyncio.StreamWriter, record: RequestRecord, data: Any, status: int = 200) -> bool:
         payload = json.dumps(data).encode()
         reason = {200: "OK", 400: "Bad Request", 401: "Unauthorized", 404: "Not Found"}.get(status, "Error")
-        head = f"HTTP/1.1 {status} {reason}\r\ncontent-type: application/json\r\ncontent-length: {len(payload)}\r\n\r\n"
+        head = f"HTTP/1.1 {status} {reason}\r\ncontent-type: application/json\r\ncontent-length: {len(payload)}\r\n"
         record.outcome, record.finished = ("complete" if status == 200 else "error"), time.monotonic()
-        writer.write(head.encode() + payload)
+        writer.write(head.encode() + self._session_line(record) + b"\r\n" + payload)
         return True
+
+    def _session_line(self, record: RequestRecord) -> bytes:
+        """The ``session_header`` line of a response (empty without the option)."""
+        if self.session_header is None:
+            return b""
+        value = record.headers.get(self.session_header.lower())
+        if value is None:
+            self._sessions += 1
+            value = f"session-{self._sessions}"
+        return f"{self.session_header}: {value}\r\n".encode()
 
     def _error(self, writer: asyncio.StreamWriter, record: RequestRecord, status: int, message: str) -> bool:
         error = {"message": message, "type": "BadRequestError" if status < 500 else "InternalServerError",
@@ -608,7 +623,10 @@ class FakeUpstream:
         state = _Stream(record, writer)
         watcher = asyncio.create_task(self._watch(state, reader))
         try:
-            writer.write(b"HTTP/1.1 200 OK\r\ncontent-type: text/event-stream\r\ntransfer-encoding: chunked\r\n\r\n")
+            writer.write(
+                b"HTTP/1.1 200 OK\r\ncontent-type: text/event-stream\r\ntransfer-encoding: chunked\r\n%s\r\n"
+                % self._session_line(record)
+            )
             writer.write(self._head_frame(chat, prompt_ids if self.token_ids else None))
             if not await self._send_tokens(state, frames, fault, rate):
                 return
