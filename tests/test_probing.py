@@ -15,8 +15,9 @@ from controller.probes import WAIT, ProbeRequest, ProbeResult, ProbeSpec, probe_
 from server.backend import PROBE_MARKER, BackendError, Chunk, ProbeOutput, ProbeRejected
 from server.metrics import Metrics
 from server.probing import ChoiceProbes, Interleave
+from server.replicas import ReplicaLost
 from server.upstream import probe_output
-from server.vocabulary import REJECTED
+from server.vocabulary import REJECTED, REPLICA_LOST
 
 CHUNK_SECONDS = 0.02
 
@@ -25,8 +26,10 @@ class ProbeBackend:
     """Answers a probe after ``delay`` seconds with ``text`` (each token's log-probability ``logprob``), or
     raises ``error``; records every call and whether it was cancelled."""
 
-    def __init__(self, delay: float = 0.0, text: str = "{42}", error: Exception | None = None) -> None:
-        self.delay, self.text, self.error = delay, text, error
+    def __init__(
+        self, delay: float = 0.0, text: str = "{42}", error: Exception | None = None, cached: int | None = 128
+    ) -> None:
+        self.delay, self.text, self.error, self.cached = delay, text, error, cached
         self.calls: list[tuple[list[int], ProbeSpec, dict[str, Any] | None, str]] = []
         self.cancelled = 0
 
@@ -39,7 +42,7 @@ class ProbeBackend:
             raise
         if self.error is not None:
             raise self.error
-        return ProbeOutput(self.text, [math.log(0.9)] * 3, 3, len(token_ids) + 5, 128)
+        return ProbeOutput(self.text, [math.log(0.9)] * 3, 3, len(token_ids) + 5, self.cached)
 
 
 async def main_stream(count: int) -> AsyncGenerator[Chunk, None]:
@@ -106,6 +109,19 @@ def test_probe_metrics_and_stats() -> None:
     assert sample(registry, "thinkbrake_probe_latency_seconds_count") == 2
 
 
+@pytest.mark.parametrize(("cached", "missed"), [(96, 0), (60, 0), (40, 1), (0, 1), (None, 0)])
+def test_a_probe_served_under_half_from_the_cache_missed_it(cached: int | None, missed: int) -> None:
+    async def scenario() -> ChoiceProbes:
+        probes = make_probes(ProbeBackend(cached=cached))
+        probes.launch(ProbeRequest(0, 95, 0, WAIT), [1] * 5, [2] * 95)  # a prompt of 100 + 5 suffix tokens
+        await asyncio.gather(*probes.tasks)
+        return probes
+
+    stats = asyncio.run(scenario()).stats
+    assert (stats.answered, stats.missed_cache) == (1, missed)
+    assert stats.info()["missed_cache"] == missed
+
+
 def test_the_probe_cache_hit_ratio_counts_only_probes_that_report_it() -> None:
     registry = CollectorRegistry()
     metrics = Metrics(registry=registry)
@@ -119,7 +135,12 @@ def test_the_probe_cache_hit_ratio_counts_only_probes_that_report_it() -> None:
 
 @pytest.mark.parametrize(
     ("error", "fallback"),
-    [(BackendError("boom"), None), (ProbeRejected("no token ids here", 400), REJECTED), (RuntimeError("x"), None)],
+    [
+        (BackendError("boom"), None),
+        (ProbeRejected("no token ids here", 400), REJECTED),
+        (ReplicaLost("the replica holding this choice's prefix is not serving"), REPLICA_LOST),
+        (RuntimeError("x"), None),
+    ],
 )
 def test_a_failed_probe_is_an_answer_without_answer(error: Exception, fallback: str | None) -> None:
     registry = CollectorRegistry()
