@@ -81,15 +81,19 @@ def test_requests_spread_and_each_choice_stays_on_its_replica() -> None:
         assert (len(mains(first)), len(mains(second))) == (2, 2)
 
 
-def test_sequential_requests_take_the_replicas_in_turn() -> None:
+@contextlib.contextmanager
+def two_replicas() -> Iterator[tuple[FakeUpstream, FakeUpstream, str]]:
+    """Two fake upstreams and a thinkbrake in front of both; yields (first, second, thinkbrake's URL)."""
     with (
         FakeUpstream() as first,
         FakeUpstream() as second,
-        thinkbrake_process(first.url, "--upstream", second.url) as (
-            url,
-            _,
-        ),
+        thinkbrake_process(first.url, "--upstream", second.url) as (url, _),
     ):
+        yield first, second, url
+
+
+def test_sequential_requests_take_the_replicas_in_turn() -> None:
+    with two_replicas() as (first, second, url):
         client = client_of(url)
         for _ in range(4):
             ask(client, thinkbrake={"policy": "off"}, max_tokens=5)
@@ -97,14 +101,7 @@ def test_sequential_requests_take_the_replicas_in_turn() -> None:
 
 
 def test_a_replica_that_goes_down_is_left_out_then_put_back() -> None:
-    with (
-        FakeUpstream() as first,
-        FakeUpstream() as second,
-        thinkbrake_process(first.url, "--upstream", second.url) as (
-            url,
-            _,
-        ),
-    ):
+    with two_replicas() as (first, second, url):
         client = client_of(url)
         port = first.port
         first.stop()
