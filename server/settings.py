@@ -14,7 +14,7 @@ import pathlib
 from dataclasses import dataclass
 from typing import Annotated, Any, Literal
 
-from pydantic import Field, PrivateAttr, field_validator, model_validator
+from pydantic import AfterValidator, BeforeValidator, Field, PrivateAttr, model_validator
 from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
 
 from controller.calibration import CalibrationError
@@ -51,6 +51,57 @@ RECORDING = "recording traffic"
 FLAG_GROUPS = (BACKEND, STOPPING, SERVER, ACCESS, RECORDING, ENGINE)
 
 
+def _upstream_list(value: Any) -> Any:
+    """``upstream``: one URL, a comma-separated string (environment) or a list (repeated flag); each without a
+    trailing slash, and none twice."""
+    if value is None:
+        return []
+    if isinstance(value, str):
+        value = value.split(",")
+    if isinstance(value, list | tuple):
+        urls = [str(item).strip().rstrip("/") for item in value if str(item).strip()]
+        if len(set(urls)) != len(urls):
+            raise ValueError(f"an upstream is given twice: {', '.join(urls)}")
+        return urls
+    return value
+
+
+def _parse_pairs(value: Any) -> Any:
+    """``policy_args``: ``["k=3", ...]`` (flags) or ``"k=3,min_thinking_tokens=10"`` (environment) as well as a dict."""
+    if isinstance(value, str):
+        value = [item for item in value.split(",") if item.strip()]
+    if isinstance(value, list | tuple):
+        pairs: dict[str, str] = {}
+        for item in value:
+            key, sep, raw = str(item).partition("=")
+            if not sep or not key.strip():
+                raise ValueError(f"policy argument must be K=V, got {item!r}")
+            pairs[key.strip()] = raw.strip()
+        return pairs
+    return value
+
+
+def _record_folder(value: str | None) -> str | None:
+    """``--record DIR`` is made if missing and must be writable: a bad folder fails at start, not per trace."""
+    if not value:
+        return None
+    folder = pathlib.Path(value).expanduser()
+    try:
+        folder.mkdir(parents=True, exist_ok=True)
+    except OSError as error:
+        raise ValueError(f"--record {value}: cannot make the folder: {error.strerror or error}") from None
+    if not os.access(folder, os.W_OK | os.X_OK):
+        raise ValueError(f"--record {value}: the folder is not writable")
+    return str(folder)
+
+
+def _split_commas(value: Any) -> Any:
+    """A list setting given as one comma-separated string (environment)."""
+    if isinstance(value, str):
+        return [item.strip() for item in value.split(",") if item.strip()]
+    return value
+
+
 class Settings(BaseSettings):
     """Everything ``thinkbrake serve`` is configured with; fields with a :class:`Flag` are its flags, in this order
     (grouped by ``Flag.group``)."""
@@ -64,6 +115,7 @@ class Settings(BaseSettings):
     ] = Field(None, description="model id or local path for the embedded engine")  # fmt: skip
     upstream: Annotated[
         list[str],
+        BeforeValidator(_upstream_list),
         NoDecode,
         Flag(BACKEND, "base URL of an OpenAI-compatible server to proxy; repeat it (env: comma-separated) for replicas "
              "of one model: each request goes to the replica with the fewest in flight, and its answer probes and "
@@ -100,6 +152,7 @@ class Settings(BaseSettings):
     ] = DEFAULT_POLICY
     policy_args: Annotated[
         dict[str, str],
+        BeforeValidator(_parse_pairs),
         NoDecode,
         Flag(STOPPING, "argument of the default policy, repeatable: k=3, min_thinking_tokens=100, "
              "max_thinking_tokens=8000", "K=V", name="policy_arg"),
@@ -155,6 +208,7 @@ class Settings(BaseSettings):
     ] = None
     api_keys: Annotated[
         list[str],
+        BeforeValidator(_split_commas),
         NoDecode,
         Flag(ACCESS, "accept clients sending 'Authorization: Bearer KEY'; repeatable (env: THINKBRAKE_API_KEYS=k1,k2). "
              "Without any key the API is open", "KEY", name="api_key"),
@@ -167,6 +221,7 @@ class Settings(BaseSettings):
     )
     record: Annotated[
         str | None,
+        AfterValidator(_record_folder),
         Flag(RECORDING, "write sampled requests to this folder as reasoning traces (JSON lines, the dev-probes format "
              "that replay and calibrate read); they hold the prompt's last user message and the model's output. Each "
              "recorded request runs in shadow mode, to its natural end", "DIR"),
@@ -191,6 +246,7 @@ class Settings(BaseSettings):
     )
     logits_processors: Annotated[
         list[str],
+        BeforeValidator(_split_commas),
         NoDecode,
         Flag(ENGINE, "vLLM v1 logits processor to load, repeatable (enabled per request through vllm_xargs)",
              "MODULE:CLASS", own_engine=True),
@@ -205,60 +261,6 @@ class Settings(BaseSettings):
     )
 
     _served: ServedCalibration | None = PrivateAttr(None)  # the file read by :meth:`served_calibration`
-
-    @field_validator("upstream", mode="before")
-    @classmethod
-    def _upstream_list(cls, value: Any) -> Any:
-        """One URL, a comma-separated string (environment) or a list (repeated flag); each without a trailing
-        slash, and none twice."""
-        if value is None:
-            return []
-        if isinstance(value, str):
-            value = value.split(",")
-        if isinstance(value, list | tuple):
-            urls = [str(item).strip().rstrip("/") for item in value if str(item).strip()]
-            if len(set(urls)) != len(urls):
-                raise ValueError(f"an upstream is given twice: {', '.join(urls)}")
-            return urls
-        return value
-
-    @field_validator("policy_args", mode="before")
-    @classmethod
-    def _parse_pairs(cls, value: Any) -> Any:
-        """Accept ``["k=3", ...]`` (flags) or ``"k=3,min_thinking_tokens=10"`` (environment) as well as a dict."""
-        if isinstance(value, str):
-            value = [item for item in value.split(",") if item.strip()]
-        if isinstance(value, list | tuple):
-            pairs: dict[str, str] = {}
-            for item in value:
-                key, sep, raw = str(item).partition("=")
-                if not sep or not key.strip():
-                    raise ValueError(f"policy argument must be K=V, got {item!r}")
-                pairs[key.strip()] = raw.strip()
-            return pairs
-        return value
-
-    @field_validator("record")
-    @classmethod
-    def _record_folder(cls, value: str | None) -> str | None:
-        """``--record DIR`` is made if missing and must be writable: a bad folder fails at start, not per trace."""
-        if not value:
-            return None
-        folder = pathlib.Path(value).expanduser()
-        try:
-            folder.mkdir(parents=True, exist_ok=True)
-        except OSError as error:
-            raise ValueError(f"--record {value}: cannot make the folder: {error.strerror or error}") from None
-        if not os.access(folder, os.W_OK | os.X_OK):
-            raise ValueError(f"--record {value}: the folder is not writable")
-        return str(folder)
-
-    @field_validator("logits_processors", "api_keys", mode="before")
-    @classmethod
-    def _split_commas(cls, value: Any) -> Any:
-        if isinstance(value, str):
-            return [item.strip() for item in value.split(",") if item.strip()]
-        return value
 
     @model_validator(mode="after")
     def _check(self) -> Settings:
