@@ -1,4 +1,6 @@
-"""Upstream backend: any OpenAI-compatible server over HTTP (httpx). The only module that speaks HTTP upstream.
+"""Upstream backend: any OpenAI-compatible server over HTTP. The streamed generations go through
+:mod:`server.upstream_stream` (aiohttp: the per-token path); answer probes, the model list and the tokenizer through
+httpx (:class:`UpstreamClients`). No other module speaks HTTP upstream.
 
 Every generation is a streaming request with ``n=1`` and ``return_token_ids`` (vLLM >= 0.10), so each chunk
 brings its token ids and the first brings the prompt's: a continuation after a stop can then be sent as a
@@ -20,6 +22,7 @@ import asyncio
 import contextlib
 import json
 import logging
+import ssl
 from collections.abc import AsyncGenerator, AsyncIterator
 from typing import Any
 
@@ -42,8 +45,12 @@ from server.backend import (
 )
 from server.settings import Settings
 from server.upstream_health import CONNECT_ERRORS, UNAVAILABLE_CODE, UpstreamHealth, backoff, describe
+from server.upstream_stream import StreamResponse, StreamSession
 
 log = logging.getLogger(__name__)
+
+#: seconds a new connection to the upstream may take
+CONNECT_SECONDS = 10.0
 
 
 class RawTextRebuilder:
@@ -100,7 +107,7 @@ class UpstreamGeneration:
         self._body = body
         self._chat = chat
         self._request_id = request_id
-        self._response: httpx.Response | None = None
+        self._response: StreamResponse | None = None
         self._aborted = False
         self.prompt_token_ids: list[int] | None = None
         self.num_cached_tokens: int | None = None
@@ -108,17 +115,16 @@ class UpstreamGeneration:
     async def __aiter__(self) -> AsyncGenerator[Chunk, None]:
         """One :class:`Chunk` per body chunk received: SSE events that arrive in one HTTP chunk are merged into
         one chunk (vLLM sends one event per chunk, so there nothing changes)."""
-        async with self._backend.clients.lease() as client, contextlib.aclosing(self._stream(client)) as chunks:
+        async with contextlib.aclosing(self._stream()) as chunks:
             async for chunk in chunks:
                 yield chunk
 
-    async def _stream(self, client: httpx.AsyncClient) -> AsyncGenerator[Chunk, None]:
+    async def _stream(self) -> AsyncGenerator[Chunk, None]:
         rebuilder = RawTextRebuilder(self._backend.delimiters)
         end_ids = await self._backend.end_ids() if self._chat else None
         try:
             headers = self._backend.affinity(self._request_id)
-            request = client.build_request("POST", self._path, json=self._body, headers=headers)
-            response = self._response = await client.send(request, stream=True)
+            response = self._response = await self._backend.streams.post(self._path, self._body, headers)
         except CONNECT_ERRORS as error:
             message = self._backend.lost(error, f"POST {self._path}")
             raise BackendError(message, 503, UNAVAILABLE_CODE) from error
@@ -236,7 +242,7 @@ class SSELineDecoder:
         return [line.rstrip(b"\r") for line in lines]
 
 
-async def close_response(response: httpx.Response) -> None:
+async def close_response(response: StreamResponse) -> None:
     """Close an upstream response, even when the caller is cancelled meanwhile (a client that went away is
     often cancelled twice): an interrupted close would leave the connection checked out of the pool for good,
     and the upstream decoding for nobody."""
@@ -254,7 +260,7 @@ async def close_response(response: httpx.Response) -> None:
 _GATEWAY_STATUSES = frozenset({401, 403, 407})
 
 
-def upstream_error(response: httpx.Response, secret: str | None = None) -> BackendError:
+def upstream_error(response: httpx.Response | StreamResponse, secret: str | None = None) -> BackendError:
     """A :class:`BackendError` carrying the upstream's own message and a matching status.
 
     The upstream's key never reaches the client: it is cut out of the message (an upstream may quote the key it
@@ -279,7 +285,8 @@ def upstream_error(response: httpx.Response, secret: str | None = None) -> Backe
 
 
 class UpstreamClients:
-    """httpx clients to the upstream, each with a small connection pool, sharing ``max_connections``.
+    """httpx clients to the upstream (probes, models, tokenizer), each with a small connection pool, sharing
+    ``max_connections``.
 
     httpcore's pool does bookkeeping on every request start and end that is quadratic in its connection count
     (measured: 256 streams on one pool spent 65% of thinkbrake's CPU there), so the connections are split into
@@ -290,11 +297,12 @@ class UpstreamClients:
     SHARD_CONNECTIONS = 32
     CONNECT_RETRIES = 2
 
-    def __init__(self, base_url: str, headers: dict[str, str], timeout: httpx.Timeout, max_connections: int) -> None:
+    def __init__(
+        self, base_url: str, headers: dict[str, str], timeout: httpx.Timeout, max_connections: int, tls: ssl.SSLContext
+    ) -> None:
         shards = -(-max_connections // self.SHARD_CONNECTIONS)
         per_shard = -(-max_connections // shards)
         limits = httpx.Limits(max_connections=per_shard, max_keepalive_connections=per_shard)
-        tls = httpx.create_ssl_context()  # one for all shards: each context holds its own copy of the CA store
         # A connect that fails or times out sent nothing, so it is retried (twice, the first at once): on a machine
         # busy enough that this process sees a socket's connect complete only seconds late, a fresh connection
         # must not fail the request.
@@ -339,8 +347,12 @@ class UpstreamBackend:
         self.model_name = settings.served_model_name or ""
         self.upstream_model = ""
         headers = {"Authorization": f"Bearer {settings.upstream_api_key}"} if settings.upstream_api_key else {}
-        timeout = httpx.Timeout(settings.request_timeout, connect=10.0)
-        self.clients = UpstreamClients(url, headers, timeout, settings.upstream_max_connections)
+        timeout = httpx.Timeout(settings.request_timeout, connect=CONNECT_SECONDS)
+        tls = httpx.create_ssl_context()  # one for every connection pool: each context holds its own CA store
+        self.clients = UpstreamClients(url, headers, timeout, settings.upstream_max_connections, tls)
+        self.streams = StreamSession(
+            url, headers, settings.request_timeout, CONNECT_SECONDS, settings.upstream_max_connections, tls
+        )
         self.health = UpstreamHealth(url, settings.upstream_api_key)
         self._ready = False
         self._watch: asyncio.Task[None] | None = None
@@ -421,7 +433,7 @@ class UpstreamBackend:
         if self._watch is not None:
             self._watch.cancel()
             await asyncio.gather(self._watch, return_exceptions=True)
-        await self.clients.aclose()
+        await asyncio.gather(self.clients.aclose(), self.streams.aclose())
 
     def _body(self, sampling: Sampling) -> dict[str, Any]:
         body: dict[str, Any] = {key: value for key, value in sampling.options.items() if value is not None}
