@@ -1,10 +1,11 @@
-"""CPU per read of an upstream SSE stream: httpx (``aiter_bytes``) against aiohttp (``iter_chunks``, what
-``server/upstream_stream.py`` uses), in one run, on the same streams.
+"""thinkbrake's upstream HTTP per token and per probe: httpx against aiohttp (what ``server/upstream_http.py``
+uses), in one run, alternating ``--rounds`` times.
 
 A fake OpenAI-compatible upstream (``tests/support/fake_upstream.py``, its own process) streams the written traces
-to C concurrent readers, one SSE event per HTTP chunk, paced at R tokens/s per stream; this process reads them with
-each library in turn (alternating, ``--rounds`` times) and prints its own CPU time per read. Only the reading is
-measured: no parsing, no controller, no client.
+to C concurrent readers, one SSE event per HTTP chunk, paced at R tokens/s per stream; this process reads them
+(httpx ``aiter_bytes``, aiohttp ``iter_chunks``) and prints its own CPU time per read. Then 16 concurrent callers
+send 30 answer probes each (a non-streamed ``/v1/completions`` with a 1,500-token prompt, as thinkbrake sends
+them) and it prints the CPU per probe. Only the HTTP is measured: no parsing, no controller, no client.
 
     python benchmarks/stream_reader.py                    # C = 64, 200 tokens/s, 2 rounds
     python benchmarks/stream_reader.py --concurrency 256 --token-rate 50
@@ -62,6 +63,41 @@ async def with_aiohttp(url: str, streams: int, rate: float) -> int:
         return sum(await asyncio.gather(*(one() for _ in range(streams))))
 
 
+PROBE = {"model": "fake-reasoner", "prompt": list(range(1500)), "max_tokens": 20, "temperature": 0, "logprobs": 1,
+         "stream": False}  # fmt: skip
+CALLERS, PROBES_EACH = 16, 30
+
+
+async def probes_httpx(url: str) -> int:
+    async with httpx.AsyncClient(base_url=url, timeout=httpx.Timeout(600, connect=10)) as client:
+
+        async def caller() -> None:
+            for _ in range(PROBES_EACH):
+                (await client.post("/v1/completions", json=PROBE)).json()
+
+        await asyncio.gather(*(caller() for _ in range(CALLERS)))
+    return CALLERS * PROBES_EACH
+
+
+async def probes_aiohttp(url: str) -> int:
+    async with aiohttp.ClientSession() as session:
+
+        async def caller() -> None:
+            for _ in range(PROBES_EACH):
+                async with session.post(f"{url}/v1/completions", json=PROBE) as response:
+                    await response.json()
+
+        await asyncio.gather(*(caller() for _ in range(CALLERS)))
+    return CALLERS * PROBES_EACH
+
+
+def measure_probes(send: Callable[[str], Awaitable[int]], url: str) -> str:
+    began = time.process_time()
+    probes = asyncio.run(send(url))  # type: ignore[arg-type]
+    cpu = time.process_time() - began
+    return f"| {send.__name__.removeprefix('probes_')} | {probes} | {cpu:.2f} | {1e3 * cpu / probes:.2f} |"
+
+
 def measure(read: Callable[[str, int, float], Awaitable[int]], url: str, streams: int, rate: float) -> str:
     began_cpu, began = time.process_time(), time.monotonic()
     reads = asyncio.run(read(url, streams, rate))  # type: ignore[arg-type]
@@ -84,6 +120,12 @@ def main() -> int:
         for _ in range(args.rounds):
             for read in (with_httpx, with_aiohttp):
                 print(measure(read, url, args.concurrency, args.token_rate), flush=True)
+        print(
+            f"\n{CALLERS} callers x {PROBES_EACH} probes\n\n| library | probes | CPU s | CPU ms per probe |\n|---|---|---|---|"
+        )
+        for _ in range(args.rounds):
+            for send in (probes_httpx, probes_aiohttp):
+                print(measure_probes(send, url), flush=True)
     return 0
 
 

@@ -261,6 +261,7 @@ class Metrics:
         self._stop_ratios: dict[tuple[str, str], _StopRatio] = {}
         self._prepared: set[tuple[str, str]] = set()
         self._lock = threading.Lock()
+        self._controller_children: dict[tuple[str, str], Histogram] = {}
         try:
             self._c = Collectors(self._registry)
         except ValueError as error:  # prometheus_client: "Duplicated timeseries in CollectorRegistry"
@@ -349,10 +350,14 @@ class Metrics:
             return self._stop_ratios.get((model, policy), _StopRatio()).ratio()
 
     def observe_controller(self, seconds: float, tokens: int, model: str, policy: str) -> None:
-        """Record controller time spent on ``tokens`` generated tokens (ignored when ``tokens`` is 0)."""
-        self.prepare(model, policy)
+        """Record controller time spent on ``tokens`` generated tokens (ignored when ``tokens`` is 0). Called for
+        every delta, so the pair's histogram child is looked up once and kept (series are never removed)."""
+        child = self._controller_children.get((model, policy))
+        if child is None:
+            self.prepare(model, policy)
+            child = self._controller_children[(model, policy)] = self._c.controller_seconds.labels(model, policy)
         if tokens > 0:
-            self._c.controller_seconds.labels(model, policy).observe(seconds / tokens)
+            child.observe(seconds / tokens)
 
     def count_probe(self, model: str, policy: str) -> None:
         """One answer probe sent."""

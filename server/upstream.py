@@ -1,6 +1,6 @@
-"""Upstream backend: any OpenAI-compatible server over HTTP. The streamed generations go through
-:mod:`server.upstream_stream` (aiohttp: the per-token path); answer probes, the model list and the tokenizer through
-httpx (:class:`UpstreamClients`). No other module speaks HTTP upstream.
+"""Upstream backend: any OpenAI-compatible server over HTTP. The streamed generations and the answer probes go
+through :mod:`server.upstream_http` (aiohttp: the per-token and per-probe path); the model list and the tokenizer
+through httpx (:class:`UpstreamClients`). No other module speaks HTTP upstream.
 
 Every generation is a streaming request with ``n=1`` and ``return_token_ids`` (vLLM >= 0.10), so each chunk
 brings its token ids and the first brings the prompt's: a continuation after a stop can then be sent as a
@@ -45,7 +45,7 @@ from server.backend import (
 )
 from server.settings import Settings
 from server.upstream_health import CONNECT_ERRORS, UNAVAILABLE_CODE, UpstreamHealth, backoff, describe
-from server.upstream_stream import StreamResponse, StreamSession
+from server.upstream_http import UpstreamResponse, UpstreamSession
 
 log = logging.getLogger(__name__)
 
@@ -107,7 +107,7 @@ class UpstreamGeneration:
         self._body = body
         self._chat = chat
         self._request_id = request_id
-        self._response: StreamResponse | None = None
+        self._response: UpstreamResponse | None = None
         self._aborted = False
         self.prompt_token_ids: list[int] | None = None
         self.num_cached_tokens: int | None = None
@@ -124,7 +124,7 @@ class UpstreamGeneration:
         end_ids = await self._backend.end_ids() if self._chat else None
         try:
             headers = self._backend.affinity(self._request_id)
-            response = self._response = await self._backend.streams.post(self._path, self._body, headers)
+            response = self._response = await self._backend.session.post(self._path, self._body, headers)
         except CONNECT_ERRORS as error:
             message = self._backend.lost(error, f"POST {self._path}")
             raise BackendError(message, 503, UNAVAILABLE_CODE) from error
@@ -242,7 +242,7 @@ class SSELineDecoder:
         return [line.rstrip(b"\r") for line in lines]
 
 
-async def close_response(response: StreamResponse) -> None:
+async def close_response(response: UpstreamResponse) -> None:
     """Close an upstream response, even when the caller is cancelled meanwhile (a client that went away is
     often cancelled twice): an interrupted close would leave the connection checked out of the pool for good,
     and the upstream decoding for nobody."""
@@ -260,7 +260,7 @@ async def close_response(response: StreamResponse) -> None:
 _GATEWAY_STATUSES = frozenset({401, 403, 407})
 
 
-def upstream_error(response: httpx.Response | StreamResponse, secret: str | None = None) -> BackendError:
+def upstream_error(response: httpx.Response | UpstreamResponse, secret: str | None = None) -> BackendError:
     """A :class:`BackendError` carrying the upstream's own message and a matching status.
 
     The upstream's key never reaches the client: it is cut out of the message (an upstream may quote the key it
@@ -285,7 +285,7 @@ def upstream_error(response: httpx.Response | StreamResponse, secret: str | None
 
 
 class UpstreamClients:
-    """httpx clients to the upstream (probes, models, tokenizer), each with a small connection pool, sharing
+    """httpx clients to the upstream (model list, tokenizer), each with a small connection pool, sharing
     ``max_connections``.
 
     httpcore's pool does bookkeeping on every request start and end that is quadratic in its connection count
@@ -350,7 +350,7 @@ class UpstreamBackend:
         timeout = httpx.Timeout(settings.request_timeout, connect=CONNECT_SECONDS)
         tls = httpx.create_ssl_context()  # one for every connection pool: each context holds its own CA store
         self.clients = UpstreamClients(url, headers, timeout, settings.upstream_max_connections, tls)
-        self.streams = StreamSession(
+        self.session = UpstreamSession(
             url, headers, settings.request_timeout, CONNECT_SECONDS, settings.upstream_max_connections, tls
         )
         self.health = UpstreamHealth(url, settings.upstream_api_key)
@@ -433,7 +433,7 @@ class UpstreamBackend:
         if self._watch is not None:
             self._watch.cancel()
             await asyncio.gather(self._watch, return_exceptions=True)
-        await asyncio.gather(self.clients.aclose(), self.streams.aclose())
+        await asyncio.gather(self.clients.aclose(), self.session.aclose())
 
     def _body(self, sampling: Sampling) -> dict[str, Any]:
         body: dict[str, Any] = {key: value for key, value in sampling.options.items() if value is not None}
@@ -518,8 +518,11 @@ class UpstreamBackend:
         if extra_args:
             body["vllm_xargs"] = dict(extra_args)
         try:
-            async with self.clients.lease() as client:
-                response = await client.post("/v1/completions", json=body, headers=self.affinity(request_id))
+            response = await self.session.post("/v1/completions", body, self.affinity(request_id))
+            try:
+                await response.aread()
+            finally:
+                await response.aclose()  # (cancelled mid-read: the connection is dropped, vLLM aborts the probe)
         except CONNECT_ERRORS as error:
             raise BackendError(self.lost(error, "POST /v1/completions (probe)"), 503, UNAVAILABLE_CODE) from error
         except httpx.HTTPError as error:

@@ -82,7 +82,10 @@ def summary(tag: str, probes: list[dict[str, Any]]) -> tuple[int, int, int]:
     answered = sum(p["answered"] for p in probes)
     missed = sum(p["missed_cache"] for p in probes)
     cached, prompt = sum(p["cached_tokens"] for p in probes), sum(p["prompt_tokens"] for p in probes)
-    print(f"{tag}: {answered} probes, {missed} missed the cache; {cached} of {prompt} probe prompt tokens cached")
+    failed = sum(p["failed"] for p in probes)
+    print(
+        f"{tag}: {answered} probes ({failed} failed), {missed} missed the cache; {cached} of {prompt} probe prompt tokens cached"
+    )
     return answered, missed, prompt - cached
 
 

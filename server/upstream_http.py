@@ -1,9 +1,10 @@
-"""The streamed generation requests to the upstream (a choice's main request and its continuation), over aiohttp.
+"""The requests thinkbrake makes to the upstream per token and per probe: streamed generations (a choice's main
+request and its continuation) and answer probes, over aiohttp.
 
 Every token of every stream passes through here, so the reader's cost per chunk is thinkbrake's cost per token:
-aiohttp parses HTTP in C and reads a chunk for a fraction of the CPU httpx spends (see
-``benchmarks/stream_reader.py``). The other upstream requests (answer probes, model list,
-tokenizer) stay on httpx, in :mod:`server.upstream`.
+aiohttp parses HTTP in C and reads a chunk for a fraction of the CPU httpx spends, and sends a probe for a tenth
+of it (``benchmarks/stream_reader.py``). The rarer requests (model list, tokenizer) stay on httpx, in
+:mod:`server.upstream`.
 
 Failures are raised as httpx's exception types (:func:`as_httpx`): ``ConnectError`` / ``ConnectTimeout`` when
 nothing reached the upstream, ``ReadTimeout`` when it stayed silent for ``read_timeout`` seconds,
@@ -27,6 +28,8 @@ from typing import Any
 import aiohttp
 import httpx
 
+#: seconds an idle connection is kept for the next request (under the 5 s of uvicorn, which vLLM's server runs on)
+KEEPALIVE_SECONDS = 4.0
 #: waits before the second and third attempt of a connect that failed
 CONNECT_RETRY_DELAYS = (0.0, 0.5)
 
@@ -47,7 +50,7 @@ def as_httpx(error: BaseException) -> httpx.HTTPError:
     return httpx.ReadError(f"{type(error).__name__}: {text}")
 
 
-class StreamResponse:
+class UpstreamResponse:
     """One response: its status and headers at once, the body as it comes (:meth:`aiter_bytes`) or whole
     (:meth:`aread`, then :attr:`text` and :meth:`json`, as httpx's response has them)."""
 
@@ -89,8 +92,9 @@ class StreamResponse:
             self._response.close()
 
 
-class StreamSession:
-    """The aiohttp session of one upstream: made on first use (it belongs to the running event loop)."""
+class UpstreamSession:
+    """The aiohttp session of one upstream (streams and probes): made on first use (it belongs to the running
+    event loop)."""
 
     def __init__(
         self, base_url: str, headers: dict[str, str], read_timeout: float, connect_timeout: float,
@@ -108,7 +112,10 @@ class StreamSession:
 
     def _open_session(self) -> aiohttp.ClientSession:
         if self._session is None or self._session.closed:
-            connector = aiohttp.TCPConnector(limit=self._max_connections, ssl=self._tls)
+            # an idle connection is given up before uvicorn's (vLLM's server) 5 s keep-alive closes it from its side
+            connector = aiohttp.TCPConnector(
+                limit=self._max_connections, ssl=self._tls, keepalive_timeout=KEEPALIVE_SECONDS
+            )
             self._session = aiohttp.ClientSession(
                 connector=connector, headers=self._headers, timeout=self._timeout, trust_env=True
             )
@@ -117,14 +124,14 @@ class StreamSession:
     def url(self, path: str) -> str:
         return self._base_url.rstrip("/") + path
 
-    async def post(self, path: str, body: dict[str, Any], headers: Mapping[str, str]) -> StreamResponse:
+    async def post(self, path: str, body: dict[str, Any], headers: Mapping[str, str]) -> UpstreamResponse:
         """POST ``body`` as JSON; the response once its headers came (see the module docstring for failures)."""
         session = self._open_session()
         delays = iter(CONNECT_RETRY_DELAYS)
         while True:
             try:
                 response = await session.post(self.url(path), json=body, headers=headers, allow_redirects=False)
-                return StreamResponse(response)
+                return UpstreamResponse(response)
             except (aiohttp.ClientConnectorError, aiohttp.ConnectionTimeoutError) as error:
                 delay = next(delays, None)
                 if delay is None:
