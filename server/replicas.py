@@ -24,23 +24,17 @@ import contextlib
 import itertools
 import logging
 from collections.abc import AsyncGenerator
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from controller.probes import ProbeSpec
-from server.backend import (
-    BackendError,
-    ChoiceMemory,
-    Chunk,
-    ProbeOutput,
-    ProbeRejected,
-    Prompt,
-    Sampling,
-    TextPrompt,
-)
+from server.backend import BackendError, ChoiceMemory, ProbeRejected, TextPrompt
 from server.settings import Settings
 from server.upstream import UpstreamBackend
 from server.upstream_health import UNAVAILABLE_CODE
 from server.vocabulary import REPLICA_LOST
+
+if TYPE_CHECKING:
+    from server.backend import Chunk, ProbeOutput, Prompt, Sampling
 
 log = logging.getLogger(__name__)
 
