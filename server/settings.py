@@ -141,6 +141,12 @@ class Settings(BaseSettings):
              "continuation, so a router that hashes on it (nginx hash, vLLM router --session-key) sends them to the "
              "replica that holds the choice's prefix cache", "NAME"),
     ] = None  # fmt: skip
+    tokenizer: Annotated[
+        str | None,
+        Flag(BACKEND, "upstream mode: a folder (or tokenizer.json) with the model's tokenizer; an upstream event that "
+             "carries several tokens (vLLM merges steps when its server lags) is then split per token, so a stop "
+             "lands on its token as with the embedded engine", "PATH", own_engine=True),
+    ] = None  # fmt: skip
     affinity_echo_header: Annotated[
         str | None,
         Flag(BACKEND, "response header a router sets to name the replica (llm-d's session affinity: x-session-token); "
@@ -279,6 +285,10 @@ class Settings(BaseSettings):
                 "--workers needs --upstream: an embedded engine belongs to one process. Scale it with replicas behind "
                 "a load balancer, or run vllm serve (--api-server-count N) and thinkbrake --upstream --workers N"
             )
+        if self.tokenizer is not None:
+            found = pathlib.Path(self.tokenizer).expanduser()
+            if not (found.is_file() or (found / "tokenizer.json").is_file()):
+                raise ValueError(f"--tokenizer {self.tokenizer}: no tokenizer.json there")
         if self.risk is not None and self.calibration is None:
             raise ValueError("--risk needs --calibration (the file whose levels it chooses among)")
         if self.calibration is not None:

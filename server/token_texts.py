@@ -17,8 +17,10 @@ Invariants: ``"".join(split_text(...)) == text`` whenever the result is not None
 from __future__ import annotations
 
 import logging
+import pathlib
 from typing import Any
 
+from tokenizers import Tokenizer
 from tokenizers.decoders import DecodeStream
 
 log = logging.getLogger(__name__)
@@ -32,8 +34,9 @@ def split_text(
     tokenizer: Any, before: list[int], token_ids: list[int], text: str, skip_special_tokens: bool = True
 ) -> list[str] | None:
     """The text of each of ``token_ids`` (a delta whose text is ``text``, after the ids ``before``), or None when
-    it cannot be told exactly. ``tokenizer``: a ``transformers`` fast tokenizer (its ``_tokenizer`` decodes)."""
-    backend = getattr(tokenizer, "_tokenizer", None)
+    it cannot be told exactly. ``tokenizer``: a ``transformers`` fast tokenizer (its ``_tokenizer`` decodes) or a
+    ``tokenizers.Tokenizer``."""
+    backend = tokenizer if isinstance(tokenizer, Tokenizer) else getattr(tokenizer, "_tokenizer", None)
     if backend is None or len(token_ids) < 2:
         return None
     try:
@@ -45,3 +48,39 @@ def split_text(
         log.debug("splitting a delta by token failed", exc_info=True)
         return None
     return pieces if "".join(pieces) == text else None
+
+
+def load_tokenizer(path: str) -> Tokenizer:
+    """The tokenizer in ``path`` (a ``tokenizer.json``, or a folder holding one); ValueError naming the path."""
+    file = pathlib.Path(path).expanduser()
+    if file.is_dir():
+        file = file / "tokenizer.json"
+    try:
+        return Tokenizer.from_file(str(file))
+    except Exception as error:  # noqa: BLE001 - a missing or unreadable file: one clear line at start
+        raise ValueError(f"--tokenizer {path}: cannot load {file} ({type(error).__name__}: {error})") from None
+
+
+class TokenSplitter:
+    """Splits the merged deltas of one generation per token (see :func:`split_text`), keeping the ids before each.
+
+    Invariant: :meth:`chunks` returns pieces that join to the delta's text, with the delta's ids in order; the
+    finish reason goes with the last."""
+
+    def __init__(self, tokenizer: Any, skip_special_tokens: bool = True) -> None:
+        self._tokenizer = tokenizer
+        self._skip = skip_special_tokens
+        self._recent: list[int] = []
+
+    def prime(self, prompt_ids: list[int] | None) -> None:
+        """The prompt's last ids, before the first delta (once)."""
+        if not self._recent and prompt_ids:
+            self._recent = list(prompt_ids[-PRIME_IDS:])
+
+    def pieces(self, text: str, token_ids: list[int]) -> list[str] | None:
+        """One text per id when the delta splits exactly, else None (the delta stays whole)."""
+        before = self._recent
+        self._recent = (before + token_ids)[-PRIME_IDS:]
+        if len(token_ids) < 2:
+            return None
+        return split_text(self._tokenizer, before, token_ids, text, self._skip)

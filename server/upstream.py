@@ -44,6 +44,7 @@ from server.backend import (
     tokens_through,
 )
 from server.settings import Settings
+from server.token_texts import TokenSplitter, load_tokenizer
 from server.upstream_health import CONNECT_ERRORS, UNAVAILABLE_CODE, UpstreamHealth, backoff, describe
 from server.upstream_http import UpstreamResponse, UpstreamSession
 
@@ -137,6 +138,7 @@ class UpstreamGeneration:
                 raise upstream_error(response, self._backend.settings.upstream_api_key)
             self._backend.echo(self._request_id, response.headers)
             lines = SSELineDecoder()
+            splitter = self._backend.splitter(self._body)
             done = False
             async for raw in response.aiter_bytes():
                 if self._aborted:
@@ -145,7 +147,8 @@ class UpstreamGeneration:
                     continue
                 merged, done, failure = self._parse_lines(lines.decode(raw), rebuilder, end_ids)
                 if merged is not None:
-                    yield merged
+                    for chunk in per_token(merged, splitter, self.prompt_token_ids):
+                        yield chunk
                 if failure is not None:
                     raise failure
         except httpx.HTTPError as error:
@@ -221,6 +224,20 @@ class UpstreamGeneration:
         self._aborted = True
         if self._response is not None:
             await close_response(self._response)
+
+
+def per_token(chunk: Chunk, splitter: TokenSplitter | None, prompt_ids: list[int] | None) -> list[Chunk]:
+    """``chunk`` split into one chunk per token where ``--tokenizer`` is given and its text splits exactly (an
+    upstream that merged several steps into one event); else ``[chunk]``."""
+    if splitter is None:
+        return [chunk]
+    splitter.prime(prompt_ids)
+    pieces = splitter.pieces(chunk.text, chunk.token_ids)
+    if pieces is None:
+        return [chunk]
+    last = len(pieces) - 1
+    return [Chunk(piece, [token], chunk.finish_reason if i == last else None)
+            for i, (piece, token) in enumerate(zip(pieces, chunk.token_ids, strict=True))]  # fmt: skip
 
 
 class SSELineDecoder:
@@ -360,6 +377,13 @@ class UpstreamBackend:
         self._end_ids: list[int] | None = None
         self._end_ids_asked = False
         self._echoed: ChoiceMemory[str] = ChoiceMemory()  # --affinity-echo-header values, per choice
+        self.tokenizer = load_tokenizer(settings.tokenizer) if settings.tokenizer else None  # --tokenizer
+
+    def splitter(self, body: dict[str, Any]) -> TokenSplitter | None:
+        """A per-token splitter for one generation (None without ``--tokenizer``)."""
+        if self.tokenizer is None:
+            return None
+        return TokenSplitter(self.tokenizer, bool(body.get("skip_special_tokens", True)))
 
     async def end_ids(self) -> list[int] | None:
         """The end-of-thinking delimiter's token ids (from ``/tokenize``, asked once; None when the upstream

@@ -78,3 +78,29 @@ def test_the_engine_generation_yields_one_chunk_per_token_whatever_the_engine_me
     assert [chunk.token_ids for chunk in got] == [[token] for token in ids]
     assert [chunk.text for chunk in got] == pieces
     assert [chunk.finish_reason for chunk in got] == [None] * (len(ids) - 1) + ["stop"]
+
+
+def test_an_upstream_event_of_several_tokens_splits_per_token_with_a_tokenizer(tokenizer, tmp_path) -> None:
+    """``serve --upstream --tokenizer PATH``: an event that carries several tokens (the upstream merged steps) is
+    split like a merged engine output, primed with the prompt's last ids; without a tokenizer it stays whole."""
+    from server.backend import Chunk
+    from server.token_texts import TokenSplitter, load_tokenizer
+    from server.upstream import per_token
+
+    tokenizer.save_pretrained(tmp_path)
+    loaded = load_tokenizer(str(tmp_path))  # a folder with tokenizer.json, as --tokenizer takes it
+    prompt = tokenizer.encode("Question: what is 6 × 7?", add_special_tokens=False)
+    ids = tokenizer.encode(TEXT, add_special_tokens=False)
+    expected = one_at_a_time(tokenizer, prompt + ids, skip=True)[len(prompt) :]
+    splitter = TokenSplitter(loaded)
+    cut = len(ids) // 3
+    chunks = [
+        *per_token(Chunk("".join(expected[:cut]), ids[:cut]), splitter, prompt),
+        *per_token(Chunk("".join(expected[cut:]), ids[cut:], "stop"), splitter, prompt),
+    ]
+    assert [chunk.text for chunk in chunks] == expected and [c.token_ids for c in chunks] == [[i] for i in ids]
+    assert [chunk.finish_reason for chunk in chunks] == [None] * (len(ids) - 1) + ["stop"]
+    whole = Chunk("".join(expected), ids)
+    assert per_token(whole, None, prompt) == [whole]
+    with pytest.raises(ValueError, match="cannot load"):
+        load_tokenizer(str(tmp_path / "nowhere"))
