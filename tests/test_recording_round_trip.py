@@ -65,8 +65,15 @@ def recording_server(request, tiny_model_dir, tmp_path_factory):
         return
     extra = ("--reasoning-parser", "deepseek_r1", "--served-model-name", "tiny-up")
     with openai_server(tiny_model_dir, *extra, log_path=logs / "vllm.log") as upstream:
-        with thinkbrake_server(
-            "--upstream", upstream, "--served-model-name", "tiny-r1", *record, log_path=logs / "proxy.log"
+        with thinkbrake_server(  # (--tokenizer: an event that merged steps is split per token, as embedded)
+            "--upstream",
+            upstream,
+            "--served-model-name",
+            "tiny-r1",
+            "--tokenizer",
+            str(tiny_model_dir),
+            *record,
+            log_path=logs / "proxy.log",
         ) as url:
             yield url, folder, "tiny-up"  # the upstream's model name
 
