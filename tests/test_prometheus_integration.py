@@ -64,7 +64,9 @@ TIMEOUT = 600.0
 #: Chat requests to the real server, one of each kind (the fake upstream's traces 0-2 are math, 3+ are not).
 REAL_TRAFFIC: list[dict[str, Any]] = [
     {"fake_trace": 0, "thinkbrake": {"policy": "fcs_reflection"}},  # stopped by fcs_reflection ("confirmed")
-    {"fake_trace": 0},  # the default probe_fcs: sends answer probes (stops wherever its probes answer)
+    # the default probe_fcs: sends answer probes (stops wherever its probes answer); paced, so they come back while
+    # it streams (unpaced, the trace can end first and its probes are cancelled unanswered)
+    {"fake_trace": 0, "fake_token_rate": 100},
     {"fake_trace": 2, "thinkbrake": {"policy": "first_answer"}},  # stopped at the first answer
     {"fake_trace": 3},  # natural: thinking without answers
     # shadow: runs on, records where it would have stopped (the text rule: at a fixed point)
