@@ -64,8 +64,8 @@ def load_tokenizer(path: str) -> Tokenizer:
 class TokenSplitter:
     """Splits the merged deltas of one generation per token (see :func:`split_text`), keeping the ids before each.
 
-    Invariant: :meth:`chunks` returns pieces that join to the delta's text, with the delta's ids in order; the
-    finish reason goes with the last."""
+    Invariant: :meth:`pieces` returns one text per id that join to the delta's text, or None (the delta stays
+    whole); the ids before the next delta are kept either way."""
 
     def __init__(self, tokenizer: Any, skip_special_tokens: bool = True) -> None:
         self._tokenizer = tokenizer
