@@ -126,9 +126,10 @@ class UnsupportedMediaType(Exception):
     """A request body sent with a content type other than JSON."""
 
 
-def json_content_type(request: Request) -> None:
+async def json_content_type(request: Request) -> None:
     """Only ``application/json`` bodies, as vLLM's OpenAI server takes them (any other content type, or none, is a
-    400 before the body is read as a request; ``curl -d`` without a ``Content-Type`` header sends a form)."""
+    400 before the body is read as a request; ``curl -d`` without a ``Content-Type`` header sends a form). A
+    coroutine, so FastAPI runs it on the event loop rather than in a worker thread."""
     given = request.headers.get("content-type", "")
     if given.split(";", 1)[0].strip().lower() != "application/json":
         raise UnsupportedMediaType(given)

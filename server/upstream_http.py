@@ -14,7 +14,8 @@ vocabulary whichever library made the request.
 Invariants: a connect that fails is retried twice (the first at once, then after half a second), since it sent
 nothing; a response is closed (its connection dropped, which makes vLLM abort the request) unless it was read to
 its end, when its connection goes back to the pool; redirects are not followed; environment proxies are honoured,
-as httpx does.
+as httpx does: read once, when the session opens (aiohttp's ``trust_env`` would read them, and ``~/.netrc``, in a
+worker thread on every request).
 """
 
 from __future__ import annotations
@@ -27,6 +28,8 @@ from typing import Any
 
 import aiohttp
 import httpx
+from aiohttp.helpers import BasicAuth, get_env_proxy_for_url
+from yarl import URL
 
 #: seconds an idle connection is kept for the next request (under the 5 s of uvicorn, which vLLM's server runs on)
 KEEPALIVE_SECONDS = 4.0
@@ -109,6 +112,7 @@ class UpstreamSession:
         self._max_connections = max_connections
         self._tls = tls
         self._session: aiohttp.ClientSession | None = None
+        self._proxy: tuple[URL | None, BasicAuth | None] = (None, None)
 
     def _open_session(self) -> aiohttp.ClientSession:
         if self._session is None or self._session.closed:
@@ -116,9 +120,8 @@ class UpstreamSession:
             connector = aiohttp.TCPConnector(
                 limit=self._max_connections, ssl=self._tls, keepalive_timeout=KEEPALIVE_SECONDS
             )
-            self._session = aiohttp.ClientSession(
-                connector=connector, headers=self._headers, timeout=self._timeout, trust_env=True
-            )
+            self._session = aiohttp.ClientSession(connector=connector, headers=self._headers, timeout=self._timeout)
+            self._proxy = env_proxy(self._base_url)
         return self._session
 
     def url(self, path: str) -> str:
@@ -130,7 +133,10 @@ class UpstreamSession:
         delays = iter(CONNECT_RETRY_DELAYS)
         while True:
             try:
-                response = await session.post(self.url(path), json=body, headers=headers, allow_redirects=False)
+                response = await session.post(
+                    self.url(path), json=body, headers=headers, allow_redirects=False,
+                    proxy=self._proxy[0], proxy_auth=self._proxy[1],
+                )  # fmt: skip
                 return UpstreamResponse(response)
             except (aiohttp.ClientConnectorError, aiohttp.ConnectionTimeoutError) as error:
                 delay = next(delays, None)
@@ -143,3 +149,12 @@ class UpstreamSession:
     async def aclose(self) -> None:
         if self._session is not None:
             await self._session.close()
+
+
+def env_proxy(base_url: str) -> tuple[URL | None, BasicAuth | None]:
+    """The proxy (and its credentials) the environment sets for ``base_url`` (``HTTP_PROXY`` / ``HTTPS_PROXY``,
+    unless ``NO_PROXY`` names its host), or ``(None, None)``."""
+    try:
+        return get_env_proxy_for_url(URL(base_url))
+    except LookupError:
+        return None, None

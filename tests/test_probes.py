@@ -43,6 +43,22 @@ def test_wait_scanner_finds_whole_words_at_the_same_offsets_for_every_split() ->
     assert [tokens for tokens, _ in per_char] == expected  # one token per character: the tokens before the "w"
 
 
+def test_wait_scanner_reports_what_its_pattern_matches_with_the_tokens_before_each_trigger() -> None:
+    """The scanner skips the pattern for deltas that cannot hold a match; what it reports must not change. The text
+    has the cases a quick check could miss: the pattern's case-insensitive "i" also matches dotted and dotless i."""
+    from controller.probes import _WAIT_WORD
+
+    text = "Way to go. WAİT, waıt: WAIT!\nwa it. Wait? toWait wait"
+    for pieces in [*every_single_split(text), *(random_splits(text, seed) for seed in range(30)), list(text)]:
+        starts = [sum(len(piece) for piece in pieces[:index]) for index in range(len(pieces) + 1)]
+        expected = [
+            (max(index for index, start in enumerate(starts) if start <= match.start()), match.start())
+            for match in _WAIT_WORD.finditer(text)
+        ]
+        assert len(expected) == 5
+        assert scan(pieces) == expected, pieces
+
+
 def controller(config: dict[str, object], probes: bool = True) -> ThinkingController:
     return ThinkingController(parse_policy(config), IMPLICIT, COMPARER, probes=probes)
 
