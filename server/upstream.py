@@ -113,12 +113,11 @@ class UpstreamGeneration:
         self.prompt_token_ids: list[int] | None = None
         self.num_cached_tokens: int | None = None
 
-    async def __aiter__(self) -> AsyncGenerator[Chunk, None]:
+    def __aiter__(self) -> AsyncGenerator[Chunk, None]:
         """One :class:`Chunk` per body chunk received: SSE events that arrive in one HTTP chunk are merged into
-        one chunk (vLLM sends one event per chunk, so there nothing changes)."""
-        async with contextlib.aclosing(self._stream()) as chunks:
-            async for chunk in chunks:
-                yield chunk
+        one chunk (vLLM sends one event per chunk, so there nothing changes). The stream itself, not a wrapper
+        around it: every token passes through each generator layer."""
+        return self._stream()
 
     async def _stream(self) -> AsyncGenerator[Chunk, None]:
         rebuilder = RawTextRebuilder(self._backend.delimiters)
