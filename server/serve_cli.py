@@ -328,6 +328,7 @@ def run(settings: Any, when_ready: Callable[[str, Callable[[], None]], None] | N
     import uvicorn
 
     from server.app import build_app
+    from server.heap import freeze_startup_heap
 
     level = settings.log_level.upper()
     logging.basicConfig(level=level, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
@@ -357,6 +358,7 @@ def run(settings: Any, when_ready: Callable[[str, Callable[[], None]], None] | N
             server.should_exit = True
 
     def ready() -> None:
+        freeze_startup_heap()
         address = f"http://{settings.host}:{_bound_port(servers, settings.port)}"
         log.info("ready: serving %s at %s/v1 (policy %s; Ctrl+C to stop)", backend.model_name, address, settings.policy)
         if when_ready is not None:

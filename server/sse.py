@@ -13,6 +13,9 @@ from pydantic import BaseModel
 
 from server.events import ChoiceEvent
 
+#: ``json.dumps(text, ensure_ascii=False)``, the same string, without building an encoder per call (per token)
+_json_text = json.JSONEncoder(ensure_ascii=False).encode
+
 
 def sse(payload: BaseModel | str) -> str:
     """One SSE event carrying ``payload`` (a model as its JSON, or a string such as ``[DONE]`` as is)."""
@@ -21,7 +24,7 @@ def sse(payload: BaseModel | str) -> str:
 
 
 class _TextFrames:
-    """SSE frames of one choice's new text, built from a fixed prefix and suffix and ``json.dumps`` of the text.
+    """SSE frames of one choice's new text, built from a fixed prefix and suffix and the JSON string of the text.
     The suffix writes ``logprobs`` and ``finish_reason`` as null, and ``usage`` as null when the client asked for
     ``include_usage``."""
 
@@ -42,9 +45,9 @@ class DeltaFrames(_TextFrames):
     def __call__(self, index: int, reasoning: str, content: str) -> str:
         fields = []
         if content:
-            fields.append('"content":' + json.dumps(content, ensure_ascii=False))
+            fields.append('"content":' + _json_text(content))
         if reasoning:
-            text = json.dumps(reasoning, ensure_ascii=False)
+            text = _json_text(reasoning)
             fields.append(f'"reasoning_content":{text},"reasoning":{text}')
         return f'{self._prefix}{index},"delta":{{{",".join(fields)}}}{self._suffix}'
 
@@ -63,7 +66,7 @@ class CompletionFrames(_TextFrames):
         super().__init__("text_completion", chunk_id, created, model, include_usage=False)
 
     def __call__(self, index: int, text: str) -> str:
-        return f'{self._prefix}{index},"text":{json.dumps(text, ensure_ascii=False)}{self._suffix}'
+        return f'{self._prefix}{index},"text":{_json_text(text)}{self._suffix}'
 
     def of(self, event: ChoiceEvent) -> str | None:
         """The frame of an event's raw text; None when it carries none."""

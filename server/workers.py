@@ -61,6 +61,7 @@ def serve_workers(settings: Any) -> int:
 def worker_app() -> Any:
     """The app of one worker (uvicorn calls this in each worker process)."""
     from server.app import build_app
+    from server.heap import freeze_startup_heap
     from server.replicas import upstream_backend
 
     with open(os.environ[SETTINGS_ENV], "rb") as file:
@@ -69,6 +70,7 @@ def worker_app() -> Any:
     backend, _ = upstream_backend(settings)
 
     def ready() -> None:
+        freeze_startup_heap()
         log.info("worker %d ready: serving %s", os.getpid(), backend.model_name)
 
     return build_app(settings, backend, on_ready=ready)
