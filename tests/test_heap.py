@@ -10,21 +10,24 @@ import time
 
 import pytest
 
+from server.heap import OLDER_THRESHOLDS, YOUNG_THRESHOLD
 from tests.support.fake_upstream import FakeUpstream
 from tests.support.serving import thinkbrake_server
 
-FROZE = re.compile(r"garbage collector: (\d+) objects alive after start-up frozen")
+FROZE = re.compile(r"garbage collector: (\d+) objects alive after start-up frozen; thresholds \(50000, 20, 10\)")
 
 
 def test_freeze_startup_heap_moves_every_live_object_to_the_permanent_generation() -> None:
     code = (
         "import gc, json; from server.heap import freeze_startup_heap; "
-        "frozen = freeze_startup_heap(); print(json.dumps([frozen, gc.get_freeze_count(), gc.get_count()[2]]))"
+        "frozen = freeze_startup_heap(); "
+        "print(json.dumps([frozen, gc.get_freeze_count(), gc.get_count()[2], gc.get_threshold()]))"
     )
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True, timeout=120)
-    frozen, count, oldest = json.loads(out.stdout)
+    frozen, count, oldest, thresholds = json.loads(out.stdout)
     assert frozen == count > 1000  # the interpreter and the server's modules
     assert oldest == 0  # nothing left in the oldest generation for a collection to walk
+    assert thresholds == [YOUNG_THRESHOLD, *OLDER_THRESHOLDS] and YOUNG_THRESHOLD > 700
 
 
 def wait_for_line(path, pattern: re.Pattern[str], count: int, deadline: float = 60.0) -> list[int]:
