@@ -27,6 +27,7 @@ from collections.abc import AsyncGenerator, AsyncIterator
 from typing import Any
 
 import httpx
+import orjson
 
 from controller.delimiters import Delimiters, delimiters_for
 from controller.probes import ProbeSpec
@@ -170,7 +171,7 @@ class UpstreamGeneration:
             if data == b"[DONE]":
                 return merged, True, None
             try:
-                chunk = self._parse(json.loads(data), rebuilder, end_ids)
+                chunk = self._parse(load_event(data), rebuilder, end_ids)
             except ValueError:
                 return merged, True, BackendError("upstream sent a malformed event (not JSON)")
             except BackendError as error:
@@ -206,7 +207,8 @@ class UpstreamGeneration:
                 reasoning = delta.get("reasoning_content")
             swallowed = choice.get("token_ids") and not {"reasoning", "reasoning_content", "content"} & delta.keys()
             text = rebuilder.close_thinking() if swallowed else rebuilder.feed(reasoning, delta.get("content"))
-            if end_ids and tokens_through(end_ids, [], list(choice.get("token_ids") or [])) is not None:
+            ids = choice.get("token_ids")
+            if end_ids and ids and end_ids[-1] in ids and tokens_through(end_ids, [], list(ids)) is not None:
                 # the end tag came with the last thinking tokens and no answer text yet (the parser then sends
                 # reasoning only): close the thinking here, with its tokens, not with the answer's first token
                 text += rebuilder.close_thinking()
@@ -237,6 +239,17 @@ def per_token(chunk: Chunk, splitter: TokenSplitter | None, prompt_ids: list[int
     last = len(pieces) - 1
     return [Chunk(piece, [token], chunk.finish_reason if i == last else None)
             for i, (piece, token) in enumerate(zip(pieces, chunk.token_ids, strict=True))]  # fmt: skip
+
+
+def load_event(data: bytes) -> Any:
+    """One SSE event's JSON, parsed by orjson (a token's event in a quarter of the time of ``json``); what orjson
+    refuses and ``json`` takes (``NaN``, ``Infinity``) is read by ``json``. The one difference left: an integer past
+    64 bits comes out as a float (no field of an OpenAI event holds one). Raises ``ValueError`` for what is not
+    JSON."""
+    try:
+        return orjson.loads(data)
+    except orjson.JSONDecodeError:
+        return json.loads(data)
 
 
 class SSELineDecoder:

@@ -1,4 +1,5 @@
-"""The upstream session's environment proxy: read once when the session opens, and used for every request."""
+"""Upstream HTTP helpers: the session's environment proxy (read once when the session opens, used for every request)
+and the parse of one SSE event."""
 
 from __future__ import annotations
 
@@ -7,6 +8,7 @@ import ssl
 
 import pytest
 
+from server.upstream import load_event
 from server.upstream_http import UpstreamSession, env_proxy
 
 
@@ -73,3 +75,15 @@ def test_env_proxy_follows_the_environment(monkeypatch, environment: dict[str, s
         monkeypatch.setenv(name, value)
     proxy, _ = env_proxy("http://upstream.local:8000")
     assert (str(proxy) if proxy is not None else None) == expected
+
+
+def test_an_sse_event_parses_as_json_would_parse_it() -> None:
+    import json
+
+    event = b'{"id":"c","choices":[{"index":0,"delta":{"reasoning":" caf\xc3\xa9 \\u2028"},"token_ids":[279]}]}'
+    assert load_event(event) == json.loads(event)
+    for odd in (b'{"logprob": NaN}', b'{"x": -Infinity}'):
+        assert repr(load_event(odd)) == repr(json.loads(odd))  # orjson refuses these; json reads them
+    for bad in (b"not json", b'{"a": 1', b""):
+        with pytest.raises(ValueError):
+            load_event(bad)
