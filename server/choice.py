@@ -232,7 +232,7 @@ class ChoiceRunner:
         stats = self.probes.stats
         if stats.fallback is not None or not self.control.policy.uses_probes:
             return
-        if generation.prompt_token_ids is not None and all(token >= 0 for token in chunk.token_ids):
+        if generation.prompt_token_ids is not None and min(chunk.token_ids, default=0) >= 0:
             return
         controller = self.controller  # made before the reason is set: a backend that cannot probe says so first
         stats.fallback = NO_TOKEN_IDS

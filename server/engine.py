@@ -25,7 +25,7 @@ from server.backend import (
     TextPrompt,
 )
 from server.settings import Settings
-from server.token_texts import PRIME_IDS, split_text
+from server.token_texts import TokenSplitter, per_token
 
 log = logging.getLogger(__name__)
 
@@ -65,9 +65,13 @@ class EngineGeneration:
         self.num_cached_tokens: int | None = None
         self._stream: Any = None
         self._aborted = False
-        self._recent: list[int] | None = None  # the last ids before the next output (they prime a split)
+        skip = bool(getattr(params, "skip_special_tokens", True))
+        self._splitter = TokenSplitter(backend.tokenizer, skip)  # an output that merged engine steps, per token
 
     async def __aiter__(self) -> AsyncGenerator[Chunk, None]:
+        """One chunk per token: an output that merged several engine steps (a reader that lagged) is split with
+        the text each token gives on its own (:mod:`server.token_texts`), or stays whole when its text does not
+        split exactly."""
         engine = self._backend.engine
         client_errors = _client_errors()
         self._stream = engine.generate(self._prompt, self._params, self.request_id)
@@ -78,24 +82,11 @@ class EngineGeneration:
                 if output.num_cached_tokens is not None:
                     self.num_cached_tokens = output.num_cached_tokens
                 completion = output.outputs[0]
-                for chunk in self._chunks(completion.text, list(completion.token_ids), completion.finish_reason):
-                    yield chunk
+                chunk = Chunk(completion.text, list(completion.token_ids), completion.finish_reason)
+                for piece in per_token(chunk, self._splitter, self.prompt_token_ids):
+                    yield piece
         except client_errors as error:  # vLLM validates the request when it is added (length, params)
             raise BackendError(str(error), status_code=400) from error
-
-    def _chunks(self, text: str, token_ids: list[int], finish_reason: str | None) -> list[Chunk]:
-        """One engine output as chunks: one per token when its text splits exactly, else the output whole."""
-        before = self._recent if self._recent is not None else (self.prompt_token_ids or [])[-PRIME_IDS:]
-        pieces = None
-        if len(token_ids) > 1:
-            skip = bool(getattr(self._params, "skip_special_tokens", True))
-            pieces = split_text(self._backend.tokenizer, before, token_ids, text, skip)
-        self._recent = (before + token_ids)[-PRIME_IDS:]
-        if pieces is None:
-            return [Chunk(text, token_ids, finish_reason)]
-        last = len(token_ids) - 1
-        return [Chunk(piece, [token], finish_reason if i == last else None) for i, (piece, token) in
-                enumerate(zip(pieces, token_ids, strict=True))]  # fmt: skip
 
     async def abort(self) -> None:
         if self._aborted:

@@ -23,6 +23,8 @@ from typing import Any
 from tokenizers import Tokenizer
 from tokenizers.decoders import DecodeStream
 
+from server.backend import Chunk
+
 log = logging.getLogger(__name__)
 
 #: ids before the delta that prime the decoder (enough to carry a multi-byte character and the spacing of the
@@ -84,3 +86,17 @@ class TokenSplitter:
         if len(token_ids) < 2:
             return None
         return split_text(self._tokenizer, before, token_ids, text, self._skip)
+
+
+def per_token(chunk: Chunk, splitter: TokenSplitter | None, prompt_ids: list[int] | None) -> list[Chunk]:
+    """``chunk`` split into one chunk per token (the finish reason on the last) where there is a splitter and its
+    text splits exactly (an engine output or upstream event that merged several steps); else ``[chunk]``."""
+    if splitter is None:
+        return [chunk]
+    splitter.prime(prompt_ids)
+    pieces = splitter.pieces(chunk.text, chunk.token_ids)
+    if pieces is None:
+        return [chunk]
+    last = len(pieces) - 1
+    return [Chunk(piece, [token], chunk.finish_reason if i == last else None)
+            for i, (piece, token) in enumerate(zip(pieces, chunk.token_ids, strict=True))]  # fmt: skip

@@ -45,7 +45,7 @@ from server.backend import (
     tokens_through,
 )
 from server.settings import Settings
-from server.token_texts import TokenSplitter, load_tokenizer
+from server.token_texts import TokenSplitter, load_tokenizer, per_token
 from server.upstream_health import CONNECT_ERRORS, UNAVAILABLE_CODE, UpstreamHealth, backoff, describe
 from server.upstream_http import UpstreamResponse, UpstreamSession
 
@@ -225,20 +225,6 @@ class UpstreamGeneration:
         self._aborted = True
         if self._response is not None:
             await close_response(self._response)
-
-
-def per_token(chunk: Chunk, splitter: TokenSplitter | None, prompt_ids: list[int] | None) -> list[Chunk]:
-    """``chunk`` split into one chunk per token where ``--tokenizer`` is given and its text splits exactly (an
-    upstream that merged several steps into one event); else ``[chunk]``."""
-    if splitter is None:
-        return [chunk]
-    splitter.prime(prompt_ids)
-    pieces = splitter.pieces(chunk.text, chunk.token_ids)
-    if pieces is None:
-        return [chunk]
-    last = len(pieces) - 1
-    return [Chunk(piece, [token], chunk.finish_reason if i == last else None)
-            for i, (piece, token) in enumerate(zip(pieces, chunk.token_ids, strict=True))]  # fmt: skip
 
 
 def load_event(data: bytes) -> Any:

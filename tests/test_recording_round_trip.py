@@ -28,8 +28,8 @@ import pytest
 
 from controller.offline.replay import trace_stream
 from tests.support.dev_traces import traces_by_id
-from tests.support.fixtures import KV_CACHE_BYTES, MAX_MODEL_LEN, REPO_ROOT, SCRIPTED_PROCESSOR_FQCN, openai_server
-from tests.support.serving import FEW_TOKENS, http_json, thinkbrake_server, wait_metric
+from tests.support.fixtures import REPO_ROOT
+from tests.support.serving import FEW_TOKENS, http_json, scripted_thinkbrake, wait_metric
 from tests.support.trace_format import check_trace
 
 pytestmark = [pytest.mark.engine, pytest.mark.replay]
@@ -54,28 +54,9 @@ def recording_server(request, tiny_model_dir, tmp_path_factory):
     logs = tmp_path_factory.mktemp(request.param)
     folder = logs / "traces"
     record = ("--record", str(folder), "--record-probe-every", str(PROBE_EVERY))
-    if request.param == "embedded":
-        args = (
-            "--model", str(tiny_model_dir), "--served-model-name", "tiny-r1",
-            "--max-model-len", str(MAX_MODEL_LEN), "--kv-cache-bytes", str(KV_CACHE_BYTES),
-            "--enforce-eager", "--logits-processors", SCRIPTED_PROCESSOR_FQCN, *record,
-        )  # fmt: skip
-        with thinkbrake_server(*args, log_path=logs / "serve.log") as url:
-            yield url, folder, str(tiny_model_dir.resolve())  # the model's folder: replay finds its tokenizer there
-        return
-    extra = ("--reasoning-parser", "deepseek_r1", "--served-model-name", "tiny-up")
-    with openai_server(tiny_model_dir, *extra, log_path=logs / "vllm.log") as upstream:
-        with thinkbrake_server(  # (--tokenizer: an event that merged steps is split per token, as embedded)
-            "--upstream",
-            upstream,
-            "--served-model-name",
-            "tiny-r1",
-            "--tokenizer",
-            str(tiny_model_dir),
-            *record,
-            log_path=logs / "proxy.log",
-        ) as url:
-            yield url, folder, "tiny-up"  # the upstream's model name
+    with scripted_thinkbrake(request.param, tiny_model_dir, logs, *record) as url:
+        # embedded, replay finds the recordings' tokenizer in the model's folder; proxied, by the upstream's name
+        yield url, folder, str(tiny_model_dir.resolve()) if request.param == "embedded" else "tiny-up"
 
 
 def ids(tokenizer: Any, text: str) -> list[int]:

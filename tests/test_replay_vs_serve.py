@@ -20,8 +20,7 @@ from controller.policies import FcsReflectionConfig
 from controller.session import ThinkingController
 from controller.verify import AnswerComparer
 from tests.support.dev_traces import traces_by_id
-from tests.support.fixtures import KV_CACHE_BYTES, MAX_MODEL_LEN, SCRIPTED_PROCESSOR_FQCN, openai_server
-from tests.support.serving import FEW_TOKENS, http_json, thinkbrake_server
+from tests.support.serving import FEW_TOKENS, http_json, scripted_thinkbrake
 
 pytestmark = [pytest.mark.engine, pytest.mark.replay]
 
@@ -52,28 +51,8 @@ def fast_tokenizer(tiny_model_dir):
 
 @pytest.fixture(scope="module", params=["embedded", "proxy"])
 def server(request, tiny_model_dir, tmp_path_factory):
-    logs = tmp_path_factory.mktemp(request.param)
-    if request.param == "embedded":
-        args = (
-            "--model", str(tiny_model_dir), "--served-model-name", "tiny-r1",
-            "--max-model-len", str(MAX_MODEL_LEN), "--kv-cache-bytes", str(KV_CACHE_BYTES),
-            "--enforce-eager", "--logits-processors", SCRIPTED_PROCESSOR_FQCN,
-        )  # fmt: skip
-        with thinkbrake_server(*args, log_path=logs / "serve.log") as url:
-            yield url
-        return
-    extra = ("--reasoning-parser", "deepseek_r1", "--served-model-name", "tiny-up")
-    with openai_server(tiny_model_dir, *extra, log_path=logs / "vllm.log") as upstream:
-        with thinkbrake_server(  # (--tokenizer: an event that merged steps is split per token, as embedded)
-            "--upstream",
-            upstream,
-            "--served-model-name",
-            "tiny-r1",
-            "--tokenizer",
-            str(tiny_model_dir),
-            log_path=logs / "proxy.log",
-        ) as url:
-            yield url
+    with scripted_thinkbrake(request.param, tiny_model_dir, tmp_path_factory.mktemp(request.param)) as url:
+        yield url
 
 
 def replayed(trace: dict[str, Any], fast_tokenizer: Any, comparer: AnswerComparer) -> tuple[Any, bool]:

@@ -20,8 +20,12 @@ from typing import Any
 
 from tests.support.engine_metrics import metrics_text_value
 from tests.support.fixtures import (
+    KV_CACHE_BYTES,
+    MAX_MODEL_LEN,
+    SCRIPTED_PROCESSOR_FQCN,
     engine_environment,
     free_port,
+    openai_server,
     script_ids,
     server_process,
     think_end_id,
@@ -152,6 +156,28 @@ def thinkbrake_server(*args: str, timeout: float = 600.0, log_path: pathlib.Path
         base_url = f"http://127.0.0.1:{port}"
         wait_healthy(base_url, timeout, process, log_path, poll=0.25, name="thinkbrake serve")
         yield base_url
+
+
+@contextlib.contextmanager
+def scripted_thinkbrake(kind: str, model_dir: pathlib.Path, logs: pathlib.Path, *args: str) -> Iterator[str]:
+    """``thinkbrake serve ARGS`` on the tiny model with scripted decoding, served as ``tiny-r1``: ``embedded`` (the
+    engine in process) or ``proxy`` (in front of a real vLLM OpenAI server on the same model, served as ``tiny-up``,
+    with ``--tokenizer`` so an event that merged several engine steps is split per token, as embedded). Logs go
+    to ``logs``; yields the base URL."""
+    if kind == "embedded":
+        engine = (
+            "--model", str(model_dir), "--served-model-name", "tiny-r1", "--max-model-len", str(MAX_MODEL_LEN),
+            "--kv-cache-bytes", str(KV_CACHE_BYTES), "--enforce-eager", "--logits-processors", SCRIPTED_PROCESSOR_FQCN,
+        )  # fmt: skip
+        with thinkbrake_server(*engine, *args, log_path=logs / "serve.log") as url:
+            yield url
+        return
+    assert kind == "proxy", kind
+    upstream_args = ("--reasoning-parser", "deepseek_r1", "--served-model-name", "tiny-up")
+    with openai_server(model_dir, *upstream_args, log_path=logs / "vllm.log") as upstream:
+        proxy = ("--upstream", upstream, "--served-model-name", "tiny-r1", "--tokenizer", str(model_dir))
+        with thinkbrake_server(*proxy, *args, log_path=logs / "proxy.log") as url:
+            yield url
 
 
 def stream_message(stream: Any) -> dict[str, Any]:
