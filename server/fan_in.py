@@ -8,6 +8,7 @@ cleanup (aborting backend requests) runs to its end even when the response itsel
 from __future__ import annotations
 
 import asyncio
+from collections import deque
 from collections.abc import AsyncGenerator
 from contextlib import aclosing
 from typing import Any
@@ -24,23 +25,21 @@ async def merge(runners: list[ChoiceRunner], cleanups: set[asyncio.Future[Any]])
     cancelled ``gather`` would cancel the runners again in the middle of their abort. ``cleanups`` holds the
     shielded futures until they finish (asyncio keeps only weak references to tasks).
     """
-    queue: asyncio.Queue[ChoiceEvent | Exception] = asyncio.Queue()
+    mailbox = Mailbox()
 
     async def pump(runner: ChoiceRunner) -> None:
         try:
             async with aclosing(runner.run()) as events:
                 async for event in events:
-                    await queue.put(event)
+                    mailbox.put(event)
         except Exception as error:  # noqa: BLE001 - handed to the consumer, which reports it
-            await queue.put(error)
+            mailbox.put(error)
 
     tasks = [asyncio.create_task(pump(runner)) for runner in runners]
     remaining = len(runners)
     try:
         while remaining:
-            batch = [await queue.get()]
-            while not queue.empty():  # what piled up while the client was being written to
-                batch.append(queue.get_nowait())
+            batch = await mailbox.take_all()  # with what piled up while the client was being written to
             for item in coalesce(batch):
                 if isinstance(item, Exception):
                     raise item
@@ -55,6 +54,33 @@ async def merge(runners: list[ChoiceRunner], cleanups: set[asyncio.Future[Any]])
         cleanups.add(cleanup)
         cleanup.add_done_callback(cleanups.discard)
         await asyncio.shield(cleanup)
+
+
+class Mailbox:
+    """The runners' events on their way to the response: kept in order, and the one consumer woken when the first
+    arrives. What ``asyncio.Queue`` (unbounded, one consumer) does, without its per-item bookkeeping (every token
+    passes here). Invariant: :meth:`take_all` returns every item put so far, in order, and at least one."""
+
+    def __init__(self) -> None:
+        self._items: deque[ChoiceEvent | Exception] = deque()
+        self._waiter: asyncio.Future[None] | None = None
+
+    def put(self, item: ChoiceEvent | Exception) -> None:
+        self._items.append(item)
+        waiter = self._waiter
+        if waiter is not None and not waiter.done():
+            waiter.set_result(None)
+
+    async def take_all(self) -> list[ChoiceEvent | Exception]:
+        while not self._items:
+            self._waiter = asyncio.get_running_loop().create_future()
+            try:
+                await self._waiter
+            finally:
+                self._waiter = None
+        items = list(self._items)
+        self._items.clear()
+        return items
 
 
 def coalesce(batch: list[ChoiceEvent | Exception]) -> list[ChoiceEvent | Exception]:
