@@ -10,11 +10,12 @@ for an app built inside another program.
 The youngest generation is then collected every :data:`YOUNG_THRESHOLD` allocations instead of Python's 700. A
 request's objects live for its whole stream (seconds), so at 700 each collection walks, and promotes, the objects of
 every open stream, and the older generations fill up and are walked too. With the higher threshold most of them are
-freed by reference counting before any collection sees them. Measured with ``benchmarks/proxy_overhead.py
---probe-traces --token-rate 50 --concurrency 256 --modes direct,default`` (the collector's own timings, one run each
-on this 2-core machine): at 700, about 410 young and 37 middle collections in the run, 0.5 s in all, single pauses
-up to 30 ms; at 50,000, 4 young collections, 40 ms in all. Cyclic garbage waits a little longer to be freed (at most
-50,000 objects' worth, a few MiB).
+freed by reference counting before any collection sees them. Timed with a ``gc.callbacks`` hook in the serving
+process during ``benchmarks/proxy_overhead.py --probe-traces --token-rate 50 --concurrency 64,256 --modes
+direct,default`` (two runs each, 2-core machine): before, about 450 young, 40 middle and 3-4 full collections per
+run, 0.6-0.9 s in all, single pauses up to ~100 ms; after, under 0.1 s besides the one collection at start-up
+(about 80 ms). Cyclic garbage
+waits a little longer to be freed (at most 50,000 objects' worth, a few MiB).
 """
 
 from __future__ import annotations
