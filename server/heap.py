@@ -14,8 +14,7 @@ freed by reference counting before any collection sees them. Timed with a ``gc.c
 process during ``benchmarks/proxy_overhead.py --probe-traces --token-rate 50 --concurrency 64,256 --modes
 direct,default`` (two runs each, 2-core machine): before, about 450 young, 40 middle and 3-4 full collections per
 run, 0.6-0.9 s in all, single pauses up to ~100 ms; after, under 0.1 s besides the one collection at start-up
-(about 80 ms). Cyclic garbage
-waits a little longer to be freed (at most 50,000 objects' worth, a few MiB).
+(about 80 ms). Cyclic garbage waits a little longer to be freed (at most 50,000 objects' worth, a few MiB).
 """
 
 from __future__ import annotations
