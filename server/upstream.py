@@ -1,6 +1,6 @@
 """Upstream backend: any OpenAI-compatible server over HTTP. The streamed generations and the answer probes go
 through :mod:`server.upstream_http` (aiohttp: the per-token and per-probe path); the model list and the tokenizer
-through httpx (:class:`UpstreamClients`). No other module speaks HTTP upstream.
+through httpx (:func:`rare_requests_client`). No other module speaks HTTP upstream.
 
 Every generation is a streaming request with ``n=1`` and ``return_token_ids`` (vLLM >= 0.10), so each chunk
 brings its token ids and the first brings the prompt's: a continuation after a stop can then be sent as a
@@ -19,11 +19,10 @@ that refuses it (a 4xx) raises :class:`ProbeRejected`: the choice falls back to 
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import json
 import logging
 import ssl
-from collections.abc import AsyncGenerator, AsyncIterator
+from collections.abc import AsyncGenerator
 from typing import Any
 
 import httpx
@@ -53,6 +52,8 @@ log = logging.getLogger(__name__)
 
 #: seconds a new connection to the upstream may take
 CONNECT_SECONDS = 10.0
+#: attempts after a connect that failed (httpx transport retries; it sent nothing)
+CONNECT_RETRIES = 2
 
 
 class RawTextRebuilder:
@@ -299,48 +300,17 @@ def upstream_error(response: httpx.Response | UpstreamResponse, secret: str | No
     return BackendError(f"upstream: {message}", status, code or "upstream_error", param)
 
 
-class UpstreamClients:
-    """httpx clients to the upstream (model list, tokenizer), each with a small connection pool, sharing
-    ``max_connections``.
-
-    httpcore's pool does bookkeeping on every request start and end that is quadratic in its connection count
-    (measured: 256 streams on one pool spent 65% of thinkbrake's CPU there), so the connections are split into
-    shards of at most :attr:`SHARD_CONNECTIONS`. A request leases the shard with the fewest requests in flight,
-    so no request waits on a full shard while another has room.
-    """
-
-    SHARD_CONNECTIONS = 32
-    CONNECT_RETRIES = 2
-
-    def __init__(
-        self, base_url: str, headers: dict[str, str], timeout: httpx.Timeout, max_connections: int, tls: ssl.SSLContext
-    ) -> None:
-        shards = -(-max_connections // self.SHARD_CONNECTIONS)
-        per_shard = -(-max_connections // shards)
-        limits = httpx.Limits(max_connections=per_shard, max_keepalive_connections=per_shard)
-        # A connect that fails or times out sent nothing, so it is retried (twice, the first at once): on a machine
-        # busy enough that this process sees a socket's connect complete only seconds late, a fresh connection
-        # must not fail the request.
-        self._clients = [
-            httpx.AsyncClient(
-                base_url=base_url, headers=headers, timeout=timeout,
-                transport=httpx.AsyncHTTPTransport(limits=limits, verify=tls, retries=self.CONNECT_RETRIES),
-            )
-            for _ in range(shards)
-        ]  # fmt: skip
-        self._in_flight = [0] * shards
-
-    @contextlib.asynccontextmanager
-    async def lease(self) -> AsyncIterator[httpx.AsyncClient]:
-        index = min(range(len(self._in_flight)), key=self._in_flight.__getitem__)
-        self._in_flight[index] += 1
-        try:
-            yield self._clients[index]
-        finally:
-            self._in_flight[index] -= 1
-
-    async def aclose(self) -> None:
-        await asyncio.gather(*(client.aclose() for client in self._clients))
+def rare_requests_client(
+    base_url: str, headers: dict[str, str], timeout: httpx.Timeout, max_connections: int, tls: ssl.SSLContext
+) -> httpx.AsyncClient:
+    """The httpx client of the upstream's rare requests: the model list (start-up and health), ``/tokenize`` (the
+    end-of-thinking ids, once) and ``/detokenize`` (a completion prompt given as token ids). Streams and probes go
+    through :class:`server.upstream_http.UpstreamSession`. A connect that fails or times out sent nothing, so it is
+    retried (twice, the first at once): on a machine busy enough that this process sees a socket's connect complete
+    only seconds late, a fresh connection must not fail the request."""
+    limits = httpx.Limits(max_connections=max_connections, max_keepalive_connections=max_connections)
+    transport = httpx.AsyncHTTPTransport(limits=limits, verify=tls, retries=CONNECT_RETRIES)
+    return httpx.AsyncClient(base_url=base_url, headers=headers, timeout=timeout, transport=transport)
 
 
 class UpstreamBackend:
@@ -364,7 +334,7 @@ class UpstreamBackend:
         headers = {"Authorization": f"Bearer {settings.upstream_api_key}"} if settings.upstream_api_key else {}
         timeout = httpx.Timeout(settings.request_timeout, connect=CONNECT_SECONDS)
         tls = httpx.create_ssl_context()  # one for every connection pool: each context holds its own CA store
-        self.clients = UpstreamClients(url, headers, timeout, settings.upstream_max_connections, tls)
+        self.client = rare_requests_client(url, headers, timeout, settings.upstream_max_connections, tls)
         self.session = UpstreamSession(
             url, headers, settings.request_timeout, CONNECT_SECONDS, settings.upstream_max_connections, tls
         )
@@ -415,8 +385,7 @@ class UpstreamBackend:
         """The upstream's model ids from ``GET /v1/models``; None (and the health says why) when it gives none."""
         key = self.settings.upstream_api_key
         try:
-            async with self.clients.lease() as client:
-                response = await client.get("/v1/models")
+            response = await self.client.get("/v1/models")
         except CONNECT_ERRORS as error:
             self.health.unreachable(error, "GET /v1/models")
             return None
@@ -455,7 +424,7 @@ class UpstreamBackend:
         if self._watch is not None:
             self._watch.cancel()
             await asyncio.gather(self._watch, return_exceptions=True)
-        await asyncio.gather(self.clients.aclose(), self.session.aclose())
+        await asyncio.gather(self.client.aclose(), self.session.aclose())
 
     def _body(self, sampling: Sampling) -> dict[str, Any]:
         body: dict[str, Any] = {key: value for key, value in sampling.options.items() if value is not None}
@@ -500,8 +469,7 @@ class UpstreamBackend:
     async def encode(self, text: str) -> list[int] | None:
         body = {"model": self.upstream_model, "prompt": text, "add_special_tokens": False}
         try:
-            async with self.clients.lease() as client:
-                response = await client.post("/tokenize", json=body)
+            response = await self.client.post("/tokenize", json=body)
             return list(response.json()["tokens"]) if response.status_code == 200 else None
         except (httpx.HTTPError, ValueError, KeyError):
             return None
@@ -511,8 +479,7 @@ class UpstreamBackend:
             return (prompt.text or "")[-64:]
         body = {"model": self.upstream_model, "tokens": prompt.token_ids[-16:]}
         try:
-            async with self.clients.lease() as client:
-                response = await client.post("/detokenize", json=body)
+            response = await self.client.post("/detokenize", json=body)
             return str(response.json()["prompt"]) if response.status_code == 200 else ""
         except (httpx.HTTPError, ValueError, KeyError):
             return ""
