@@ -286,8 +286,9 @@ class Settings(BaseSettings):
                 "a load balancer, or run vllm serve (--api-server-count N) and thinkbrake --upstream --workers N"
             )
         if self.tokenizer is not None:
-            found = pathlib.Path(self.tokenizer).expanduser()
-            if not (found.is_file() or (found / "tokenizer.json").is_file()):
+            from server.token_texts import tokenizer_file  # (imports tokenizers: only when the flag is given)
+
+            if not tokenizer_file(self.tokenizer).is_file():
                 raise ValueError(f"--tokenizer {self.tokenizer}: no tokenizer.json there")
         if self.risk is not None and self.calibration is None:
             raise ValueError("--risk needs --calibration (the file whose levels it chooses among)")

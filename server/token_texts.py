@@ -52,11 +52,15 @@ def split_text(
     return pieces if "".join(pieces) == text else None
 
 
+def tokenizer_file(path: str) -> pathlib.Path:
+    """The ``tokenizer.json`` that ``path`` names: the file itself, or the one in the folder ``path``."""
+    file = pathlib.Path(path).expanduser()
+    return file / "tokenizer.json" if file.is_dir() else file
+
+
 def load_tokenizer(path: str) -> Tokenizer:
     """The tokenizer in ``path`` (a ``tokenizer.json``, or a folder holding one); ValueError naming the path."""
-    file = pathlib.Path(path).expanduser()
-    if file.is_dir():
-        file = file / "tokenizer.json"
+    file = tokenizer_file(path)
     try:
         return Tokenizer.from_file(str(file))
     except Exception as error:  # noqa: BLE001 - a missing or unreadable file: one clear line at start
