@@ -153,26 +153,22 @@ class WaitScanner:
         if not text:
             return []
         window = self._tail + text
-        keep = min(len(window), _HOLD + 1)
-        # the common case: no match in the window, only the tail moves on. Exact: the pattern's "w" and "a" match
-        # only W/w and A/a, which lower() keeps side by side (its "i" also matches dotted and dotless i)
-        if "wa" not in window.lower():
-            self._tail_tokens = (self._tail_tokens + [tokens_before] * min(len(text), keep))[-keep:]
-            self._tail_offset += len(window) - keep
-            self._tail = window[len(window) - keep :]
-            return []
-        origins = self._tail_tokens + [tokens_before] * len(text)
         found: list[tuple[int, int]] = []
-        for match in _WAIT_WORD.finditer(window):
-            end = match.end()
-            offset = self._tail_offset + match.start()
-            if end >= len(window) or offset <= self._reported or (match.start() == 0 and self._tail_offset):
-                continue  # the next character is not known yet (it may continue the word), or already seen
-            found.append((origins[match.start()], offset))
-            self._reported = offset
+        # the pattern only where it can match. Exact: its "w" and "a" match only W/w and A/a, which lower() keeps
+        # side by side (its "i" also matches dotted and dotless i, which a check for "wait" would miss)
+        if "wa" in window.lower():
+            held = len(self._tail)
+            for match in _WAIT_WORD.finditer(window):
+                start = match.start()
+                offset = self._tail_offset + start
+                if match.end() >= len(window) or offset <= self._reported or (start == 0 and self._tail_offset):
+                    continue  # the next character is not known yet (it may continue the word), or already seen
+                found.append((self._tail_tokens[start] if start < held else tokens_before, offset))
+                self._reported = offset
+        keep = min(len(window), _HOLD + 1)
+        self._tail_tokens = (self._tail_tokens + [tokens_before] * min(len(text), keep))[-keep:]
         self._tail_offset += len(window) - keep
         self._tail = window[len(window) - keep :]
-        self._tail_tokens = origins[len(origins) - keep :]
         return found
 
     def flush(self, tokens: int) -> list[tuple[int, int]]:
