@@ -11,6 +11,15 @@ import pytest
 from server.upstream import load_event
 from server.upstream_http import UpstreamSession, env_proxy
 
+PROXY_VARIABLES = ("HTTP_PROXY", "HTTPS_PROXY", "ALL_PROXY", "NO_PROXY")
+
+
+def clear_proxy_environment(monkeypatch) -> None:
+    """No proxy variable set, in either case, whatever the machine running the tests has."""
+    for name in PROXY_VARIABLES:
+        monkeypatch.delenv(name, raising=False)
+        monkeypatch.delenv(name.lower(), raising=False)
+
 
 async def start_proxy(seen: list[bytes]) -> asyncio.Server:
     """A forward proxy that answers every request itself: it records the request line and sends ``{"ok": 1}``."""
@@ -38,8 +47,7 @@ async def test_requests_go_through_the_environment_proxy_read_when_the_session_o
     seen: list[bytes] = []
     proxy = await start_proxy(seen)
     port = proxy.sockets[0].getsockname()[1]
-    for name in ("NO_PROXY", "no_proxy", "ALL_PROXY", "all_proxy", "HTTPS_PROXY", "https_proxy"):
-        monkeypatch.delenv(name, raising=False)
+    clear_proxy_environment(monkeypatch)
     monkeypatch.setenv("HTTP_PROXY", f"http://127.0.0.1:{port}")
     session = UpstreamSession("http://upstream.invalid:8000", {}, 10.0, 5.0, 4, ssl.create_default_context())
     try:
@@ -68,9 +76,7 @@ async def test_requests_go_through_the_environment_proxy_read_when_the_session_o
     ],
 )
 def test_env_proxy_follows_the_environment(monkeypatch, environment: dict[str, str], expected: str | None) -> None:
-    for name in ("NO_PROXY", "no_proxy", "ALL_PROXY", "all_proxy", "HTTP_PROXY", "http_proxy", "HTTPS_PROXY"):
-        monkeypatch.delenv(name, raising=False)
-    monkeypatch.delenv("https_proxy", raising=False)
+    clear_proxy_environment(monkeypatch)
     for name, value in environment.items():
         monkeypatch.setenv(name, value)
     proxy, _ = env_proxy("http://upstream.local:8000")
