@@ -28,9 +28,12 @@ from typing import Any
 
 import aiohttp
 import httpx
+import orjson
 from aiohttp.helpers import BasicAuth, get_env_proxy_for_url
 from yarl import URL
 
+#: the headers of a JSON body
+JSON_HEADERS = {"Content-Type": "application/json"}
 #: seconds an idle connection is kept for the next request (under the 5 s of uvicorn, which vLLM's server runs on)
 KEEPALIVE_SECONDS = 4.0
 #: waits before the second and third attempt of a connect that failed
@@ -134,7 +137,7 @@ class UpstreamSession:
         while True:
             try:
                 response = await session.post(
-                    self.url(path), json=body, headers=headers, allow_redirects=False,
+                    self.url(path), data=json_bytes(body), headers={**headers, **JSON_HEADERS}, allow_redirects=False,
                     proxy=self._proxy[0], proxy_auth=self._proxy[1],
                 )  # fmt: skip
                 return UpstreamResponse(response)
@@ -149,6 +152,16 @@ class UpstreamSession:
     async def aclose(self) -> None:
         if self._session is not None:
             await self._session.close()
+
+
+def json_bytes(body: dict[str, Any]) -> bytes:
+    """A request body as JSON, by orjson (a probe's prompt of 1,500 token ids in 4 us, where ``json`` takes 62); what
+    orjson refuses (a key that is not a string, an integer past 64 bits) is written by ``json``. One difference: a
+    float that is not finite, which JSON cannot hold, is written ``null`` (``json`` writes ``NaN``)."""
+    try:
+        return orjson.dumps(body)
+    except TypeError:  # (orjson.JSONEncodeError is one)
+        return json.dumps(body).encode()
 
 
 def env_proxy(base_url: str) -> tuple[URL | None, BasicAuth | None]:

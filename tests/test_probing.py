@@ -6,6 +6,7 @@ from __future__ import annotations
 import asyncio
 import math
 from collections.abc import AsyncGenerator
+from contextlib import aclosing
 from typing import Any
 
 import pytest
@@ -87,6 +88,38 @@ def test_a_probe_answers_between_chunks_while_the_main_stream_goes_on() -> None:
     assert sum(isinstance(item, Chunk) for item in order) == 20
     result = order[position]
     assert result.answer == "42" and result.confidence == pytest.approx(0.9) and result.out_tokens == 3
+
+
+def test_a_probe_that_ends_while_a_read_is_pending_is_taken_without_waiting_for_the_read() -> None:
+    """The main stream's next chunk is held back until the second probe's answer was seen. That probe ends while
+    the consumer is busy with the first answer: nothing waits then, so nothing is woken by it, and it must still
+    be taken before the loop sleeps on the pending read (or this deadlocks)."""
+
+    async def scenario() -> list[Any]:
+        release = asyncio.Event()
+
+        async def held_stream() -> AsyncGenerator[Chunk, None]:
+            yield Chunk("a ", [1], None)
+            await release.wait()
+            yield Chunk("b ", [2], "stop")
+
+        probes = make_probes(ProbeBackend(delay=0.01))
+        merged = Interleave(held_stream().__aiter__(), probes)
+        order: list[Any] = []
+        async with aclosing(merged.items()) as items:
+            async for item in items:
+                order.append(item)
+                if isinstance(item, Chunk) and item.text == "a ":
+                    probes.launch(ProbeRequest(0, 1, 0, WAIT), [7], [1])
+                elif isinstance(item, ProbeResult) and item.id == 0:
+                    probes.launch(ProbeRequest(1, 1, 0, WAIT), [7], [1])
+                    await asyncio.sleep(0.2)  # the probe ends while nobody reads
+                elif isinstance(item, ProbeResult) and item.id == 1:
+                    release.set()
+        return order
+
+    order = asyncio.run(asyncio.wait_for(scenario(), timeout=30))
+    assert [item.id if isinstance(item, ProbeResult) else item.text for item in order] == ["a ", 0, 1, "b "]
 
 
 def test_probe_metrics_and_stats() -> None:
