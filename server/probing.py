@@ -17,7 +17,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
-from collections.abc import AsyncGenerator, AsyncIterator, Callable
+from collections.abc import AsyncGenerator, AsyncIterator
 from dataclasses import dataclass, field, replace
 from typing import Any
 
@@ -73,8 +73,6 @@ class ChoiceProbes:
     request_id: str
     extra_args: dict[str, Any] | None
     stats: ProbeStats = field(default_factory=ProbeStats)
-    #: called (by the event loop) when a probe ends: :class:`Interleave` wakes up on it
-    on_done: Callable[[asyncio.Future[Any]], None] | None = None
     _tasks: dict[asyncio.Task[ProbeResult], ProbeRequest] = field(default_factory=dict)
 
     @property
@@ -89,15 +87,9 @@ class ChoiceProbes:
         """Start one probe on ``prompt_ids + generated[:request.tokens]`` (the lists are copied now)."""
         prefix = [*prompt_ids, *generated[: max(0, request.tokens)]]
         task = asyncio.ensure_future(self._run(request, prefix))
-        if self.on_done is not None:
-            task.add_done_callback(self.on_done)
         self._tasks[task] = request
         self.stats.sent += 1
         self.metrics.count_probe(self.model, self.policy)
-
-    def finished(self) -> bool:
-        """Some probe ended and waits to be taken."""
-        return any(task.done() for task in self._tasks)
 
     def take(self) -> list[ProbeResult]:
         """The answers of probes that finished since the last call, in launch order."""
@@ -170,21 +162,13 @@ class Interleave:
     """The main stream's chunks and the probes' answers, in arrival order (answers first when both are ready).
 
     While no probe runs, chunks are read directly (no task per chunk); while probes run, the next chunk is read
-    in a task, and the loop sleeps until that read or a probe ends: each of them wakes it through a callback added
-    once (the probes' :attr:`ChoiceProbes.on_done`), not through an ``asyncio.wait`` per chunk.
+    in a task and awaited together with them.
     """
 
     def __init__(self, stream: AsyncIterator[Chunk], probes: ChoiceProbes) -> None:
         self._stream = stream
         self._probes = probes
         self._next: asyncio.Future[Any] | None = None
-        self._wake: asyncio.Future[None] | None = None
-        probes.on_done = self._wake_up
-
-    def _wake_up(self, _: asyncio.Future[Any]) -> None:
-        wake = self._wake
-        if wake is not None and not wake.done():
-            wake.set_result(None)
 
     async def items(self) -> AsyncGenerator[Chunk | ProbeResult, None]:
         probes = self._probes
@@ -200,14 +184,8 @@ class Interleave:
                 continue
             if self._next is None:
                 self._next = asyncio.ensure_future(_next_chunk(self._stream))
-                self._next.add_done_callback(self._wake_up)
+            await asyncio.wait({self._next, *probes.tasks}, return_when=asyncio.FIRST_COMPLETED)
             if not self._next.done():
-                if not probes.finished():  # (one that ended while its answers were being handed out woke nobody)
-                    self._wake = asyncio.get_running_loop().create_future()
-                    try:
-                        await self._wake
-                    finally:
-                        self._wake = None
                 continue
             task, self._next = self._next, None
             for result in probes.take():
