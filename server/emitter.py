@@ -32,9 +32,10 @@ class Emitter:
         return update
 
     def event(self, update: Update, raw: str) -> ChoiceEvent:
-        event = ChoiceEvent(self.index, reasoning=update.reasoning, content=update.content)
         if self.raw_text:
             event = ChoiceEvent(self.index, text=raw)
+        else:
+            event = ChoiceEvent(self.index, reasoning=update.reasoning, content=update.content)
         if self.first_token_at is None and not event.empty:
             self.first_token_at = time.perf_counter()
         return event

@@ -86,6 +86,8 @@ class Mailbox:
 def coalesce(batch: list[ChoiceEvent | Exception]) -> list[ChoiceEvent | Exception]:
     """Joins consecutive text-only events of the same choice: tokens that arrived together leave in one SSE
     event (under load this is what keeps the cost per client event, not per token). Order is kept."""
+    if len(batch) < 2:
+        return batch
     out: list[ChoiceEvent | Exception] = []
     for item in batch:
         last = out[-1] if out else None

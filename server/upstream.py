@@ -56,6 +56,10 @@ CONNECT_SECONDS = 10.0
 CONNECT_RETRIES = 2
 
 
+#: the delta fields that carry text (a delta with token ids and none of them is a token the parser swallowed)
+_TEXT_FIELDS = frozenset({"reasoning", "reasoning_content", "content"})
+
+
 class RawTextRebuilder:
     """Turns parsed chat deltas (reasoning / content) back into raw model text with thinking tags.
 
@@ -190,35 +194,41 @@ class UpstreamGeneration:
     def _parse(
         self, event: dict[str, Any], rebuilder: RawTextRebuilder, end_ids: list[int] | None = None
     ) -> Chunk | None:
-        if "error" in event and not event.get("choices"):
+        """One event's chunk (None for an event without a choice). Every token passes here: the common case (a
+        delta with text and its token ids) takes the fewest lookups."""
+        choices = event.get("choices")
+        if not choices and "error" in event:
             error = event["error"]
             raise BackendError(f"upstream error: {error.get('message') if isinstance(error, dict) else error}")
-        if self.prompt_token_ids is None and event.get("prompt_token_ids") is not None:
-            self.prompt_token_ids = list(event["prompt_token_ids"])
-        choices = event.get("choices") or []
+        if self.prompt_token_ids is None:  # (the first event brings them, at the top or in the choice)
+            prompt_ids = event.get("prompt_token_ids")
+            if prompt_ids is None and choices:
+                prompt_ids = choices[0].get("prompt_token_ids")
+            if prompt_ids is not None:
+                self.prompt_token_ids = list(prompt_ids)
         if not choices:
             return None
         choice = choices[0]
-        if self.prompt_token_ids is None and choice.get("prompt_token_ids") is not None:
-            self.prompt_token_ids = list(choice["prompt_token_ids"])
+        ids = choice.get("token_ids")
         if self._chat:
             delta = choice.get("delta") or {}
             reasoning = delta.get("reasoning")
             if reasoning is None:
                 reasoning = delta.get("reasoning_content")
-            swallowed = choice.get("token_ids") and not {"reasoning", "reasoning_content", "content"} & delta.keys()
-            text = rebuilder.close_thinking() if swallowed else rebuilder.feed(reasoning, delta.get("content"))
-            ids = choice.get("token_ids")
+            content = delta.get("content")
+            if ids and reasoning is None and content is None and not _TEXT_FIELDS & delta.keys():
+                text = rebuilder.close_thinking()  # a token the parser swallowed: the end of thinking
+            else:
+                text = rebuilder.feed(reasoning, content)
             if end_ids and ids and end_ids[-1] in ids and tokens_through(end_ids, [], list(ids)) is not None:
                 # the end tag came with the last thinking tokens and no answer text yet (the parser then sends
                 # reasoning only): close the thinking here, with its tokens, not with the answer's first token
                 text += rebuilder.close_thinking()
         else:
             text = choice.get("text") or ""
-        token_ids = choice.get("token_ids")
-        if token_ids is None:  # not a vLLM upstream: count one token per chunk that carries text
-            token_ids = [-1] if text else []
-        return Chunk(text, list(token_ids), choice.get("finish_reason"))
+        if ids is None:  # not a vLLM upstream: count one token per chunk that carries text
+            ids = [-1] if text else []
+        return Chunk(text, ids if type(ids) is list else list(ids), choice.get("finish_reason"))
 
     async def abort(self) -> None:
         if self._aborted:
