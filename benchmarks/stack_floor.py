@@ -29,7 +29,6 @@ import asyncio
 import os
 import pathlib
 import sys
-from collections import deque
 from collections.abc import AsyncIterator, Callable
 from contextlib import ExitStack
 from typing import Any
@@ -41,6 +40,8 @@ sys.path.insert(0, str(ROOT / "benchmarks"))
 import httptools  # noqa: E402
 import orjson  # noqa: E402
 import psutil  # noqa: E402
+
+from server.fan_in import Mailbox  # noqa: E402
 
 VARIANTS = ("callbacks", "asgi-raw", "asgi-aiohttp", "starlette-aiohttp")
 THINKBRAKE = ("off", "default")
@@ -125,32 +126,6 @@ async def open_upstream(
     transport.write(upstream_request(body))
 
 
-class Reads:
-    """An upstream read by callbacks, handed to one task: :meth:`next` returns the next read's events, None at
-    the end."""
-
-    def __init__(self) -> None:
-        self.items: deque[list[bytes] | None] = deque()
-        self.waiter: asyncio.Future[None] | None = None
-        self.ended = False
-
-    def put(self, item: list[bytes] | None) -> None:
-        self.items.append(item)
-        if self.waiter is not None and not self.waiter.done():
-            self.waiter.set_result(None)
-
-    def end(self) -> None:
-        if not self.ended:
-            self.ended = True
-            self.put(None)
-
-    async def next(self) -> list[bytes] | None:
-        while not self.items:
-            self.waiter = asyncio.get_running_loop().create_future()
-            await self.waiter
-        return self.items.popleft()
-
-
 class CallbackProxy(asyncio.Protocol):
     """``callbacks``: a client connection; each upstream read is re-framed and written in its own callback."""
 
@@ -193,10 +168,13 @@ class CallbackProxy(asyncio.Protocol):
 
 
 async def raw_reads(host: str, port: int, body: bytes) -> AsyncIterator[bytes]:
-    reads = Reads()
-    await open_upstream(host, port, body, reads.put, reads.end)
-    while (events := await reads.next()) is not None:
-        yield reframe(events)
+    reads = Mailbox()  # thinkbrake's own hand-off between a loop callback and a task
+    await open_upstream(host, port, body, reads.put, lambda: reads.put(None))
+    while True:
+        for events in await reads.take_all():
+            if events is None:
+                return
+            yield reframe(events)
 
 
 _session: Any = None

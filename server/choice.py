@@ -154,9 +154,8 @@ class ChoiceRunner:
         decision: StopDecision | None = None
         finished = False
         stream = generation.__aiter__()
-        probes, emit, stats = self.probes, self.emit, self.probes.stats
+        probes, emit = self.probes, self.emit
         merged = Interleave(stream, probes)
-        check_ids = self.control.policy.uses_probes  # (per chunk below: what costs nothing when it has no work)
         try:
             async with aclosing(merged.items()) as items:
                 async for item in items:
@@ -165,18 +164,16 @@ class ChoiceRunner:
                         if update.compare is not None:  # the controller waits for a comparison (off the loop)
                             await self._compared(update)
                     else:
-                        if check_ids:
-                            self._check_token_ids(generation, item, not generated)
-                        tokens = len(item.token_ids)
-                        through_end = await self._through_end(item, generated) if tokens > 1 else None
-                        update = emit.feed(self.controller, item.text, tokens, through_end)
+                        self._check_token_ids(generation, item, not generated)
+                        through_end = await self._through_end(item, generated)
+                        update = emit.feed(self.controller, item.text, len(item.token_ids), through_end)
                         if update.compare is not None:
                             await self._compared(update)
                         text = item.text
                         generated += item.token_ids
-                        if stats.answered:
+                        if probes.stats.answered:
                             self.controller.keep_probing()
-                    if stats.fallback is not None:
+                    if probes.stats.fallback is not None:
                         refed = await self._compared(self.controller.go_text_only())
                         update.decision = update.decision or refed.decision
                     if update.decision is not None and self.control.shadow:
@@ -198,7 +195,7 @@ class ChoiceRunner:
                     yield emit.event(update, text)
                     if decision is not None:
                         break
-                    if update.probes and result.shadow_decision is None:  # (past a would-be stop: no probes)
+                    if result.shadow_decision is None:  # past a would-be stop, probes could change nothing
                         self._launch(update.probes, generation, generated)
                     if isinstance(item, Chunk) and item.finish_reason is not None:
                         result.finish_reason = item.finish_reason

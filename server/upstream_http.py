@@ -133,11 +133,12 @@ class UpstreamSession:
     async def post(self, path: str, body: dict[str, Any], headers: Mapping[str, str]) -> UpstreamResponse:
         """POST ``body`` as JSON; the response once its headers came (see the module docstring for failures)."""
         session = self._open_session()
+        data, headers = json_bytes(body), {**headers, **JSON_HEADERS}  # (once: a connect may be retried)
         delays = iter(CONNECT_RETRY_DELAYS)
         while True:
             try:
                 response = await session.post(
-                    self.url(path), data=json_bytes(body), headers={**headers, **JSON_HEADERS}, allow_redirects=False,
+                    self.url(path), data=data, headers=headers, allow_redirects=False,
                     proxy=self._proxy[0], proxy_auth=self._proxy[1],
                 )  # fmt: skip
                 return UpstreamResponse(response)
